@@ -1,0 +1,239 @@
+"""Run and model configuration: the JSON keys of SPEC §2, validated.
+
+Every key of the original Mesh Transformer JAX configs is accepted with its
+original meaning; the new keys default to GPT-J-6B's values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the offending keys."""
+
+
+MODEL_TYPES = ("gptj", "gpt_neo", "gpt_neox")
+DTYPES = ("float32", "bfloat16", "float16")
+ACTIVATIONS = ("gelu_new", "gelu", "gelu_fast", "relu", "silu")
+VOCAB_ALIGN = 128  # padded vocabulary rows are a multiple of this (and of mp)
+
+
+@dataclasses.dataclass
+class Config:
+    # --- original Mesh Transformer JAX keys (GPT-J-6B values) ---
+    layers: int = 28
+    d_model: int = 4096
+    n_heads: int = 16
+    n_vocab: int = 50400
+    norm: str = "layernorm"
+    pe: str = "rotary"
+    pe_rotary_dims: int | None = None  # None: the whole head (GPT-J uses 64)
+    seq: int = 2048
+    cores_per_replica: int = 1
+    per_replica_batch: int = 1
+    gradient_accumulation_steps: int = 1
+    warmup_steps: int = 0
+    anneal_steps: int = 0
+    lr: float = 1e-4
+    end_lr: float = 1e-5
+    weight_decay: float = 0.1
+    total_steps: int = 1000
+    tpu_size: int | None = None
+    bucket: str = ""
+    model_dir: str = "runs/model"
+    train_set: str = ""
+    val_set: dict[str, str] = dataclasses.field(default_factory=dict)
+    eval_harness_tasks: list[str] = dataclasses.field(default_factory=list)
+    val_batches: int = 0
+    val_every: int = 0
+    ckpt_every: int = 0
+    keep_every: int = 0
+    name: str = "mtj"
+    wandb_project: str | None = None
+    comment: str = ""
+    # --- new keys ---
+    model_type: str = "gptj"
+    d_head: int | None = None  # None: d_model // n_heads
+    d_ff: int | None = None  # None: 4 * d_model
+    rotary_base: float = 10000.0
+    parallel_residual: bool = True
+    attention_layers: list[str] | None = None
+    window_size: int = 256
+    tie_embeddings: bool = False
+    layer_norm_eps: float = 1e-5
+    activation: str = "gelu_new"
+    tokenizer: str | None = None  # None: the family's usual tokenizer
+    dtype: str = "bfloat16"
+    param_dtype: str = "float32"
+    fsdp: bool = False
+    remat: bool = False
+    scan_layers: bool = True
+    z_loss: float = 1e-4
+    seed: int = 0
+    log_every: int = 1
+    keep_last: int = 3
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _check_consistency(self)
+
+    # --- derived sizes ---
+    @property
+    def head_dim(self) -> int:
+        return self.d_head if self.d_head is not None else self.d_model // self.n_heads
+
+    @property
+    def ff_dim(self) -> int:
+        return self.d_ff if self.d_ff is not None else 4 * self.d_model
+
+    @property
+    def rotary_dims(self) -> int:
+        return self.pe_rotary_dims if self.pe_rotary_dims is not None else self.head_dim
+
+    @property
+    def mp(self) -> int:
+        return self.cores_per_replica
+
+    @property
+    def padded_vocab(self) -> int:
+        """Rows of the embedding and LM head: n_vocab rounded up so that mp divides it."""
+        align = math.lcm(VOCAB_ALIGN, self.mp)
+        return -(-self.n_vocab // align) * align
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "Config":
+        return from_dict({**self.to_dict(), **changes})
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+KEYS = tuple(f.name for f in dataclasses.fields(Config))
+
+
+def from_dict(values: dict[str, Any]) -> Config:
+    unknown = [k for k in values if k not in KEYS]
+    if unknown:
+        key = unknown[0]
+        near = difflib.get_close_matches(key, KEYS, n=1)
+        hint = f"; did you mean '{near[0]}'?" if near else ""
+        raise ConfigError(f"unknown config key '{key}'{hint}")
+    values = dict(values)
+    if isinstance(values.get("val_set"), str):  # a single index file
+        values["val_set"] = {"val": values["val_set"]}
+    return Config(**values)
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a JSON config and apply `key=value` overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a JSON object")
+    values.update(parse_overrides(overrides))
+    return from_dict(values)
+
+
+def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`key=value` pairs; the value is JSON when it parses, else a string."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+# --- validation ---------------------------------------------------------------
+
+def _matches(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, t) for t in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if origin is dict:
+        k, v = typing.get_args(tp)
+        return isinstance(value, dict) and all(_matches(a, k) and _matches(b, v) for a, b in value.items())
+    raise TypeError(f"unhandled annotation {tp}")
+
+
+def _type_name(tp: Any) -> str:
+    return str(tp).replace("typing.", "").replace("NoneType", "null")
+
+
+def _check_types(cfg: Config) -> None:
+    hints = typing.get_type_hints(Config)
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if not _matches(value, hints[f.name]):
+            raise ConfigError(
+                f"config key '{f.name}' must be {_type_name(hints[f.name])}, got {value!r} ({type(value).__name__})"
+            )
+        if isinstance(value, int) and not isinstance(value, bool) and hints[f.name] in (float, float | None):
+            setattr(cfg, f.name, float(value))
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _check_consistency(c: Config) -> None:
+    _require(c.model_type in MODEL_TYPES, f"config key 'model_type' must be one of {MODEL_TYPES}, got '{c.model_type}'")
+    _require(c.dtype in DTYPES, f"config key 'dtype' must be one of {DTYPES}, got '{c.dtype}'")
+    _require(c.param_dtype in DTYPES, f"config key 'param_dtype' must be one of {DTYPES}, got '{c.param_dtype}'")
+    _require(c.activation in ACTIVATIONS, f"config key 'activation' must be one of {ACTIVATIONS}, got '{c.activation}'")
+    _require(c.norm == "layernorm", f"config key 'norm' must be 'layernorm', got '{c.norm}'")
+    for key in ("layers", "d_model", "n_heads", "n_vocab", "seq", "cores_per_replica", "per_replica_batch",
+                "gradient_accumulation_steps", "window_size", "log_every"):
+        _require(getattr(c, key) > 0, f"config key '{key}' must be positive, got {getattr(c, key)}")
+    if c.d_head is None:
+        _require(c.d_model % c.n_heads == 0,
+                 f"n_heads={c.n_heads} does not divide d_model={c.d_model} (keys 'n_heads', 'd_model'); set 'd_head' to use other sizes")
+    _require(c.n_heads % c.cores_per_replica == 0,
+             f"n_heads={c.n_heads} is not divisible by cores_per_replica={c.cores_per_replica} "
+             "(keys 'n_heads', 'cores_per_replica'): tensor parallelism splits whole heads")
+    _require(c.ff_dim % c.cores_per_replica == 0,
+             f"d_ff={c.ff_dim} is not divisible by cores_per_replica={c.cores_per_replica} (keys 'd_ff', 'cores_per_replica')")
+    rotary = c.model_type in ("gptj", "gpt_neox")
+    if rotary:
+        _require(c.pe == "rotary", f"config key 'pe' must be 'rotary' for model_type '{c.model_type}', got '{c.pe}'")
+        _require(0 < c.rotary_dims <= c.head_dim,
+                 f"pe_rotary_dims={c.rotary_dims} must be in 1..d_head={c.head_dim} (keys 'pe_rotary_dims', 'd_head')")
+        _require(c.rotary_dims % 2 == 0, f"pe_rotary_dims={c.rotary_dims} must be even (key 'pe_rotary_dims')")
+    if c.attention_layers is not None:
+        _require(len(c.attention_layers) == c.layers,
+                 f"attention_layers has {len(c.attention_layers)} entries but layers={c.layers} (keys 'attention_layers', 'layers')")
+        bad = [a for a in c.attention_layers if a not in ("global", "local")]
+        _require(not bad, f"config key 'attention_layers' entries must be 'global' or 'local', got {bad[0]!r}" if bad else "")

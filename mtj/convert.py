@@ -1,0 +1,303 @@
+"""Hugging Face <-> mtj conversion as tables of names, not code.
+
+`CONFIG_KEYS` maps our config keys to the HF config.json keys of each family;
+`WEIGHTS` maps each HF tensor to our parameter path. `{i}` in an HF key is the
+layer index: those tensors are stacked along our leading 'layers' axis.
+torch Linear weights are [out, in]; ours are [in, out], hence `transpose`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import ml_dtypes
+import numpy as np
+
+from mtj.config import Config, from_dict
+from mtj.model import Params, param_specs
+from mtj.safetensors_io import SafetensorsFile, write_safetensors
+from mtj.tokenizer import Tokenizer, find_tokenizer_files
+
+CONFIG_KEYS: dict[str, dict[str, str]] = {
+    "gptj": {
+        "layers": "n_layer", "d_model": "n_embd", "n_heads": "n_head", "n_vocab": "vocab_size",
+        "pe_rotary_dims": "rotary_dim", "d_ff": "n_inner", "seq": "n_positions",
+        "layer_norm_eps": "layer_norm_epsilon", "activation": "activation_function",
+        "tie_embeddings": "tie_word_embeddings",
+    },
+}
+
+HF_ARCHITECTURES = {"gptj": "GPTJForCausalLM"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Weight:
+    hf: str  # HF state-dict key; "{i}" marks a per-layer tensor
+    ours: str  # our parameter path, dot-separated
+    transpose: bool = False
+
+
+WEIGHTS: dict[str, list[Weight]] = {
+    "gptj": [
+        Weight("transformer.wte.weight", "wte"),
+        Weight("transformer.h.{i}.ln_1.weight", "layers.ln_1.scale"),
+        Weight("transformer.h.{i}.ln_1.bias", "layers.ln_1.bias"),
+        Weight("transformer.h.{i}.attn.q_proj.weight", "layers.attn.q", transpose=True),
+        Weight("transformer.h.{i}.attn.k_proj.weight", "layers.attn.k", transpose=True),
+        Weight("transformer.h.{i}.attn.v_proj.weight", "layers.attn.v", transpose=True),
+        Weight("transformer.h.{i}.attn.out_proj.weight", "layers.attn.o", transpose=True),
+        Weight("transformer.h.{i}.mlp.fc_in.weight", "layers.mlp.fc_in", transpose=True),
+        Weight("transformer.h.{i}.mlp.fc_in.bias", "layers.mlp.fc_in_bias"),
+        Weight("transformer.h.{i}.mlp.fc_out.weight", "layers.mlp.fc_out", transpose=True),
+        Weight("transformer.h.{i}.mlp.fc_out.bias", "layers.mlp.fc_out_bias"),
+        Weight("transformer.ln_f.weight", "ln_f.scale"),
+        Weight("transformer.ln_f.bias", "ln_f.bias"),
+        Weight("lm_head.weight", "lm_head.kernel", transpose=True),
+        Weight("lm_head.bias", "lm_head.bias"),
+    ],
+}
+
+
+# --- configs -------------------------------------------------------------------
+
+def config_from_hf(hf: dict[str, Any], **overrides: Any) -> Config:
+    family = hf.get("model_type")
+    if family not in CONFIG_KEYS:
+        raise ValueError(f"HF model_type '{family}' is not supported; supported: {sorted(CONFIG_KEYS)}")
+    values: dict[str, Any] = {"model_type": family}
+    for ours, theirs in CONFIG_KEYS[family].items():
+        if hf.get(theirs) is not None:
+            values[ours] = hf[theirs]
+    values.update(overrides)
+    return from_dict(values)
+
+
+def config_to_hf(cfg: Config, eos_id: int | None = 50256) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "model_type": cfg.model_type,
+        "architectures": [HF_ARCHITECTURES[cfg.model_type]],
+        "bos_token_id": eos_id,
+        "eos_token_id": eos_id,
+        "dtype": "float32",
+    }
+    for ours, theirs in CONFIG_KEYS[cfg.model_type].items():
+        out[theirs] = getattr(cfg, ours)
+    out["rotary_dim"] = cfg.rotary_dims
+    out["n_inner"] = cfg.ff_dim
+    return out
+
+
+# --- weights -------------------------------------------------------------------
+
+def _spec_at(specs: Params, path: str) -> Any:
+    node = specs
+    for part in path.split("."):
+        node = node[part]
+    return node
+
+
+def _set(tree: Params, path: str, value: Any) -> None:
+    *parents, leaf = path.split(".")
+    for part in parents:
+        tree = tree.setdefault(part, {})
+    tree[leaf] = value
+
+
+def _table(cfg: Config) -> list[Weight]:
+    specs = param_specs(cfg)
+    table = []
+    for w in WEIGHTS[cfg.model_type]:
+        try:
+            _spec_at(specs, w.ours)
+        except KeyError:
+            continue  # e.g. lm_head when embeddings are tied
+        table.append(w)
+    return table
+
+
+def _pad_vocab(a: np.ndarray, axes: tuple, cfg: Config) -> np.ndarray:
+    for dim, axis in enumerate(axes):
+        if axis == "vocab" and a.shape[dim] != cfg.padded_vocab:
+            pad = [(0, 0)] * a.ndim
+            pad[dim] = (0, cfg.padded_vocab - a.shape[dim])
+            a = np.pad(a, pad)
+    return a
+
+
+def _unpad_vocab(a: np.ndarray, axes: tuple, cfg: Config) -> np.ndarray:
+    index = tuple(slice(0, cfg.n_vocab) if axis == "vocab" else slice(None) for axis in axes)
+    return a[index]
+
+
+def hf_to_params(get: Callable[[str], np.ndarray], cfg: Config, dtype: Any = np.float32) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (our path, array) one parameter at a time from HF tensors fetched by `get(key)`."""
+    specs = param_specs(cfg)
+    for w in _table(cfg):
+        spec = _spec_at(specs, w.ours)
+        per_layer = "{i}" in w.hf
+        if per_layer:
+            out = np.empty(spec.shape, dtype)
+            for i in range(cfg.layers):
+                t = get(w.hf.format(i=i))
+                out[i] = _pad_vocab(t.T if w.transpose else t, spec.axes[1:], cfg)
+        else:
+            t = get(w.hf)
+            out = _pad_vocab(t.T if w.transpose else t, spec.axes, cfg).astype(dtype)
+        if out.shape != spec.shape:
+            raise ValueError(f"HF tensor {w.hf} converts to shape {out.shape}, expected {spec.shape} for {w.ours}")
+        yield w.ours, out
+
+
+def params_to_hf(get: Callable[[str], np.ndarray], cfg: Config, dtype: Any = np.float32) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (HF key, array) from our parameters fetched by `get(path)`, one of ours at a time."""
+    specs = param_specs(cfg)
+    for w in _table(cfg):
+        spec = _spec_at(specs, w.ours)
+        ours = _unpad_vocab(np.asarray(get(w.ours)), spec.axes, cfg)
+        layers = [(w.hf.format(i=i), ours[i]) for i in range(cfg.layers)] if "{i}" in w.hf else [(w.hf, ours)]
+        for key, a in layers:
+            yield key, np.ascontiguousarray(a.T if w.transpose else a).astype(dtype)
+
+
+def unflatten(items: Iterator[tuple[str, Any]]) -> Params:
+    tree: Params = {}
+    for path, value in items:
+        _set(tree, path, value)
+    return tree
+
+
+# --- HF directories ------------------------------------------------------------
+
+def is_hf_dir(path: str | Path) -> bool:
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        return False
+    return any(path.glob("*.safetensors")) or (path / "pytorch_model.bin").is_file()
+
+
+def read_hf_config(path: str | Path) -> dict[str, Any]:
+    return json.loads((Path(path) / "config.json").read_text())
+
+
+class HFTensors:
+    """Random access to the tensors of an HF directory, read lazily one at a time."""
+
+    def __init__(self, path: str | Path, allow_pickle: bool = False):
+        path = Path(path)
+        self.files: dict[str, SafetensorsFile] = {}
+        for shard in sorted(path.glob("*.safetensors")):
+            f = SafetensorsFile(shard)
+            self.files.update({key: f for key in f.keys()})
+        self.state: dict[str, Any] = {}
+        if not self.files:
+            bin_path = path / "pytorch_model.bin"
+            if not bin_path.is_file():
+                raise FileNotFoundError(f"no *.safetensors or pytorch_model.bin in {path}")
+            if not allow_pickle:
+                raise ValueError(f"{path} holds only pytorch_model.bin, a pickle that can run code when loaded; "
+                                 "pass --allow-pickle if you trust it")
+            import torch
+
+            self.state = torch.load(bin_path, map_location="cpu", mmap=True, weights_only=True)
+
+    def __call__(self, key: str) -> np.ndarray:
+        if key in self.files:
+            return self.files[key].get(key).astype(np.float32)
+        if key in self.state:
+            return self.state[key].float().numpy()
+        raise KeyError(f"tensor '{key}' missing from the HF checkpoint")
+
+
+def hf_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
+    """The HF tensors an export writes, with their shapes, derived from the same table."""
+    specs = param_specs(cfg)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for w in _table(cfg):
+        spec = _spec_at(specs, w.ours)
+        shape = tuple(cfg.n_vocab if a == "vocab" else n for n, a in zip(spec.shape, spec.axes))
+        keys = [w.hf]
+        if "{i}" in w.hf:
+            shape, keys = shape[1:], [w.hf.format(i=i) for i in range(cfg.layers)]
+        for key in keys:
+            shapes[key] = shape[::-1] if w.transpose else shape
+    return shapes
+
+
+# --- whole-directory conversions -----------------------------------------------
+
+EXPORT_DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": ml_dtypes.bfloat16}
+
+
+def _fresh_output(out: Path) -> Path:
+    """A temporary sibling of `out` to write into; refuses to overwrite existing data."""
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"output {out} already exists and is not empty; remove it or choose another path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    if out.exists():
+        out.rmdir()  # empty, checked by _fresh_output
+    os.replace(tmp, out)
+
+
+def import_hf(hf_dir: str | Path, out: str | Path, allow_pickle: bool = False, **overrides: Any) -> Path:
+    """HF directory -> our checkpoint `out/step_0` (tokenizer included when the directory has one)."""
+    from mtj import checkpoint
+    from mtj.lm import place_params
+    from mtj.sharding import make_mesh
+
+    hf_dir, out = Path(hf_dir), Path(out)
+    if not is_hf_dir(hf_dir):
+        raise FileNotFoundError(f"{hf_dir} is not a Hugging Face model directory (config.json + *.safetensors)")
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"output {out} already exists and is not empty; remove it or choose another path")
+    cfg = config_from_hf(read_hf_config(hf_dir), cores_per_replica=1, **overrides)
+    tensors = HFTensors(hf_dir, allow_pickle=allow_pickle)
+    params = place_params(hf_to_params(tensors, cfg), cfg, make_mesh(mp=1, dp=1))
+    tok = find_tokenizer_files(hf_dir)
+    step_dir = checkpoint.save(out, 0, params, cfg, Tokenizer(tok) if tok else None)
+    cfg.save(out / "config.json")
+    return step_dir
+
+
+def export_hf(ckpt: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
+    """Our checkpoint -> HF directory: config.json, model.safetensors, generation_config.json, tokenizer."""
+    from mtj import checkpoint
+    from mtj.sharding import make_mesh
+
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(EXPORT_DTYPES)}, got '{dtype}'")
+    out = Path(out)
+    cfg = checkpoint.read_config(ckpt).replace(cores_per_replica=1)
+    tokenizer = checkpoint.read_tokenizer(ckpt)
+    tmp = _fresh_output(out)
+    try:
+        params = checkpoint.restore_params(ckpt, cfg, make_mesh(mp=1, dp=1))
+
+        def get(path: str) -> np.ndarray:
+            return np.asarray(_spec_at(params, path))
+
+        np_dtype = np.dtype(EXPORT_DTYPES[dtype])
+        shapes = {k: (s, np_dtype) for k, s in hf_shapes(cfg).items()}
+        write_safetensors(tmp / "model.safetensors", shapes, params_to_hf(get, cfg, np_dtype))
+        eos = tokenizer.eos_id if tokenizer is not None else None
+        hf_config = config_to_hf(cfg, eos)
+        hf_config["dtype"] = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype]
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+        (tmp / "generation_config.json").write_text(json.dumps(
+            {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos, "max_length": cfg.seq}, indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

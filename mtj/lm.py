@@ -1,0 +1,79 @@
+"""`mtj.load` and the LM handle of SPEC §5."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from mtj import checkpoint, convert
+from mtj.config import Config
+from mtj.model import Params, forward, param_axes
+from mtj.sharding import make_mesh, named, tree_shardings
+from mtj.tokenizer import Tokenizer, find_tokenizer_files
+
+
+class LM:
+    """A model placed on a mesh, with its config and (optional) tokenizer."""
+
+    def __init__(self, config: Config, params: Params, mesh: Mesh, tokenizer: Tokenizer | None):
+        self.config = config
+        self.params = params
+        self.mesh = mesh
+        self.tokenizer = tokenizer
+        self._forward = jax.jit(lambda p, t: forward(p, t, config))
+
+    def logits(self, tokens: Any) -> np.ndarray:
+        """float32 logits [B, T, n_vocab] for int tokens [B, T]."""
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be a 2-D [batch, time] int array, got shape {tokens.shape}")
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.n_vocab):
+            raise ValueError(f"token ids must be in [0, {self.config.n_vocab}), got range [{tokens.min()}, {tokens.max()}]")
+        with jax.set_mesh(self.mesh):
+            tokens = jax.device_put(jnp.asarray(tokens, jnp.int32), named(self.mesh, ("batch", None)))
+            out = self._forward(self.params, tokens)
+        return np.asarray(out)[..., : self.config.n_vocab]
+
+    def require_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer attached (its directory had no tokenizer files); "
+                             "use the token-level calls (logits, generate_tokens) or set 'tokenizer' and re-convert")
+        return self.tokenizer
+
+
+def load(path: str | Path, mp: int = 1, **overrides: Any) -> LM:
+    """Load our checkpoint (model_dir or step dir) or an HF directory onto `mp` devices.
+
+    `overrides` replace config keys, e.g. dtype="float32".
+    """
+    path = Path(path)
+    mesh = make_mesh(mp=mp, dp=1)
+    if convert.is_hf_dir(path):
+        cfg = convert.config_from_hf(convert.read_hf_config(path), cores_per_replica=mp, **overrides)
+        params = place_params(convert.hf_to_params(convert.HFTensors(path), cfg), cfg, mesh)
+        tok = find_tokenizer_files(path)
+        return LM(cfg, params, mesh, Tokenizer(tok) if tok else None)
+    if checkpoint.is_checkpoint(path):
+        cfg = checkpoint.read_config(path).replace(cores_per_replica=mp, **overrides)
+        params = checkpoint.restore_params(path, cfg, mesh)
+        return LM(cfg, params, mesh, checkpoint.read_tokenizer(path))
+    raise FileNotFoundError(f"{path} is neither an mtj checkpoint (step_N directories) nor a Hugging Face "
+                            "model directory (config.json + *.safetensors)")
+
+
+def place_params(items: Any, cfg: Config, mesh: Mesh) -> Params:
+    """Put (path, numpy array) pairs onto the mesh one at a time, so host memory holds one at most."""
+    shardings = tree_shardings(param_axes(cfg), mesh, cfg.fsdp)
+    dtype = jnp.dtype(cfg.param_dtype)
+    placed = []
+    for path, array in items:
+        sharding = shardings
+        for part in path.split("."):
+            sharding = sharding[part]
+        placed.append((path, jax.device_put(array.astype(dtype), sharding)))
+    return convert.unflatten(placed)

@@ -1,0 +1,263 @@
+"""GPT-J (and its GPT-Neo / GPT-NeoX siblings) as pure functions of a parameter tree.
+
+The parameters are a nested dict of arrays; every layer's weights are stacked
+along a leading 'layers' axis so the blocks run under one `lax.scan` and
+compile time does not grow with depth. `param_specs` is the single source of
+truth for names, shapes, logical sharding axes and initialisation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtj.config import Config
+from mtj.sharding import constrain, row_parallel_sum
+
+Params = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    shape: tuple[int, ...]
+    axes: tuple[str | None, ...]  # logical axis names, see mtj.sharding.RULES
+    init: str  # "normal", "out" (normal scaled by depth), "zeros", "ones"
+
+
+def param_specs(cfg: Config) -> Params:
+    """Names, shapes and logical axes of every parameter, per model family."""
+    L, D, V = cfg.layers, cfg.d_model, cfg.padded_vocab
+    HD, F = cfg.n_heads * cfg.head_dim, cfg.ff_dim
+    neo, neox = cfg.model_type == "gpt_neo", cfg.model_type == "gpt_neox"
+
+    def norm() -> dict[str, ParamSpec]:
+        return {"scale": ParamSpec((L, D), ("layers", "norm"), "ones"), "bias": ParamSpec((L, D), ("layers", "norm"), "zeros")}
+
+    attn = {
+        "q": ParamSpec((L, D, HD), ("layers", "embed", "heads"), "normal"),
+        "k": ParamSpec((L, D, HD), ("layers", "embed", "heads"), "normal"),
+        "v": ParamSpec((L, D, HD), ("layers", "embed", "heads"), "normal"),
+        "o": ParamSpec((L, HD, D), ("layers", "heads", "embed"), "out"),
+    }
+    if neox:  # fused query_key_value carries a bias
+        for name in "qkv":
+            attn[f"{name}_bias"] = ParamSpec((L, HD), ("layers", "heads"), "zeros")
+    if neo or neox:
+        attn["o_bias"] = ParamSpec((L, D), ("layers", "norm"), "zeros")
+    layer = {
+        "ln_1": norm(),
+        "attn": attn,
+        "mlp": {
+            "fc_in": ParamSpec((L, D, F), ("layers", "embed", "mlp"), "normal"),
+            "fc_in_bias": ParamSpec((L, F), ("layers", "mlp"), "zeros"),
+            "fc_out": ParamSpec((L, F, D), ("layers", "mlp", "embed"), "out"),
+            "fc_out_bias": ParamSpec((L, D), ("layers", "norm"), "zeros"),
+        },
+    }
+    if neo or neox:  # a second LayerNorm in front of the MLP
+        layer["ln_2"] = norm()
+    specs: Params = {
+        "wte": ParamSpec((V, D), ("vocab", "embed"), "normal"),
+        "layers": layer,
+        "ln_f": {"scale": ParamSpec((D,), ("norm",), "ones"), "bias": ParamSpec((D,), ("norm",), "zeros")},
+    }
+    if neo:
+        specs["wpe"] = ParamSpec((cfg.seq, D), (None, "embed"), "normal")
+    if not cfg.tie_embeddings:
+        specs["lm_head"] = {"kernel": ParamSpec((D, V), ("embed", "vocab"), "normal")}
+        if cfg.model_type == "gptj":
+            specs["lm_head"]["bias"] = ParamSpec((V,), ("vocab",), "zeros")
+    return specs
+
+
+def _is_spec(x: Any) -> bool:
+    return isinstance(x, ParamSpec)
+
+
+def _is_axes(x: Any) -> bool:
+    return isinstance(x, tuple)
+
+
+def param_axes(cfg: Config) -> Params:
+    return jax.tree.map(lambda s: s.axes, param_specs(cfg), is_leaf=_is_spec)
+
+
+def init_params(cfg: Config, key: jax.Array) -> Params:
+    """Random parameters (std 0.02, output projections scaled by 1/sqrt(2*layers))."""
+    specs = param_specs(cfg)
+    leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
+    keys = jax.random.split(key, len(leaves))
+    dtype = jnp.dtype(cfg.param_dtype)
+
+    def make(s: ParamSpec, k: jax.Array) -> jax.Array:
+        if s.init == "zeros":
+            return jnp.zeros(s.shape, dtype)
+        if s.init == "ones":
+            return jnp.ones(s.shape, dtype)
+        std = 0.02 / math.sqrt(2 * cfg.layers) if s.init == "out" else 0.02
+        return (std * jax.random.normal(k, s.shape, jnp.float32)).astype(dtype)
+
+    return jax.tree.unflatten(treedef, [make(s, k) for s, k in zip(leaves, keys)])
+
+
+def count_params(cfg: Config) -> int:
+    """Parameter count of an abstract init (nothing allocated), with the real
+    (unpadded) vocabulary, as transformers counts it."""
+    shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    total = 0
+    for leaf, axes in zip(jax.tree.leaves(shapes), jax.tree.leaves(param_axes(cfg), is_leaf=_is_axes)):
+        total += math.prod(cfg.n_vocab if a == "vocab" else n for n, a in zip(leaf.shape, axes))
+    return total
+
+
+# --- layers -------------------------------------------------------------------
+
+def layer_norm(x: jax.Array, p: Params, eps: float) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(-1, keepdims=True)
+    var = jnp.square(xf - mean).mean(-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + eps) * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+ACTIVATIONS = {
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
+
+
+def dense(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
+    # fp32 accumulation (bf16 in, fp32 out is also the fastest CPU matmul).
+    y = jnp.einsum("...i,io->...o", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+    if b is not None:
+        y = y + b.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def rotary(x: jax.Array, positions: jax.Array, dims: int, base: float, interleaved: bool) -> jax.Array:
+    """Rotary position embedding on the first `dims` features of each head.
+
+    GPT-J rotates interleaved pairs (x0,x1),(x2,x3)...; GPT-NeoX rotates the
+    two halves (x[:d/2], x[d/2:]).
+    """
+    rot, rest = x[..., :dims].astype(jnp.float32), x[..., dims:]
+    inv_freq = 1.0 / (base ** (jnp.arange(0, dims, 2, dtype=jnp.float32) / dims))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, dims/2]
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    if interleaved:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        out = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).reshape(rot.shape)
+    else:
+        x1, x2 = jnp.split(rot, 2, axis=-1)
+        out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return jnp.concatenate([out.astype(x.dtype), rest], axis=-1)
+
+
+def attention(h: jax.Array, p: Params, positions: jax.Array, mask: jax.Array, cfg: Config) -> tuple[jax.Array, jax.Array]:
+    B, T, _ = h.shape
+    H, Dh = cfg.n_heads, cfg.head_dim
+
+    def project(name: str) -> jax.Array:
+        y = dense(h, p[name], p.get(f"{name}_bias")).reshape(B, T, H, Dh)
+        return constrain(y, "batch", "seq", "heads", "head_dim")
+
+    q, k, v = project("q"), project("k"), project("v")
+    if cfg.model_type != "gpt_neo":
+        interleaved = cfg.model_type == "gptj"
+        q = rotary(q, positions, cfg.rotary_dims, cfg.rotary_base, interleaved)
+        k = rotary(k, positions, cfg.rotary_dims, cfg.rotary_base, interleaved)
+    scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
+    if cfg.model_type != "gpt_neo":  # the released GPT-Neo models do not scale scores
+        scores = scores / jnp.sqrt(jnp.float32(Dh))
+    scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # softmax in fp32
+    out = jnp.einsum("bhts,bshd->bthd", probs, v).reshape(B, T, H * Dh)
+    return out, p["o"]  # the output projection is applied by the block
+
+
+def mlp(h: jax.Array, p: Params, cfg: Config) -> tuple[jax.Array, jax.Array]:
+    y = ACTIVATIONS[cfg.activation](dense(h, p["fc_in"], p["fc_in_bias"]))
+    y = constrain(y, "batch", "seq", "mlp")
+    return y, p["fc_out"]  # the output projection is applied by the block
+
+
+def block(x: jax.Array, p: Params, positions: jax.Array, mask: jax.Array, cfg: Config) -> jax.Array:
+    eps = cfg.layer_norm_eps
+    attn_bias = p["attn"].get("o_bias", 0.0)
+    mlp_bias = p["mlp"]["fc_out_bias"]
+    h = layer_norm(x, p["ln_1"], eps)
+    if cfg.model_type == "gptj" or (cfg.model_type == "gpt_neox" and cfg.parallel_residual):
+        # Both branches' output projections are reduced over mp together:
+        # one all-reduce per layer, not two.
+        h2 = h if cfg.model_type == "gptj" else layer_norm(x, p["ln_2"], eps)
+        y = row_parallel_sum([attention(h, p["attn"], positions, mask, cfg), mlp(h2, p["mlp"], cfg)])
+        x = x + (y + attn_bias + mlp_bias).astype(x.dtype)
+    else:  # sequential residual (GPT-Neo, NeoX with parallel_residual=false)
+        y = row_parallel_sum([attention(h, p["attn"], positions, mask, cfg)])
+        x = x + (y + attn_bias).astype(x.dtype)
+        y = row_parallel_sum([mlp(layer_norm(x, p["ln_2"], eps), p["mlp"], cfg)])
+        x = x + (y + mlp_bias).astype(x.dtype)
+    return constrain(x, "batch", "seq", "embed")
+
+
+def local_layers(cfg: Config) -> np.ndarray:
+    """Per layer: True where attention is local (GPT-Neo's sliding window)."""
+    if cfg.model_type != "gpt_neo":
+        return np.zeros(cfg.layers, bool)
+    kinds = cfg.attention_layers or [("global", "local")[i % 2] for i in range(cfg.layers)]
+    return np.array([k == "local" for k in kinds])
+
+
+def forward(params: Params, tokens: jax.Array, cfg: Config, positions: jax.Array | None = None,
+            valid: jax.Array | None = None) -> jax.Array:
+    """Logits [B, T, padded_vocab] in fp32; padding columns are -inf-like.
+
+    `positions` default to 0..T-1; `valid` [B, T] marks real (non-pad) tokens.
+    """
+    B, T = tokens.shape
+    dtype = jnp.dtype(cfg.dtype)
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+    causal = jnp.tril(jnp.ones((T, T), bool))[None]
+    if valid is not None:
+        causal = causal & valid[:, None, :]
+    window = jnp.arange(T)[:, None] - jnp.arange(T)[None, :] < cfg.window_size
+
+    x = params["wte"].astype(dtype)[tokens]
+    if "wpe" in params:
+        x = x + params["wpe"].astype(dtype)[positions]
+    x = constrain(x, "batch", "seq", "embed")
+
+    def step(x: jax.Array, layer: tuple[Params, jax.Array]) -> tuple[jax.Array, None]:
+        p, is_local = layer
+        mask = jnp.where(is_local, causal & window, causal)
+        return block(x, p, positions, mask, cfg), None
+
+    if cfg.remat:
+        step = jax.checkpoint(step, policy=jax.checkpoint_policies.nothing_saveable)
+    xs = (params["layers"], jnp.asarray(local_layers(cfg)))
+    if cfg.scan_layers:
+        x, _ = jax.lax.scan(step, x, xs)
+    else:
+        for i in range(cfg.layers):
+            x, _ = step(x, jax.tree.map(lambda a: a[i], xs))
+
+    x = layer_norm(x, params["ln_f"], cfg.layer_norm_eps)
+    if "lm_head" in params:
+        head = params["lm_head"]
+        logits = jnp.einsum("btd,dv->btv", x, head["kernel"].astype(dtype), preferred_element_type=jnp.float32)
+        if "bias" in head:
+            logits = logits + head["bias"].astype(jnp.float32)
+    else:
+        logits = jnp.einsum("btd,vd->btv", x, params["wte"].astype(dtype), preferred_element_type=jnp.float32)
+    logits = constrain(logits, "batch", "seq", "vocab")
+    real = jnp.arange(cfg.padded_vocab) < cfg.n_vocab
+    return jnp.where(real, logits, jnp.finfo(jnp.float32).min)

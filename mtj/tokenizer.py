@@ -1,0 +1,98 @@
+"""Tokenizer loading: tokenizer.json files, GPT-2 style vocab.json+merges.txt, or a known name."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, processors
+
+EOS = "<|endoftext|>"
+# Known names resolve inside $MTJ_ASSETS (offline copies of the hub files).
+KNOWN = {"gpt2": "gpt2", "gpt-neox-20b": "neox/20B_tokenizer.json"}
+FAMILY_DEFAULT = {"gptj": "gpt2", "gpt_neo": "gpt2", "gpt_neox": "gpt-neox-20b"}
+
+
+class Tokenizer:
+    """Thin wrapper over `tokenizers.Tokenizer`: encode/decode and the EOS id."""
+
+    def __init__(self, tok: tokenizers.Tokenizer):
+        self.backend = tok
+        eos = tok.token_to_id(EOS)
+        self.eos_id: int | None = eos
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=False)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def to_json(self) -> str:
+        return self.backend.to_str()
+
+    @classmethod
+    def from_json(cls, text: str) -> "Tokenizer":
+        return cls(tokenizers.Tokenizer.from_str(text))
+
+    def save_pretrained(self, out: str | Path) -> None:
+        """Files that `transformers.AutoTokenizer.from_pretrained` reads."""
+        out = Path(out)
+        self.backend.save(str(out / "tokenizer.json"))
+        special = {"bos_token": EOS, "eos_token": EOS, "unk_token": EOS} if self.eos_id is not None else {}
+        (out / "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 2048, **special}, indent=2))
+
+
+def assets_dir() -> Path | None:
+    env = os.environ.get("MTJ_ASSETS")
+    return Path(env) if env else None
+
+
+def _gpt2_bpe(vocab: Path, merges: Path) -> tokenizers.Tokenizer:
+    tok = tokenizers.Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.decoder = decoders.ByteLevel()
+    if tok.token_to_id(EOS) is not None:
+        tok.add_special_tokens([tokenizers.AddedToken(EOS, special=True)])
+    return tok
+
+
+def find_tokenizer_files(path: Path) -> tokenizers.Tokenizer | None:
+    """A tokenizer from a file or a directory, or None if the directory has none."""
+    if path.is_file():
+        return tokenizers.Tokenizer.from_file(str(path))
+    if (path / "tokenizer.json").is_file():
+        return tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+    if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+        return _gpt2_bpe(path / "vocab.json", path / "merges.txt")
+    return None
+
+
+def load_tokenizer(spec: str | None, model_type: str = "gptj") -> Tokenizer:
+    """Resolve the `tokenizer` config key (None: the family's default)."""
+    spec = spec or FAMILY_DEFAULT[model_type]
+    path = Path(spec).expanduser()
+    if not path.exists() and spec in KNOWN:
+        assets = assets_dir()
+        if assets is None:
+            raise FileNotFoundError(
+                f"tokenizer '{spec}' is a known name but MTJ_ASSETS is not set; "
+                f"set MTJ_ASSETS to the folder holding {KNOWN[spec]} or pass a path")
+        path = assets / KNOWN[spec]
+    if not path.exists():
+        raise FileNotFoundError(f"tokenizer '{spec}' not found: give a tokenizer.json, a directory with "
+                                f"vocab.json+merges.txt, or one of {sorted(KNOWN)} with MTJ_ASSETS set")
+    tok = find_tokenizer_files(path)
+    if tok is None:
+        raise FileNotFoundError(f"no tokenizer.json or vocab.json+merges.txt in {path}")
+    return Tokenizer(tok)

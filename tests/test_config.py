@@ -1,0 +1,75 @@
+import json
+
+import pytest
+
+from mtj.config import Config, ConfigError, from_dict, load_config, parse_overrides
+from mtj.model import count_params
+from conftest import REPO
+
+
+@pytest.mark.parametrize("name", ["6B_roto_256.json", "example_config.json"])
+def test_original_configs_load(name):
+    cfg = load_config(REPO / "configs" / name)
+    assert (cfg.layers, cfg.d_model, cfg.n_heads, cfg.n_vocab, cfg.rotary_dims) == (28, 4096, 16, 50400, 64)
+    assert cfg.mp == 8 and cfg.head_dim == 256 and cfg.ff_dim == 16384
+
+
+def test_gptj_6b_parameter_count():
+    # transformers' GPTJForCausalLM(GPTJConfig()) has this many parameters (vocab 50400).
+    assert count_params(load_config(REPO / "configs" / "6B_roto_256.json")) == 6_050_882_784
+
+
+def test_overrides_parse_json_then_string(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"layers": 2, "d_model": 64, "n_heads": 4}))
+    cfg = load_config(path, ["layers=3", "lr=3e-4", "name=my run", "val_set={\"a\": \"b.index\"}", "fsdp=true"])
+    assert (cfg.layers, cfg.lr, cfg.name, cfg.val_set, cfg.fsdp) == (3, 3e-4, "my run", {"a": "b.index"}, True)
+    assert parse_overrides(["x=[1, 2]"]) == {"x": [1, 2]}
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["layers"])
+
+
+def test_unknown_key_names_nearest():
+    with pytest.raises(ConfigError, match=r"unknown config key 'n_head'.*did you mean 'n_heads'"):
+        from_dict({"n_head": 4})
+    with pytest.raises(ConfigError, match="'pe_rotary_dim'.*'pe_rotary_dims'"):
+        from_dict({"pe_rotary_dim": 4})
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("layers", "28", "int"), ("lr", "fast", "float"), ("fsdp", 1, "bool"),
+    ("val_set", ["a"], "dict"), ("eval_harness_tasks", "lambada", "list"),
+])
+def test_wrong_type_names_key_and_type(key, value, expected):
+    with pytest.raises(ConfigError, match=rf"'{key}' must be .*{expected}"):
+        from_dict({key: value})
+
+
+@pytest.mark.parametrize("values,keys", [
+    ({"d_model": 100, "n_heads": 16}, ["n_heads", "d_model"]),
+    ({"n_heads": 12, "cores_per_replica": 8, "d_model": 768}, ["n_heads", "cores_per_replica"]),
+    ({"d_model": 512, "n_heads": 8, "pe_rotary_dims": 80}, ["pe_rotary_dims", "d_head"]),
+    ({"pe_rotary_dims": 63}, ["pe_rotary_dims"]),
+    ({"model_type": "llama"}, ["model_type"]),
+    ({"layers": 2, "model_type": "gpt_neo", "attention_layers": ["global"]}, ["attention_layers", "layers"]),
+])
+def test_inconsistent_shapes_name_keys(values, keys):
+    with pytest.raises(ConfigError) as e:
+        from_dict(values)
+    for key in keys:
+        assert key in str(e.value)
+
+
+def test_odd_vocab_is_padded_for_the_mesh():
+    assert Config(n_vocab=50257, cores_per_replica=1).padded_vocab == 50304
+    assert Config(n_vocab=50257, cores_per_replica=8).padded_vocab == 50304
+    assert Config(n_vocab=50400).padded_vocab == 50432
+    assert Config(n_vocab=1001, n_heads=12, d_model=768, cores_per_replica=3).padded_vocab % 3 == 0
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.json")
+    (tmp_path / "bad.json").write_text("{layers: 2")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_config(tmp_path / "bad.json")
