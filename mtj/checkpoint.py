@@ -79,7 +79,7 @@ def resolve(ckpt: str | Path) -> tuple[Path, int]:
     return path, max(steps)
 
 
-def _restore(ckpt: str | Path, **items: Any) -> Any:
+def restore_items(ckpt: str | Path, **items: Any) -> Any:
     model_dir, step = resolve(ckpt)
     mngr = manager(model_dir)
     try:
@@ -89,18 +89,18 @@ def _restore(ckpt: str | Path, **items: Any) -> Any:
 
 
 def read_config(ckpt: str | Path) -> Config:
-    return from_dict(_restore(ckpt, config=ocp.args.JsonRestore())["config"])
+    return from_dict(restore_items(ckpt, config=ocp.args.JsonRestore())["config"])
 
 
 def read_meta(ckpt: str | Path) -> dict:
-    return _restore(ckpt, meta=ocp.args.JsonRestore())["meta"]
+    return restore_items(ckpt, meta=ocp.args.JsonRestore())["meta"]
 
 
 def read_tokenizer(ckpt: str | Path) -> Tokenizer | None:
     model_dir, step = resolve(ckpt)
     if not (model_dir / f"step_{step}" / "tokenizer").is_dir():
         return None
-    return Tokenizer.from_json(_restore(ckpt, tokenizer=ocp.args.JsonRestore())["tokenizer"]["tokenizer_json"])
+    return Tokenizer.from_json(restore_items(ckpt, tokenizer=ocp.args.JsonRestore())["tokenizer"]["tokenizer_json"])
 
 
 def abstract_params(cfg: Config, mesh: Mesh) -> Params:
@@ -113,4 +113,4 @@ def abstract_params(cfg: Config, mesh: Mesh) -> Params:
 
 
 def restore_params(ckpt: str | Path, cfg: Config, mesh: Mesh) -> Params:
-    return _restore(ckpt, params=ocp.args.StandardRestore(abstract_params(cfg, mesh)))["params"]
+    return restore_items(ckpt, params=ocp.args.StandardRestore(abstract_params(cfg, mesh)))["params"]

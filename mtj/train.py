@@ -1,0 +1,245 @@
+"""The training loop: one compiled, sharded step; validation; checkpoints; exact resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tqdm import tqdm
+
+from mtj import checkpoint
+from mtj.config import Config
+from mtj.data import Loader, open_source
+from mtj.metrics import MetricsLog, flops_per_token, peak_flops, plot_loss_curve
+from mtj.model import Params, forward, init_params, param_axes
+from mtj.optim import optimizer, schedule
+from mtj.sharding import make_mesh, tree_shardings
+from mtj.tokenizer import Tokenizer, load_tokenizer
+
+State = dict[str, Any]  # {"params", "opt_state", "step"}
+
+
+def loss_fn(params: Params, batch: jax.Array, cfg: Config) -> tuple[jax.Array, jax.Array]:
+    """(cross entropy + z-loss, cross entropy) of next-token prediction, in fp32."""
+    logits = forward(params, batch[:, :-1], cfg)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target = jnp.take_along_axis(logits, batch[:, 1:, None], axis=-1)[..., 0]
+    ce = jnp.mean(lse - target)
+    return ce + cfg.z_loss * jnp.mean(jnp.square(lse)), ce
+
+
+def opt_state_shardings(opt_shape: Any, param_shardings: Params, mesh: Mesh) -> Any:
+    """Optimizer moments shard like the parameters; scalars (counts) are replicated."""
+    params_def = jax.tree.structure(param_shardings)
+    replicated = NamedSharding(mesh, P())
+
+    def is_param_tree(node: Any) -> bool:
+        return jax.tree.structure(node) == params_def
+
+    return jax.tree.map(lambda node: param_shardings if is_param_tree(node) else replicated, opt_shape,
+                        is_leaf=is_param_tree)
+
+
+class Trainer:
+    """Holds the mesh, shardings and compiled steps of one run configuration."""
+
+    def __init__(self, cfg: Config, mesh: Mesh | None = None):
+        self.cfg = cfg
+        self.mesh = mesh or make_mesh(mp=cfg.mp)
+        self.dp = self.mesh.shape["dp"]
+        self.opt = optimizer(cfg)
+        self.lr = schedule(cfg)
+        param_sh = tree_shardings(param_axes(cfg), self.mesh, cfg.fsdp)
+        abstract = checkpoint.abstract_params(cfg, self.mesh)
+        opt_shape = jax.eval_shape(self.opt.init, abstract)
+        self.state_shardings: State = {
+            "params": param_sh,
+            "opt_state": opt_state_shardings(opt_shape, param_sh, self.mesh),
+            "step": NamedSharding(self.mesh, P()),
+        }
+        self.abstract_state: State = jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+            {"params": abstract, "opt_state": opt_shape, "step": jax.ShapeDtypeStruct((), jnp.int32)},
+            self.state_shardings)
+        self.batch_sharding = NamedSharding(self.mesh, P(None, "dp", None))
+        self.global_batch = cfg.per_replica_batch * self.dp
+        replicated = NamedSharding(self.mesh, P())
+        self._step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
+                             out_shardings=(self.state_shardings, replicated), donate_argnums=0)
+        self._eval = jax.jit(self._eval_step, in_shardings=(param_sh, self.batch_sharding), out_shardings=replicated)
+        self._init = jax.jit(self._init_state, out_shardings=self.state_shardings)
+
+    # --- compiled functions ---------------------------------------------------
+    def _init_state(self, key: jax.Array) -> State:
+        params = init_params(self.cfg, key)
+        return {"params": params, "opt_state": self.opt.init(params), "step": jnp.zeros((), jnp.int32)}
+
+    def _train_step(self, state: State, batch: jax.Array) -> tuple[State, dict]:
+        cfg, params = self.cfg, state["params"]
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+        def micro(acc: tuple, mb: jax.Array) -> tuple[tuple, None]:
+            (_, ce), grads = grad_fn(params, mb, cfg)
+            grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+            return jax.tree.map(jnp.add, acc, (grads, ce)), None
+
+        zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), jnp.zeros((), jnp.float32))
+        (grads, ce), _ = jax.lax.scan(micro, zeros, batch)  # gradient accumulation inside one step
+        n = batch.shape[0]
+        grads = jax.tree.map(lambda g: g / n, grads)
+        updates, opt_state = self.opt.update(grads, state["opt_state"], params)
+        lr = self.lr(state["step"])
+        params = jax.tree.map(lambda p, u: (p - lr * u).astype(p.dtype), params, updates)
+        metrics = {"loss": ce / n, "grad_norm": optax.tree.norm(grads), "lr": lr}
+        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+
+    def _eval_step(self, params: Params, batch: jax.Array) -> jax.Array:
+        return jnp.mean(jax.vmap(lambda mb: loss_fn(params, mb, self.cfg)[1])(batch))
+
+    # --- host-side API ---------------------------------------------------------
+    def init(self, seed: int | None = None) -> State:
+        with jax.set_mesh(self.mesh):
+            return self._init(jax.random.key(self.cfg.seed if seed is None else seed))
+
+    def global_array(self, local: np.ndarray) -> jax.Array:
+        shape = (local.shape[0], self.global_batch, local.shape[2])
+        return jax.make_array_from_process_local_data(self.batch_sharding, local, shape)
+
+    def step(self, state: State, local_batch: np.ndarray) -> tuple[State, dict]:
+        with jax.set_mesh(self.mesh):
+            return self._step(state, self.global_array(local_batch))
+
+    def evaluate(self, params: Params, loader: Loader, batches: int) -> float:
+        loader.reset()
+        with jax.set_mesh(self.mesh):
+            losses = [self._eval(params, self.global_array(next(loader))) for _ in range(batches)]
+        return float(np.mean([float(x) for x in losses]))
+
+    def loader(self, spec: str, tokenizer: Tokenizer, shuffle: bool = True) -> Loader:
+        return Loader(open_source(spec, self.cfg.seq, tokenizer), self.cfg.gradient_accumulation_steps,
+                      self.global_batch, seed=self.cfg.seed, shuffle=shuffle,
+                      process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def run_dir(cfg: Config) -> str:
+    return f"gs://{cfg.bucket}/{cfg.model_dir}" if cfg.bucket else cfg.model_dir
+
+
+def _check_same_model(cfg: Config, other: Config, source: str) -> None:
+    keys = ("model_type", "layers", "d_model", "n_heads", "d_head", "d_ff", "n_vocab", "pe_rotary_dims", "tie_embeddings")
+    diff = [f"{k}: {getattr(other, k)} in {source} vs {getattr(cfg, k)}" for k in keys if getattr(cfg, k) != getattr(other, k)]
+    if diff:
+        raise ValueError(f"the checkpoint {source} has a different model shape: " + "; ".join(diff))
+
+
+def _restore_state(trainer: Trainer, ckpt: str | Path, with_opt: bool, source: str) -> State:
+    _check_same_model(trainer.cfg, checkpoint.read_config(ckpt), source)
+    abstract = trainer.abstract_state
+    model_dir, step = checkpoint.resolve(ckpt)
+    has_opt = (model_dir / f"step_{step}" / "opt_state").is_dir()
+    items = {"params": ocp.args.StandardRestore(abstract["params"])}
+    if with_opt and has_opt:
+        items["opt_state"] = ocp.args.StandardRestore(abstract["opt_state"])
+    restored = checkpoint.restore_items(ckpt, **items)
+    with jax.set_mesh(trainer.mesh):
+        opt_state = restored["opt_state"] if "opt_state" in restored else \
+            jax.jit(trainer.opt.init, out_shardings=trainer.state_shardings["opt_state"])(restored["params"])
+    step_arr = jax.device_put(jnp.asarray(step if source == "resume" else 0, jnp.int32), trainer.state_shardings["step"])
+    return {"params": restored["params"], "opt_state": opt_state, "step": step_arr}
+
+
+def _truncate_metrics(path: Path, after_step: int) -> None:
+    """Drop rows a killed run logged past the checkpoint we resume from."""
+    if path.is_file():
+        import json
+
+        rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= after_step]
+        path.write_text("".join(r + "\n" for r in rows))
+
+
+def train(cfg: Config, tune_model_path: str | None = None, fresh_opt: bool = False, mesh: Mesh | None = None,
+          progress: bool = True) -> State:
+    """Train to cfg.total_steps, resuming from the latest checkpoint in model_dir if there is one."""
+    trainer = Trainer(cfg, mesh)
+    lead = jax.process_index() == 0
+    out = run_dir(cfg)
+    local = Path(out) if not cfg.bucket else None
+    tokenizer = load_tokenizer(cfg.tokenizer, cfg.model_type)
+    loader = trainer.loader(cfg.train_set, tokenizer)
+    val = {name: trainer.loader(spec, tokenizer, shuffle=False) for name, spec in cfg.val_set.items()} \
+        if cfg.val_every and cfg.val_batches else {}
+
+    mngr = checkpoint.manager(out, keep_last=cfg.keep_last, keep_every=cfg.keep_every, async_save=True)
+    latest = mngr.latest_step()
+    if latest is not None:
+        state = _restore_state(trainer, out, with_opt=True, source="resume")
+        loader.restore(checkpoint.read_meta(out)["data"])
+        if lead:
+            print(f"resuming {out} from step {latest}")
+            if local:
+                _truncate_metrics(local / "metrics.jsonl", latest)
+    elif tune_model_path:
+        state = _restore_state(trainer, tune_model_path, with_opt=not fresh_opt, source=str(tune_model_path))
+        if lead:
+            print(f"fine-tuning from {tune_model_path}" + (" with a fresh optimizer" if fresh_opt else ""))
+    else:
+        state = trainer.init()
+    if lead and local:
+        local.mkdir(parents=True, exist_ok=True)
+        cfg.save(local / "config.json")
+
+    log = MetricsLog(local or Path("."), cfg, enabled=lead and local is not None)
+    tokens_per_step = cfg.gradient_accumulation_steps * trainer.global_batch * cfg.seq
+    flops_token, peak = flops_per_token(cfg), peak_flops(cfg.dtype)
+    # Fault injection for the crash tests: a real SIGKILL at a chosen point.
+    kill_in_save = int(os.environ.get("MTJ_TEST_KILL_DURING_SAVE", "-1"))
+    kill_after = int(os.environ.get("MTJ_TEST_KILL_AFTER_STEP", "-1"))
+
+    def save(step: int) -> None:
+        meta = {"step": step, "data": loader.state(), "rng": np.asarray(jax.random.key_data(
+            jax.random.fold_in(jax.random.key(cfg.seed), step))).tolist()}
+        mngr.save(step, args=checkpoint.save_args(state["params"], cfg, tokenizer, state["opt_state"], meta))
+        if step == kill_in_save:
+            os.kill(os.getpid(), signal.SIGKILL)  # the async write is in flight
+
+    start = int(state["step"])
+    bar = tqdm(total=cfg.total_steps, initial=start, disable=not (lead and progress), unit="step", dynamic_ncols=True)
+    t_last, step_last = time.perf_counter(), start
+    for step in range(start + 1, cfg.total_steps + 1):
+        state, metrics = trainer.step(state, next(loader))
+        validate = bool(val) and step % cfg.val_every == 0
+        if step % cfg.log_every == 0 or step == cfg.total_steps or validate:
+            metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step
+            now = time.perf_counter()
+            # The first step after (re)start includes compilation: no rate for it.
+            tps = tokens_per_step * (step - step_last) / (now - t_last) if step_last > start or step > start + 1 else 0.0
+            t_last, step_last = now, step
+            row = {"step": step, **metrics, "tokens_per_sec": tps, "mfu": tps * flops_token / peak}
+            if validate:
+                row.update({f"val/{name}": trainer.evaluate(state["params"], vl, cfg.val_batches)
+                            for name, vl in val.items()})
+                t_last = time.perf_counter()
+            log.write(row)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tps:,.0f}")
+        bar.update(1)
+        if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.total_steps:
+            save(step)
+        if step == kill_after:
+            mngr.wait_until_finished()
+            os.kill(os.getpid(), signal.SIGKILL)
+    bar.close()
+    mngr.wait_until_finished()
+    mngr.close()
+    log.close()
+    if lead and local and (local / "metrics.jsonl").is_file():
+        plot_loss_curve(local / "metrics.jsonl", local / "loss.png")
+    return state
