@@ -20,8 +20,11 @@ PEAK_FLOPS = {"TPU v2": 22.5e12, "TPU v3": 61.5e12, "TPU v4": 275e12, "TPU v5 li
 
 
 def flops_per_token(cfg: Config) -> float:
-    """Training FLOPs per token: 6N for the weights plus the attention scores (PaLM's formula)."""
-    n = count_params(cfg) - cfg.n_vocab * cfg.d_model * (1 if cfg.tie_embeddings else 0)
+    """Training FLOPs per token: 6N for the matmul weights plus the attention scores (PaLM's formula).
+
+    The input embedding is a lookup, not a matmul, so it is left out of N unless it doubles as the LM head.
+    """
+    n = count_params(cfg) - (0 if cfg.tie_embeddings else cfg.n_vocab * cfg.d_model)
     return 6 * n + 12 * cfg.layers * cfg.n_heads * cfg.head_dim * cfg.seq
 
 

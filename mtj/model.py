@@ -117,12 +117,41 @@ def count_params(cfg: Config) -> int:
 
 # --- layers -------------------------------------------------------------------
 
+def _sum_leading(g: jax.Array) -> jax.Array:
+    """Sum over all but the last axis, as a matrix-vector product: XLA's CPU
+    column reductions are ~40x slower than this dot (the bias gradients)."""
+    g2 = g.reshape(-1, g.shape[-1])
+    return jnp.einsum("n,nd->d", jnp.ones(g2.shape[:1], g2.dtype), g2, preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def scale_shift(x: jax.Array, scale: jax.Array | None, shift: jax.Array) -> jax.Array:
+    """x * scale + shift in fp32 over the last axis (scale None: no scaling)."""
+    y = x.astype(jnp.float32)
+    if scale is not None:
+        y = y * scale.astype(jnp.float32)
+    return y + shift.astype(jnp.float32)
+
+
+def _scale_shift_fwd(x, scale, shift):
+    return scale_shift(x, scale, shift), (x, scale, shift)
+
+
+def _scale_shift_bwd(res, g):
+    x, scale, shift = res
+    dx = g if scale is None else g * scale.astype(jnp.float32)
+    dscale = None if scale is None else _sum_leading(g * x.astype(jnp.float32)).astype(scale.dtype)
+    return dx.astype(x.dtype), dscale, _sum_leading(g).astype(shift.dtype)
+
+
+scale_shift.defvjp(_scale_shift_fwd, _scale_shift_bwd)
+
+
 def layer_norm(x: jax.Array, p: Params, eps: float) -> jax.Array:
     xf = x.astype(jnp.float32)
     mean = xf.mean(-1, keepdims=True)
     var = jnp.square(xf - mean).mean(-1, keepdims=True)
-    y = (xf - mean) * jax.lax.rsqrt(var + eps) * p["scale"].astype(jnp.float32) + p["bias"].astype(jnp.float32)
-    return y.astype(x.dtype)
+    return scale_shift((xf - mean) * jax.lax.rsqrt(var + eps), p["scale"], p["bias"]).astype(x.dtype)
 
 
 ACTIVATIONS = {
@@ -138,7 +167,7 @@ def dense(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
     # fp32 accumulation (bf16 in, fp32 out is also the fastest CPU matmul).
     y = jnp.einsum("...i,io->...o", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
     if b is not None:
-        y = y + b.astype(jnp.float32)
+        y = scale_shift(y, None, b)
     return y.astype(x.dtype)
 
 
@@ -177,7 +206,7 @@ def attention(h: jax.Array, p: Params, positions: jax.Array, mask: jax.Array, cf
     scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
     if cfg.model_type != "gpt_neo":  # the released GPT-Neo models do not scale scores
         scores = scores / jnp.sqrt(jnp.float32(Dh))
-    scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
+    scores = scores + jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)[:, None]  # an add: no select in the backward
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # softmax in fp32
     out = jnp.einsum("bhts,bshd->bthd", probs, v).reshape(B, T, H * Dh)
     return out, p["o"]  # the output projection is applied by the block
@@ -191,7 +220,7 @@ def mlp(h: jax.Array, p: Params, cfg: Config) -> tuple[jax.Array, jax.Array]:
 
 def block(x: jax.Array, p: Params, positions: jax.Array, mask: jax.Array, cfg: Config) -> jax.Array:
     eps = cfg.layer_norm_eps
-    attn_bias = p["attn"].get("o_bias", 0.0)
+    attn_bias = p["attn"].get("o_bias", jnp.zeros(x.shape[-1:], jnp.float32))
     mlp_bias = p["mlp"]["fc_out_bias"]
     h = layer_norm(x, p["ln_1"], eps)
     if cfg.model_type == "gptj" or (cfg.model_type == "gpt_neox" and cfg.parallel_residual):
@@ -199,12 +228,12 @@ def block(x: jax.Array, p: Params, positions: jax.Array, mask: jax.Array, cfg: C
         # one all-reduce per layer, not two.
         h2 = h if cfg.model_type == "gptj" else layer_norm(x, p["ln_2"], eps)
         y = row_parallel_sum([attention(h, p["attn"], positions, mask, cfg), mlp(h2, p["mlp"], cfg)])
-        x = x + (y + attn_bias + mlp_bias).astype(x.dtype)
+        x = x + scale_shift(y, None, attn_bias + mlp_bias).astype(x.dtype)
     else:  # sequential residual (GPT-Neo, NeoX with parallel_residual=false)
         y = row_parallel_sum([attention(h, p["attn"], positions, mask, cfg)])
-        x = x + (y + attn_bias).astype(x.dtype)
+        x = x + scale_shift(y, None, attn_bias).astype(x.dtype)
         y = row_parallel_sum([mlp(layer_norm(x, p["ln_2"], eps), p["mlp"], cfg)])
-        x = x + (y + mlp_bias).astype(x.dtype)
+        x = x + scale_shift(y, None, mlp_bias).astype(x.dtype)
     return constrain(x, "batch", "seq", "embed")
 
 
@@ -216,9 +245,9 @@ def local_layers(cfg: Config) -> np.ndarray:
     return np.array([k == "local" for k in kinds])
 
 
-def forward(params: Params, tokens: jax.Array, cfg: Config, positions: jax.Array | None = None,
-            valid: jax.Array | None = None) -> jax.Array:
-    """Logits [B, T, padded_vocab] in fp32; padding columns are -inf-like.
+def hidden(params: Params, tokens: jax.Array, cfg: Config, positions: jax.Array | None = None,
+           valid: jax.Array | None = None) -> jax.Array:
+    """Final hidden states [B, T, d_model] (after ln_f) in the compute dtype.
 
     `positions` default to 0..T-1; `valid` [B, T] marks real (non-pad) tokens.
     """
@@ -249,15 +278,22 @@ def forward(params: Params, tokens: jax.Array, cfg: Config, positions: jax.Array
     else:
         for i in range(cfg.layers):
             x, _ = step(x, jax.tree.map(lambda a: a[i], xs))
+    return layer_norm(x, params["ln_f"], cfg.layer_norm_eps)
 
-    x = layer_norm(x, params["ln_f"], cfg.layer_norm_eps)
-    if "lm_head" in params:
-        head = params["lm_head"]
-        logits = jnp.einsum("btd,dv->btv", x, head["kernel"].astype(dtype), preferred_element_type=jnp.float32)
-        if "bias" in head:
-            logits = logits + head["bias"].astype(jnp.float32)
-    else:
-        logits = jnp.einsum("btd,vd->btv", x, params["wte"].astype(dtype), preferred_element_type=jnp.float32)
-    logits = constrain(logits, "batch", "seq", "vocab")
-    real = jnp.arange(cfg.padded_vocab) < cfg.n_vocab
-    return jnp.where(real, logits, jnp.finfo(jnp.float32).min)
+
+def output_head(params: Params, cfg: Config) -> tuple[jax.Array, jax.Array]:
+    """The LM head as (kernel [d_model, V], bias [V]); the bias pushes padded vocabulary columns to -1e30."""
+    kernel = params["lm_head"]["kernel"] if "lm_head" in params else params["wte"].T  # tied embeddings
+    bias = jnp.where(jnp.arange(cfg.padded_vocab) < cfg.n_vocab, 0.0, -1e30)
+    if "lm_head" in params and "bias" in params["lm_head"]:
+        bias = params["lm_head"]["bias"].astype(jnp.float32) + bias
+    return kernel, bias
+
+
+def forward(params: Params, tokens: jax.Array, cfg: Config, positions: jax.Array | None = None,
+            valid: jax.Array | None = None) -> jax.Array:
+    """Logits [B, T, padded_vocab] in fp32; padded vocabulary columns are -1e30."""
+    x = hidden(params, tokens, cfg, positions, valid)
+    kernel, bias = output_head(params, cfg)
+    logits = jnp.einsum("btd,dv->btv", x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
+    return constrain(scale_shift(logits, None, bias), "batch", "seq", "vocab")

@@ -20,7 +20,8 @@ from mtj import checkpoint
 from mtj.config import Config
 from mtj.data import Loader, open_source
 from mtj.metrics import MetricsLog, flops_per_token, peak_flops, plot_loss_curve
-from mtj.model import Params, forward, init_params, param_axes
+from mtj.loss import head_cross_entropy
+from mtj.model import Params, hidden, init_params, output_head, param_axes
 from mtj.optim import optimizer, schedule
 from mtj.sharding import make_mesh, tree_shardings
 from mtj.tokenizer import Tokenizer, load_tokenizer
@@ -30,11 +31,9 @@ State = dict[str, Any]  # {"params", "opt_state", "step"}
 
 def loss_fn(params: Params, batch: jax.Array, cfg: Config) -> tuple[jax.Array, jax.Array]:
     """(cross entropy + z-loss, cross entropy) of next-token prediction, in fp32."""
-    logits = forward(params, batch[:, :-1], cfg)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    target = jnp.take_along_axis(logits, batch[:, 1:, None], axis=-1)[..., 0]
-    ce = jnp.mean(lse - target)
-    return ce + cfg.z_loss * jnp.mean(jnp.square(lse)), ce
+    x = hidden(params, batch[:, :-1], cfg)
+    kernel, bias = output_head(params, cfg)
+    return head_cross_entropy(x.reshape(-1, x.shape[-1]), kernel, bias, batch[:, 1:].reshape(-1), cfg.z_loss)
 
 
 def opt_state_shardings(opt_shape: Any, param_shardings: Params, mesh: Mesh) -> Any:
