@@ -80,6 +80,7 @@ class Config:
     seed: int = 0
     log_every: int = 1
     keep_last: int = 3
+    skip_corrupt_records: bool = False  # skip (with a warning) TFRecords with bad CRCs instead of failing
 
     def __post_init__(self) -> None:
         _check_types(self)

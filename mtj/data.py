@@ -9,14 +9,16 @@ O(1): nothing already consumed is re-read.
 from __future__ import annotations
 
 import concurrent.futures
-import glob
-import json
+import os
+import warnings
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from mtj.tokenizer import EOS, Tokenizer
+from mtj.corpus import expand_inputs, iter_documents, tokenize_documents, windows
+from mtj.tfrecord import RecordError, decode_example, read_record, scan_offsets
+from mtj.tokenizer import Tokenizer
 
 
 class Source(Protocol):
@@ -42,49 +44,108 @@ class ArraySource:
         return self.windows[indices]
 
 
-def documents_from_text(text: str) -> list[str]:
-    """Documents are separated by the literal <|endoftext|>."""
-    return [d for d in text.split(EOS) if d.strip()]
-
-
-def read_documents(path: Path) -> list[str]:
-    if path.suffix == ".jsonl":
-        return [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
-    return documents_from_text(path.read_text(encoding="utf-8", errors="replace"))
-
-
-def tokenize_documents(docs: list[str], tokenizer: Tokenizer) -> np.ndarray:
-    """One token stream: every document followed by EOS."""
-    if tokenizer.eos_id is None:
-        raise ValueError("the tokenizer has no <|endoftext|> token to separate documents")
-    ids = tokenizer.encode_batch(docs)
-    return np.fromiter((t for doc in ids for t in (*doc, tokenizer.eos_id)), np.int32)
-
-
-def windows(stream: np.ndarray, seq: int) -> np.ndarray:
-    """Cut a token stream into [N, seq + 1] windows, dropping the remainder."""
-    n = len(stream) // (seq + 1)
-    return stream[: n * (seq + 1)].reshape(n, seq + 1)
-
-
-def text_source(pattern: str, seq: int, tokenizer: Tokenizer) -> ArraySource:
-    """A .txt/.jsonl file, a directory of them, or a glob, tokenized in memory."""
-    path = Path(pattern)
-    files = sorted(p for p in path.iterdir() if p.suffix in (".txt", ".jsonl")) if path.is_dir() else \
-        [Path(p) for p in sorted(glob.glob(pattern))]
-    if not files:
-        raise FileNotFoundError(f"no .txt/.jsonl input found at '{pattern}'")
-    docs = [d for f in files for d in read_documents(f)]
-    data = windows(tokenize_documents(docs, tokenizer), seq)
+def text_source(spec: str, seq: int, tokenizer: Tokenizer) -> ArraySource:
+    """Text inputs (.txt/.jsonl/.jsonl.zst/.tar.gz, a directory or a glob) tokenized in memory."""
+    docs = list(iter_documents(expand_inputs(spec)))
+    data = windows(np.concatenate(tokenize_documents(docs, tokenizer)) if docs else np.zeros(0, np.int32), seq)
     if len(data) == 0:
-        raise ValueError(f"'{pattern}' holds fewer than seq+1={seq + 1} tokens: not one training window")
-    return ArraySource(data, name=pattern)
+        raise ValueError(f"'{spec}' holds fewer than seq+1={seq + 1} tokens: not one training window")
+    return ArraySource(data, name=spec)
 
 
-def open_source(spec: str, seq: int, tokenizer: Tokenizer) -> Source:
-    """A data source from a `train_set`/`val_set` value."""
+class TFRecordSource:
+    """The sequences of the TFRecord files listed in an .index file, by random access.
+
+    Opening reads only the 12-byte record headers (a truncated file fails here,
+    naming file and offset); each record's data CRC is checked when it is read.
+    """
+
+    def __init__(self, index: str | Path, seq: int, skip_corrupt: bool = False):
+        index = Path(index)
+        if not index.is_file():
+            raise FileNotFoundError(f"index file {index} does not exist")
+        lines = [line.strip() for line in index.read_text().splitlines() if line.strip()]
+        self.files = [p if p.is_absolute() else index.parent / p for p in map(Path, lines)]
+        if not self.files:
+            raise ValueError(f"index file {index} lists no TFRecord files")
+        self.seq, self.name, self.skip_corrupt = seq, str(index), skip_corrupt
+        file_ids, offsets, lengths = [], [], []
+        for i, path in enumerate(self.files):
+            if not path.is_file():
+                raise FileNotFoundError(f"{index} lists {path}, which does not exist")
+            records = scan_offsets(path, skip_corrupt=skip_corrupt)
+            if skip_corrupt:
+                records = self._verified(path, records)
+            file_ids += [i] * len(records)
+            offsets += [o for o, _ in records]
+            lengths += [n for _, n in records]
+        if not offsets:
+            raise ValueError(f"the TFRecord files of {index} hold no records")
+        self.file_ids, self.offsets, self.lengths = np.array(file_ids), np.array(offsets), np.array(lengths)
+        self._handles: dict[int, object] = {}
+        self.read(np.array([0]))  # fail now, not mid-run, on a length mismatch
+
+    def _verified(self, path: Path, records: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        good = []
+        with open(path, "rb") as f:
+            for offset, length in records:
+                try:
+                    read_record(f, path, offset, length)
+                    good.append((offset, length))
+                except RecordError as e:
+                    warnings.warn(f"skipping corrupt record: {e}")
+        return good
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def _record(self, i: int) -> np.ndarray:
+        fid = int(self.file_ids[i])
+        path = self.files[fid]
+        if fid not in self._handles:
+            self._handles[fid] = open(path, "rb")
+        data = read_record(self._handles[fid], path, int(self.offsets[i]), int(self.lengths[i]))
+        tokens = decode_example(data)
+        if len(tokens) != self.seq + 1:
+            record = i - int(np.searchsorted(self.file_ids, fid))
+            raise RecordError(f"{path}: record {record} has {len(tokens)} tokens but seq+1={self.seq + 1} are "
+                              "needed; set 'seq' to match the data or re-run create_tfrecords.py with --seq")
+        return tokens
+
+    def read(self, indices: np.ndarray) -> np.ndarray:
+        return np.stack([self._record(int(i)) for i in indices]).astype(np.int32)
+
+
+def tfds_source(spec: str, seq: int, tokenizer: Tokenizer) -> ArraySource:
+    """`tfds:NAME[:SPLIT]`: the "text" feature of a locally prepared TFDS dataset (array_record format),
+    found in $TFDS_DATA_DIR (default ~/tensorflow_datasets); tokenized in memory."""
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:
+        raise ImportError("tfds: data needs tensorflow-datasets: pip install 'mtj[tfds]'") from None
+    _, name, *rest = spec.split(":")
+    split = rest[0] if rest else "train"
+    data_dir = os.environ.get("TFDS_DATA_DIR", str(Path.home() / "tensorflow_datasets"))
+    source = tfds.data_source(name, split=split, data_dir=data_dir)
+    docs = []
+    for i in range(len(source)):
+        text = source[i]["text"]
+        docs.append(text.decode("utf-8") if isinstance(text, bytes) else str(text))
+    data = windows(np.concatenate(tokenize_documents(docs, tokenizer)) if docs else np.zeros(0, np.int32), seq)
+    if len(data) == 0:
+        raise ValueError(f"{spec} holds fewer than seq+1={seq + 1} tokens")
+    return ArraySource(data, name=spec)
+
+
+def open_source(spec: str, seq: int, tokenizer: Tokenizer, skip_corrupt: bool = False) -> Source:
+    """A data source from a `train_set`/`val_set` value: an .index file of TFRecords, tfds:NAME[:SPLIT],
+    or text files (a file, a directory or a glob) tokenized on the fly."""
     if not spec:
-        raise ValueError("no data given: set 'train_set' to an .index file, a text file or directory, or tfds:NAME")
+        raise ValueError("no data given: set 'train_set' to an .index file, text files or tfds:NAME[:SPLIT]")
+    if spec.endswith(".index"):
+        return TFRecordSource(spec, seq, skip_corrupt)
+    if spec.startswith("tfds:"):
+        return tfds_source(spec, seq, tokenizer)
     return text_source(spec, seq, tokenizer)
 
 

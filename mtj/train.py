@@ -124,7 +124,8 @@ class Trainer:
         return float(np.mean([float(x) for x in losses]))
 
     def loader(self, spec: str, tokenizer: Tokenizer, shuffle: bool = True) -> Loader:
-        return Loader(open_source(spec, self.cfg.seq, tokenizer), self.cfg.gradient_accumulation_steps,
+        return Loader(open_source(spec, self.cfg.seq, tokenizer, self.cfg.skip_corrupt_records),
+                      self.cfg.gradient_accumulation_steps,
                       self.global_batch, seed=self.cfg.seed, shuffle=shuffle,
                       process_index=jax.process_index(), process_count=jax.process_count())
 

@@ -13,6 +13,8 @@ import pytest
 import mtj
 from conftest import REPO, assets
 from mtj.config import from_dict
+from mtj.corpus import create_tfrecords
+from mtj.tokenizer import load_tokenizer
 from mtj.sharding import make_mesh
 from mtj.train import Trainer, train
 
@@ -73,7 +75,10 @@ def run_cli(cfg_path: Path, *overrides: str, env: dict | None = None) -> subproc
 
 
 def test_resume_after_kill_is_exact(tmp_path):
-    cfg = config(tmp_path, total_steps=10, ckpt_every=5, cores_per_replica=2)
+    # TFRecord input written by create_tfrecords.py, as a user would train.
+    index = create_tfrecords(str(assets() / "text" / "tinyshakespeare.txt"), "shakes", tmp_path / "data",
+                             load_tokenizer("gpt2"), seq=32, progress=False)
+    cfg = config(tmp_path, total_steps=10, ckpt_every=5, cores_per_replica=2, train_set=str(index))
     path = tmp_path / "cfg.json"
     cfg.save(path)
     reference = run_cli(path, f"model_dir={tmp_path / 'ref'}")
