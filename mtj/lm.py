@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +12,7 @@ from jax.sharding import Mesh
 
 from mtj import checkpoint, convert
 from mtj.config import Config
+from mtj.generate import Generator, TokenSink
 from mtj.model import Params, forward, param_axes
 from mtj.sharding import make_mesh, named, tree_shardings
 from mtj.tokenizer import Tokenizer, find_tokenizer_files
@@ -26,6 +27,7 @@ class LM:
         self.mesh = mesh
         self.tokenizer = tokenizer
         self._forward = jax.jit(lambda p, t: forward(p, t, config))
+        self.generator = Generator(config, params, mesh, tokenizer.eos_id if tokenizer else None)
 
     def logits(self, tokens: Any) -> np.ndarray:
         """float32 logits [B, T, n_vocab] for int tokens [B, T]."""
@@ -39,11 +41,40 @@ class LM:
             out = self._forward(self.params, tokens)
         return np.asarray(out)[..., : self.config.n_vocab]
 
+    def generate_tokens(self, token_lists: Sequence[Sequence[int]], max_new_tokens: int = 32,
+                        temperature: float | Sequence[float] = 1.0, top_k: int | Sequence[int] = 0,
+                        top_p: float | Sequence[float] = 1.0, seed: int | Sequence[int] = 0,
+                        on_tokens: TokenSink | None = None) -> list[list[int]]:
+        """New tokens for each prompt; sampling parameters are scalars or one per prompt."""
+        for tokens in token_lists:
+            if any(t < 0 or t >= self.config.n_vocab for t in tokens):
+                raise ValueError(f"token ids must be in [0, {self.config.n_vocab})")
+        return self.generator.generate_tokens(token_lists, max_new_tokens, temperature, top_k, top_p, seed, on_tokens)
+
+    def generate(self, prompts: str | Sequence[str], max_new_tokens: int = 32, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop: str | Sequence[str] | None = None) -> list[str]:
+        """Completions (new text only), cut before the first stop string."""
+        tok = self.require_tokenizer()
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        outs = self.generate_tokens(tok.encode_batch(prompts), max_new_tokens, temperature, top_k, top_p, seed)
+        return [truncate_at_stop(self.decode_new(ids), stop) for ids in outs]
+
+    def decode_new(self, ids: Sequence[int]) -> str:
+        """Text of generated tokens, without the end-of-text token."""
+        tok = self.require_tokenizer()
+        return tok.decode([t for t in ids if t != tok.eos_id])
+
     def require_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer attached (its directory had no tokenizer files); "
                              "use the token-level calls (logits, generate_tokens) or set 'tokenizer' and re-convert")
         return self.tokenizer
+
+
+def truncate_at_stop(text: str, stop: str | Sequence[str] | None) -> str:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    cut = min((text.find(s) for s in stops if s and s in text), default=len(text))
+    return text[:cut]
 
 
 def load(path: str | Path, mp: int = 1, **overrides: Any) -> LM:

@@ -190,7 +190,13 @@ def rotary(x: jax.Array, positions: jax.Array, dims: int, base: float, interleav
     return jnp.concatenate([out.astype(x.dtype), rest], axis=-1)
 
 
-def attention(h: jax.Array, p: Params, positions: jax.Array, mask: jax.Array, cfg: Config) -> tuple[jax.Array, jax.Array]:
+KV = tuple[jax.Array, jax.Array]  # one layer's key/value cache, each [B, S, H, Dh]
+
+
+def attention(h: jax.Array, p: Params, positions: jax.Array, mask: jax.Array, cfg: Config,
+              kv: KV | None = None, index: jax.Array | int = 0) -> tuple[tuple[jax.Array, jax.Array], KV | None]:
+    """((attention output, output projection), updated cache). With a cache the new
+    keys/values are written at slot `index` and the queries attend to all S slots."""
     B, T, _ = h.shape
     H, Dh = cfg.n_heads, cfg.head_dim
 
@@ -203,13 +209,17 @@ def attention(h: jax.Array, p: Params, positions: jax.Array, mask: jax.Array, cf
         interleaved = cfg.model_type == "gptj"
         q = rotary(q, positions, cfg.rotary_dims, cfg.rotary_base, interleaved)
         k = rotary(k, positions, cfg.rotary_dims, cfg.rotary_base, interleaved)
+    if kv is not None:
+        k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), index, axis=1)
+        v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1)
+        kv = (k, v)
     scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
     if cfg.model_type != "gpt_neo":  # the released GPT-Neo models do not scale scores
         scores = scores / jnp.sqrt(jnp.float32(Dh))
     scores = scores + jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)[:, None]  # an add: no select in the backward
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # softmax in fp32
-    out = jnp.einsum("bhts,bshd->bthd", probs, v).reshape(B, T, H * Dh)
-    return out, p["o"]  # the output projection is applied by the block
+    out = jnp.einsum("bhts,bshd->bthd", probs, v.astype(probs.dtype)).reshape(B, T, H * Dh)
+    return (out, p["o"]), kv  # the output projection is applied by the block
 
 
 def mlp(h: jax.Array, p: Params, cfg: Config) -> tuple[jax.Array, jax.Array]:
@@ -218,7 +228,8 @@ def mlp(h: jax.Array, p: Params, cfg: Config) -> tuple[jax.Array, jax.Array]:
     return y, p["fc_out"]  # the output projection is applied by the block
 
 
-def block(x: jax.Array, p: Params, positions: jax.Array, mask: jax.Array, cfg: Config) -> jax.Array:
+def block(x: jax.Array, p: Params, positions: jax.Array, mask: jax.Array, cfg: Config,
+          kv: KV | None = None, index: jax.Array | int = 0) -> tuple[jax.Array, KV | None]:
     eps = cfg.layer_norm_eps
     attn_bias = p["attn"].get("o_bias", jnp.zeros(x.shape[-1:], jnp.float32))
     mlp_bias = p["mlp"]["fc_out_bias"]
@@ -227,14 +238,15 @@ def block(x: jax.Array, p: Params, positions: jax.Array, mask: jax.Array, cfg: C
         # Both branches' output projections are reduced over mp together:
         # one all-reduce per layer, not two.
         h2 = h if cfg.model_type == "gptj" else layer_norm(x, p["ln_2"], eps)
-        y = row_parallel_sum([attention(h, p["attn"], positions, mask, cfg), mlp(h2, p["mlp"], cfg)])
+        attn, kv = attention(h, p["attn"], positions, mask, cfg, kv, index)
+        y = row_parallel_sum([attn, mlp(h2, p["mlp"], cfg)])
         x = x + scale_shift(y, None, attn_bias + mlp_bias).astype(x.dtype)
     else:  # sequential residual (GPT-Neo, NeoX with parallel_residual=false)
-        y = row_parallel_sum([attention(h, p["attn"], positions, mask, cfg)])
-        x = x + scale_shift(y, None, attn_bias).astype(x.dtype)
+        attn, kv = attention(h, p["attn"], positions, mask, cfg, kv, index)
+        x = x + scale_shift(row_parallel_sum([attn]), None, attn_bias).astype(x.dtype)
         y = row_parallel_sum([mlp(layer_norm(x, p["ln_2"], eps), p["mlp"], cfg)])
         x = x + scale_shift(y, None, mlp_bias).astype(x.dtype)
-    return constrain(x, "batch", "seq", "embed")
+    return constrain(x, "batch", "seq", "embed"), kv
 
 
 def local_layers(cfg: Config) -> np.ndarray:
@@ -245,40 +257,62 @@ def local_layers(cfg: Config) -> np.ndarray:
     return np.array([k == "local" for k in kinds])
 
 
-def hidden(params: Params, tokens: jax.Array, cfg: Config, positions: jax.Array | None = None,
-           valid: jax.Array | None = None) -> jax.Array:
-    """Final hidden states [B, T, d_model] (after ln_f) in the compute dtype.
+def run_layers(params: Params, tokens: jax.Array, cfg: Config, positions: jax.Array | None = None,
+               key_valid: jax.Array | None = None, cache: KV | None = None,
+               index: jax.Array | int = 0) -> tuple[jax.Array, KV | None]:
+    """Final hidden states [B, T, d_model] (after ln_f) and the updated cache.
 
-    `positions` default to 0..T-1; `valid` [B, T] marks real (non-pad) tokens.
+    Query i sits in slot index+i of S key slots (S = T without a cache; with a
+    cache of stacked [layers, B, S, H, Dh] keys and values, S is its length).
+    `positions` default to 0..T-1; `key_valid` [B, S] marks slots holding real
+    (not left-padding) tokens.
     """
     B, T = tokens.shape
+    S = T if cache is None else cache[0].shape[2]
     dtype = jnp.dtype(cfg.dtype)
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(T), (B, T))
-    causal = jnp.tril(jnp.ones((T, T), bool))[None]
-    if valid is not None:
-        causal = causal & valid[:, None, :]
-    window = jnp.arange(T)[:, None] - jnp.arange(T)[None, :] < cfg.window_size
+    query_slot = index + jnp.arange(T)[:, None]
+    distance = query_slot - jnp.arange(S)[None, :]
+    causal = (distance >= 0)[None]
+    if key_valid is not None:
+        causal = causal & key_valid[:, None, :]
+    window = distance < cfg.window_size
 
     x = params["wte"].astype(dtype)[tokens]
     if "wpe" in params:
         x = x + params["wpe"].astype(dtype)[positions]
     x = constrain(x, "batch", "seq", "embed")
 
-    def step(x: jax.Array, layer: tuple[Params, jax.Array]) -> tuple[jax.Array, None]:
-        p, is_local = layer
+    def step(x: jax.Array, layer: tuple) -> tuple[jax.Array, KV | None]:
+        p, is_local, kv = layer
         mask = jnp.where(is_local, causal & window, causal)
-        return block(x, p, positions, mask, cfg), None
+        return block(x, p, positions, mask, cfg, kv, index)
 
     if cfg.remat:
         step = jax.checkpoint(step, policy=jax.checkpoint_policies.nothing_saveable)
-    xs = (params["layers"], jnp.asarray(local_layers(cfg)))
+    xs = (params["layers"], jnp.asarray(local_layers(cfg)), cache)
     if cfg.scan_layers:
-        x, _ = jax.lax.scan(step, x, xs)
+        x, cache = jax.lax.scan(step, x, xs)
     else:
+        kvs = []
         for i in range(cfg.layers):
-            x, _ = step(x, jax.tree.map(lambda a: a[i], xs))
-    return layer_norm(x, params["ln_f"], cfg.layer_norm_eps)
+            x, kv = step(x, jax.tree.map(lambda a: a[i], xs))
+            kvs.append(kv)
+        cache = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *kvs)
+    return layer_norm(x, params["ln_f"], cfg.layer_norm_eps), cache
+
+
+def hidden(params: Params, tokens: jax.Array, cfg: Config) -> jax.Array:
+    """Final hidden states [B, T, d_model] of unpadded sequences (training)."""
+    return run_layers(params, tokens, cfg)[0]
+
+
+def logits_of(params: Params, x: jax.Array, cfg: Config) -> jax.Array:
+    """fp32 logits [..., padded_vocab] of hidden states; padded vocabulary columns are -1e30."""
+    kernel, bias = output_head(params, cfg)
+    logits = jnp.einsum("...d,dv->...v", x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
+    return scale_shift(logits, None, bias)
 
 
 def output_head(params: Params, cfg: Config) -> tuple[jax.Array, jax.Array]:
@@ -290,10 +324,6 @@ def output_head(params: Params, cfg: Config) -> tuple[jax.Array, jax.Array]:
     return kernel, bias
 
 
-def forward(params: Params, tokens: jax.Array, cfg: Config, positions: jax.Array | None = None,
-            valid: jax.Array | None = None) -> jax.Array:
+def forward(params: Params, tokens: jax.Array, cfg: Config) -> jax.Array:
     """Logits [B, T, padded_vocab] in fp32; padded vocabulary columns are -1e30."""
-    x = hidden(params, tokens, cfg, positions, valid)
-    kernel, bias = output_head(params, cfg)
-    logits = jnp.einsum("btd,dv->btv", x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
-    return constrain(scale_shift(logits, None, bias), "batch", "seq", "vocab")
+    return constrain(logits_of(params, hidden(params, tokens, cfg), cfg), "batch", "seq", "vocab")

@@ -1,0 +1,103 @@
+"""Generation: greedy parity with transformers, sampling filters and statistics, seeds, stops."""
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+import mtj
+from conftest import hf_gptj
+from mtj.generate import bucket, filter_logits, sample
+from mtj.lm import truncate_at_stop
+from mtj.tokenizer import load_tokenizer
+
+PROMPTS = [[5, 6, 7], [10, 11, 12, 13, 14, 15, 16], [99], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
+
+
+def hf_greedy(model, prompts, new):
+    import torch
+
+    width = max(map(len, prompts))
+    ids = torch.zeros((len(prompts), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):  # left padding, as transformers expects for generation
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)
+    return out[:, width:].tolist()
+
+
+@pytest.fixture(scope="module")
+def gptj(tmp_path_factory):
+    import transformers
+
+    path = hf_gptj(tmp_path_factory.mktemp("gen") / "hf", vocab_size=1000, n_positions=128, n_embd=64, n_head=4,
+                   rotary_dim=8, n_layer=2)
+    return path, transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def test_greedy_matches_transformers(gptj):
+    path, model = gptj
+    lm = mtj.load(path, dtype="float32")
+    assert lm.generate_tokens([PROMPTS[1]], max_new_tokens=32, temperature=0) == hf_greedy(model, [PROMPTS[1]], 32)
+    expected = hf_greedy(model, PROMPTS, 32)
+    assert lm.generate_tokens(PROMPTS, max_new_tokens=32, temperature=0) == expected
+    # each prompt alone gives what it gives in the batch
+    assert [lm.generate_tokens([p], 32, temperature=0)[0] for p in PROMPTS] == expected
+    sharded = mtj.load(path, mp=4, dtype="float32")
+    assert sharded.generate_tokens(PROMPTS, max_new_tokens=32, temperature=0) == expected
+
+
+def test_streaming_callback_sees_every_token(gptj):
+    lm = mtj.load(gptj[0], dtype="float32")
+    seen = []
+    out = lm.generate_tokens(PROMPTS[:2], 6, temperature=0, on_tokens=lambda step, toks: seen.append((step, toks.tolist())))
+    assert [s for s, _ in seen] == list(range(6))
+    assert [[t[i] for _, t in seen] for i in range(2)] == out
+
+
+def test_top_k_top_p_filters():
+    logits = jnp.log(jnp.array([[0.4, 0.3, 0.2, 0.1]] * 4))
+    out = filter_logits(logits, jnp.array([0, 2, 0, 3]), jnp.array([1.0, 1.0, 0.75, 0.55]))
+    probs = np.array(jnp.exp(out - jnp.max(out, -1, keepdims=True)))
+    probs /= probs.sum(-1, keepdims=True)
+    np.testing.assert_allclose(probs[0], [0.4, 0.3, 0.2, 0.1], atol=1e-6)  # nothing filtered
+    np.testing.assert_allclose(probs[1], [4 / 7, 3 / 7, 0, 0], atol=1e-6)  # top-2
+    np.testing.assert_allclose(probs[2], [4 / 9, 3 / 9, 2 / 9, 0], atol=1e-6)  # 0.4+0.3 < 0.75: add 0.2
+    np.testing.assert_allclose(probs[3], [4 / 7, 3 / 7, 0, 0], atol=1e-6)  # top-3, then 0.4 < 0.55: add 0.3
+
+
+def test_temperature_sampling_frequencies():
+    logits = jnp.array([2.0, 1.0, 0.5, 0.0, -1.0])
+    temperature, draws = 0.7, 20000
+    keys = jax.random.split(jax.random.key(0), draws)
+    tokens = np.asarray(sample(jnp.tile(logits, (draws, 1)), keys, jnp.full(draws, temperature),
+                               jnp.zeros(draws, jnp.int32), jnp.ones(draws)))
+    expected = np.exp(np.asarray(logits) / temperature)
+    expected = expected / expected.sum() * draws
+    observed = np.bincount(tokens, minlength=5)
+    chi2 = ((observed - expected) ** 2 / expected).sum()
+    assert chi2 < 18.47, (observed, expected)  # chi-square 0.999 quantile, 4 degrees of freedom
+    greedy = sample(logits[None], keys[:1], jnp.zeros(1), jnp.zeros(1, jnp.int32), jnp.ones(1))
+    assert int(greedy[0]) == 0
+
+
+def test_seeds_and_stop(tmp_path):
+    path = hf_gptj(tmp_path / "hf", vocab_size=50257, n_positions=64, n_embd=32, n_head=4, rotary_dim=4,
+                   bos_token_id=50256, eos_token_id=50256)
+    load_tokenizer("gpt2").save_pretrained(path)
+    lm = mtj.load(path, dtype="float32")
+    a = lm.generate("Hello there", max_new_tokens=12, temperature=1.0, seed=5)
+    assert a == lm.generate("Hello there", max_new_tokens=12, temperature=1.0, seed=5)
+    assert a != lm.generate("Hello there", max_new_tokens=12, temperature=1.0, seed=6)
+    assert truncate_at_stop("one two. three", [".", "three"]) == "one two"
+    text = lm.generate(["Hello there"], max_new_tokens=12, temperature=1.0, seed=5)[0]
+    if len(text) > 2:
+        stop = text[1:3]
+        assert lm.generate("Hello there", max_new_tokens=12, temperature=1.0, seed=5, stop=[stop])[0] == text[:text.find(stop)]
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        lm.generate_tokens([[1] * 60], max_new_tokens=10)
+    assert bucket(1) == 16 and bucket(17) == 32 and bucket(3, 1) == 4
