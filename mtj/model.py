@@ -190,7 +190,7 @@ def rotary(x: jax.Array, positions: jax.Array, dims: int, base: float, interleav
     return jnp.concatenate([out.astype(x.dtype), rest], axis=-1)
 
 
-KV = tuple[jax.Array, jax.Array]  # one layer's key/value cache, each [B, S, H, Dh]
+KV = tuple[jax.Array, jax.Array]  # one layer's key/value cache, each [B, H, S, Dh]
 
 
 def attention(h: jax.Array, p: Params, positions: jax.Array, mask: jax.Array, cfg: Config,
@@ -209,16 +209,18 @@ def attention(h: jax.Array, p: Params, positions: jax.Array, mask: jax.Array, cf
         interleaved = cfg.model_type == "gptj"
         q = rotary(q, positions, cfg.rotary_dims, cfg.rotary_base, interleaved)
         k = rotary(k, positions, cfg.rotary_dims, cfg.rotary_base, interleaved)
-    if kv is not None:
-        k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), index, axis=1)
-        v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1)
+    if kv is not None:  # the cache is heads-major, [B, H, S, Dh], so attention reads it without a transpose
+        k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.transpose(0, 2, 1, 3).astype(kv[0].dtype), index, axis=2)
+        v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.transpose(0, 2, 1, 3).astype(kv[1].dtype), index, axis=2)
         kv = (k, v)
-    scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
+    else:
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    scores = jnp.einsum("bthd,bhsd->bhts", q, k, preferred_element_type=jnp.float32)
     if cfg.model_type != "gpt_neo":  # the released GPT-Neo models do not scale scores
         scores = scores / jnp.sqrt(jnp.float32(Dh))
     scores = scores + jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)[:, None]  # an add: no select in the backward
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # softmax in fp32
-    out = jnp.einsum("bhts,bshd->bthd", probs, v.astype(probs.dtype)).reshape(B, T, H * Dh)
+    out = jnp.einsum("bhts,bhsd->bthd", probs, v.astype(probs.dtype)).reshape(B, T, H * Dh)
     return (out, p["o"]), kv  # the output projection is applied by the block
 
 
@@ -263,12 +265,13 @@ def run_layers(params: Params, tokens: jax.Array, cfg: Config, positions: jax.Ar
     """Final hidden states [B, T, d_model] (after ln_f) and the updated cache.
 
     Query i sits in slot index+i of S key slots (S = T without a cache; with a
-    cache of stacked [layers, B, S, H, Dh] keys and values, S is its length).
+    cache, S is its length: stacked (k, v) of [layers, B, H, S, Dh], or a list
+    of per-layer (k, v) of [B, H, S, Dh]).
     `positions` default to 0..T-1; `key_valid` [B, S] marks slots holding real
     (not left-padding) tokens.
     """
     B, T = tokens.shape
-    S = T if cache is None else cache[0].shape[2]
+    S = T if cache is None else cache[0][0].shape[-2]
     dtype = jnp.dtype(cfg.dtype)
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(T), (B, T))
@@ -291,15 +294,20 @@ def run_layers(params: Params, tokens: jax.Array, cfg: Config, positions: jax.Ar
 
     if cfg.remat:
         step = jax.checkpoint(step, policy=jax.checkpoint_policies.nothing_saveable)
-    xs = (params["layers"], jnp.asarray(local_layers(cfg)), cache)
-    if cfg.scan_layers:
-        x, cache = jax.lax.scan(step, x, xs)
-    else:
+    local = jnp.asarray(local_layers(cfg))
+    if isinstance(cache, list) or not cfg.scan_layers:
+        # Unrolled: a list cache holds one (k, v) per layer, updated in place by
+        # decoding (slicing a stacked cache would copy it every step).
         kvs = []
         for i in range(cfg.layers):
-            x, kv = step(x, jax.tree.map(lambda a: a[i], xs))
+            kv = cache[i] if isinstance(cache, list) else (None if cache is None else jax.tree.map(lambda a: a[i], cache))
+            x, kv = step(x, (jax.tree.map(lambda a: a[i], params["layers"]), local[i], kv))
             kvs.append(kv)
-        cache = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *kvs)
+        if cache is not None and not isinstance(cache, list):
+            kvs = jax.tree.map(lambda *a: jnp.stack(a), *kvs)
+        cache = kvs if cache is not None else None
+    else:
+        x, cache = jax.lax.scan(step, x, (params["layers"], local, cache))
     return layer_norm(x, params["ln_f"], cfg.layer_norm_eps), cache
 
 

@@ -122,6 +122,7 @@ class Server:
         self.lm, self.model_name = lm, model_name
         self.max_tokens = max_tokens or lm.config.seq
         self.batcher = Batcher(lm, max_batch, max_queue)
+        ThreadingHTTPServer.request_queue_size = 256  # listen backlog: bursts of clients must not be reset
         self.httpd = ThreadingHTTPServer((host, port), _handler(self))
         self.httpd.daemon_threads = True
 

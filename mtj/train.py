@@ -82,23 +82,27 @@ class Trainer:
         params = init_params(self.cfg, key)
         return {"params": params, "opt_state": self.opt.init(params), "step": jnp.zeros((), jnp.int32)}
 
-    def _train_step(self, state: State, batch: jax.Array) -> tuple[State, dict]:
-        cfg, params = self.cfg, state["params"]
+    def gradients(self, params: Params, batch: jax.Array) -> tuple[Params, jax.Array]:
+        """Mean fp32 gradient and cross entropy over the micro-batches batch[0..gas-1] (a scan)."""
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
         def micro(acc: tuple, mb: jax.Array) -> tuple[tuple, None]:
-            (_, ce), grads = grad_fn(params, mb, cfg)
+            (_, ce), grads = grad_fn(params, mb, self.cfg)
             grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
             return jax.tree.map(jnp.add, acc, (grads, ce)), None
 
         zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), jnp.zeros((), jnp.float32))
-        (grads, ce), _ = jax.lax.scan(micro, zeros, batch)  # gradient accumulation inside one step
+        (grads, ce), _ = jax.lax.scan(micro, zeros, batch)
         n = batch.shape[0]
-        grads = jax.tree.map(lambda g: g / n, grads)
+        return jax.tree.map(lambda g: g / n, grads), ce / n
+
+    def _train_step(self, state: State, batch: jax.Array) -> tuple[State, dict]:
+        params = state["params"]
+        grads, loss = self.gradients(params, batch)  # gradient accumulation inside one step
         updates, opt_state = self.opt.update(grads, state["opt_state"], params)
         lr = self.lr(state["step"])
         params = jax.tree.map(lambda p, u: (p - lr * u).astype(p.dtype), params, updates)
-        metrics = {"loss": ce / n, "grad_norm": optax.tree.norm(grads), "lr": lr}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr}
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
     def _eval_step(self, params: Params, batch: jax.Array) -> jax.Array:
