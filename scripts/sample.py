@@ -29,6 +29,8 @@ def complete(lm: LM, prompt: str, args: argparse.Namespace) -> None:
             print(text[shown[0]:], end="", flush=True)
             shown[0] = len(text)
 
+    if stream:
+        print(prompt, end="", flush=True)
     outs = lm.generate_tokens([ids] * n, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                               [args.seed + i for i in range(n)], on_tokens if stream else None)
     for i, out in enumerate(outs):
