@@ -20,7 +20,7 @@ import ml_dtypes
 import numpy as np
 
 from mtj.config import Config, from_dict
-from mtj.model import Params, param_specs
+from mtj.model import Params, local_layers, param_specs
 from mtj.safetensors_io import SafetensorsFile, write_safetensors
 from mtj.tokenizer import Tokenizer, find_tokenizer_files
 
@@ -31,9 +31,21 @@ CONFIG_KEYS: dict[str, dict[str, str]] = {
         "layer_norm_eps": "layer_norm_epsilon", "activation": "activation_function",
         "tie_embeddings": "tie_word_embeddings",
     },
+    "gpt_neo": {
+        "layers": "num_layers", "d_model": "hidden_size", "n_heads": "num_heads", "n_vocab": "vocab_size",
+        "d_ff": "intermediate_size", "seq": "max_position_embeddings", "window_size": "window_size",
+        "attention_layers": "attention_layers", "layer_norm_eps": "layer_norm_epsilon",
+        "activation": "activation_function", "tie_embeddings": "tie_word_embeddings",
+    },
+    "gpt_neox": {
+        "layers": "num_hidden_layers", "d_model": "hidden_size", "n_heads": "num_attention_heads",
+        "n_vocab": "vocab_size", "d_ff": "intermediate_size", "seq": "max_position_embeddings",
+        "parallel_residual": "use_parallel_residual", "layer_norm_eps": "layer_norm_eps",
+        "activation": "hidden_act", "tie_embeddings": "tie_word_embeddings",
+    },
 }
 
-HF_ARCHITECTURES = {"gptj": "GPTJForCausalLM"}
+HF_ARCHITECTURES = {"gptj": "GPTJForCausalLM", "gpt_neo": "GPTNeoForCausalLM", "gpt_neox": "GPTNeoXForCausalLM"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +53,14 @@ class Weight:
     hf: str  # HF state-dict key; "{i}" marks a per-layer tensor
     ours: str  # our parameter path, dot-separated
     transpose: bool = False
+    fused: tuple[int, int] | None = None  # (part, parts): one of `parts` per-head slices of the HF output dim
+
+
+def _neox_qkv(kind: str) -> list[Weight]:
+    # query_key_value packs [q_h, k_h, v_h] per head h along its output dimension.
+    hf = f"gpt_neox.layers.{{i}}.attention.query_key_value.{kind}"
+    suffix = "" if kind == "weight" else "_bias"
+    return [Weight(hf, f"layers.attn.{n}{suffix}", transpose=kind == "weight", fused=(j, 3)) for j, n in enumerate("qkv")]
 
 
 WEIGHTS: dict[str, list[Weight]] = {
@@ -61,10 +81,55 @@ WEIGHTS: dict[str, list[Weight]] = {
         Weight("lm_head.weight", "lm_head.kernel", transpose=True),
         Weight("lm_head.bias", "lm_head.bias"),
     ],
+    "gpt_neo": [
+        Weight("transformer.wte.weight", "wte"),
+        Weight("transformer.wpe.weight", "wpe"),
+        Weight("transformer.h.{i}.ln_1.weight", "layers.ln_1.scale"),
+        Weight("transformer.h.{i}.ln_1.bias", "layers.ln_1.bias"),
+        Weight("transformer.h.{i}.attn.attention.q_proj.weight", "layers.attn.q", transpose=True),
+        Weight("transformer.h.{i}.attn.attention.k_proj.weight", "layers.attn.k", transpose=True),
+        Weight("transformer.h.{i}.attn.attention.v_proj.weight", "layers.attn.v", transpose=True),
+        Weight("transformer.h.{i}.attn.attention.out_proj.weight", "layers.attn.o", transpose=True),
+        Weight("transformer.h.{i}.attn.attention.out_proj.bias", "layers.attn.o_bias"),
+        Weight("transformer.h.{i}.ln_2.weight", "layers.ln_2.scale"),
+        Weight("transformer.h.{i}.ln_2.bias", "layers.ln_2.bias"),
+        Weight("transformer.h.{i}.mlp.c_fc.weight", "layers.mlp.fc_in", transpose=True),
+        Weight("transformer.h.{i}.mlp.c_fc.bias", "layers.mlp.fc_in_bias"),
+        Weight("transformer.h.{i}.mlp.c_proj.weight", "layers.mlp.fc_out", transpose=True),
+        Weight("transformer.h.{i}.mlp.c_proj.bias", "layers.mlp.fc_out_bias"),
+        Weight("transformer.ln_f.weight", "ln_f.scale"),
+        Weight("transformer.ln_f.bias", "ln_f.bias"),
+        Weight("lm_head.weight", "lm_head.kernel", transpose=True),  # absent when tied (the usual case)
+    ],
+    "gpt_neox": [
+        Weight("gpt_neox.embed_in.weight", "wte"),
+        Weight("gpt_neox.layers.{i}.input_layernorm.weight", "layers.ln_1.scale"),
+        Weight("gpt_neox.layers.{i}.input_layernorm.bias", "layers.ln_1.bias"),
+        Weight("gpt_neox.layers.{i}.post_attention_layernorm.weight", "layers.ln_2.scale"),
+        Weight("gpt_neox.layers.{i}.post_attention_layernorm.bias", "layers.ln_2.bias"),
+        *_neox_qkv("weight"),
+        *_neox_qkv("bias"),
+        Weight("gpt_neox.layers.{i}.attention.dense.weight", "layers.attn.o", transpose=True),
+        Weight("gpt_neox.layers.{i}.attention.dense.bias", "layers.attn.o_bias"),
+        Weight("gpt_neox.layers.{i}.mlp.dense_h_to_4h.weight", "layers.mlp.fc_in", transpose=True),
+        Weight("gpt_neox.layers.{i}.mlp.dense_h_to_4h.bias", "layers.mlp.fc_in_bias"),
+        Weight("gpt_neox.layers.{i}.mlp.dense_4h_to_h.weight", "layers.mlp.fc_out", transpose=True),
+        Weight("gpt_neox.layers.{i}.mlp.dense_4h_to_h.bias", "layers.mlp.fc_out_bias"),
+        Weight("gpt_neox.final_layer_norm.weight", "ln_f.scale"),
+        Weight("gpt_neox.final_layer_norm.bias", "ln_f.bias"),
+        Weight("embed_out.weight", "lm_head.kernel", transpose=True),
+    ],
 }
 
 
 # --- configs -------------------------------------------------------------------
+
+def _attention_types(kinds: list[str]) -> list:
+    """GPT-Neo's run-length form of per-layer attention kinds."""
+    if len(kinds) % 2 == 0 and kinds == ["global", "local"] * (len(kinds) // 2):
+        return [[["global", "local"], len(kinds) // 2]]
+    return [[[k], 1] for k in kinds]
+
 
 def config_from_hf(hf: dict[str, Any], **overrides: Any) -> Config:
     family = hf.get("model_type")
@@ -74,11 +139,19 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> Config:
     for ours, theirs in CONFIG_KEYS[family].items():
         if hf.get(theirs) is not None:
             values[ours] = hf[theirs]
+    if family == "gpt_neox":  # rotary settings: rope_parameters (transformers 5) or the older flat keys
+        rope = hf.get("rope_parameters") or {}
+        pct = rope.get("partial_rotary_factor", hf.get("rotary_pct", 0.25))
+        values["pe_rotary_dims"] = int(values["d_model"] // values["n_heads"] * pct)
+        values["rotary_base"] = float(rope.get("rope_theta", hf.get("rotary_emb_base", 10000.0)))
+    if family == "gpt_neo":
+        values["pe"] = "learned"
     values.update(overrides)
     return from_dict(values)
 
 
 def config_to_hf(cfg: Config, eos_id: int | None = 50256) -> dict[str, Any]:
+    derived = {"pe_rotary_dims": cfg.rotary_dims, "d_ff": cfg.ff_dim, "attention_layers": None}
     out: dict[str, Any] = {
         "model_type": cfg.model_type,
         "architectures": [HF_ARCHITECTURES[cfg.model_type]],
@@ -87,9 +160,14 @@ def config_to_hf(cfg: Config, eos_id: int | None = 50256) -> dict[str, Any]:
         "dtype": "float32",
     }
     for ours, theirs in CONFIG_KEYS[cfg.model_type].items():
-        out[theirs] = getattr(cfg, ours)
-    out["rotary_dim"] = cfg.rotary_dims
-    out["n_inner"] = cfg.ff_dim
+        out[theirs] = derived.get(ours, getattr(cfg, ours))
+    if cfg.model_type == "gpt_neo":
+        kinds = ["local" if k else "global" for k in local_layers(cfg)]
+        out.update(attention_layers=kinds, attention_types=_attention_types(kinds))
+    if cfg.model_type == "gpt_neox":
+        pct = cfg.rotary_dims / cfg.head_dim
+        out.update(rope_parameters={"rope_type": "default", "rope_theta": cfg.rotary_base, "partial_rotary_factor": pct},
+                   rotary_pct=pct, rotary_emb_base=cfg.rotary_base, attention_bias=True)
     return out
 
 
@@ -135,34 +213,62 @@ def _unpad_vocab(a: np.ndarray, axes: tuple, cfg: Config) -> np.ndarray:
     return a[index]
 
 
+def _unfuse(t: np.ndarray, w: Weight, n_heads: int) -> np.ndarray:
+    """Our part of a per-head fused HF tensor: [H * parts * Dh, ...] -> [H * Dh, ...]."""
+    if w.fused is None:
+        return t
+    part, parts = w.fused
+    per_head = t.reshape(n_heads, parts, -1, *t.shape[1:])
+    return per_head[:, part].reshape(-1, *t.shape[1:])
+
+
+def _fuse(parts: list[np.ndarray], n_heads: int) -> np.ndarray:
+    """Inverse of _unfuse over all parts (HF orientation, output dimension first)."""
+    per_head = [p.reshape(n_heads, 1, -1, *p.shape[1:]) for p in parts]
+    return np.concatenate(per_head, axis=1).reshape(-1, *parts[0].shape[1:])
+
+
 def hf_to_params(get: Callable[[str], np.ndarray], cfg: Config, dtype: Any = np.float32) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (our path, array) one parameter at a time from HF tensors fetched by `get(key)`."""
     specs = param_specs(cfg)
+
+    def convert(w: Weight, key: str, axes: tuple) -> np.ndarray:
+        t = _unfuse(get(key), w, cfg.n_heads)
+        return _pad_vocab(t.T if w.transpose else t, axes, cfg)
+
     for w in _table(cfg):
         spec = _spec_at(specs, w.ours)
-        per_layer = "{i}" in w.hf
-        if per_layer:
+        if "{i}" in w.hf:
             out = np.empty(spec.shape, dtype)
             for i in range(cfg.layers):
-                t = get(w.hf.format(i=i))
-                out[i] = _pad_vocab(t.T if w.transpose else t, spec.axes[1:], cfg)
+                out[i] = convert(w, w.hf.format(i=i), spec.axes[1:])
         else:
-            t = get(w.hf)
-            out = _pad_vocab(t.T if w.transpose else t, spec.axes, cfg).astype(dtype)
+            out = convert(w, w.hf, spec.axes).astype(dtype)
         if out.shape != spec.shape:
             raise ValueError(f"HF tensor {w.hf} converts to shape {out.shape}, expected {spec.shape} for {w.ours}")
         yield w.ours, out
 
 
-def params_to_hf(get: Callable[[str], np.ndarray], cfg: Config, dtype: Any = np.float32) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (HF key, array) from our parameters fetched by `get(path)`, one of ours at a time."""
-    specs = param_specs(cfg)
+def _groups(cfg: Config) -> list[list[Weight]]:
+    """Table rows grouped by HF tensor (several rows for a fused tensor), in table order."""
+    groups: dict[str, list[Weight]] = {}
     for w in _table(cfg):
-        spec = _spec_at(specs, w.ours)
-        ours = _unpad_vocab(np.asarray(get(w.ours)), spec.axes, cfg)
-        layers = [(w.hf.format(i=i), ours[i]) for i in range(cfg.layers)] if "{i}" in w.hf else [(w.hf, ours)]
-        for key, a in layers:
-            yield key, np.ascontiguousarray(a.T if w.transpose else a).astype(dtype)
+        groups.setdefault(w.hf, []).append(w)
+    return list(groups.values())
+
+
+def params_to_hf(get: Callable[[str], np.ndarray], cfg: Config, dtype: Any = np.float32) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (HF key, array) from our parameters fetched by `get(path)`, one HF tensor group at a time."""
+    specs = param_specs(cfg)
+    for group in _groups(cfg):
+        ours = [_unpad_vocab(np.asarray(get(w.ours)), _spec_at(specs, w.ours).axes, cfg) for w in group]
+        layers = range(cfg.layers) if "{i}" in group[0].hf else [None]
+        for i in layers:
+            parts = [(a if i is None else a[i]) for a in ours]
+            parts = [p.T if w.transpose else p for p, w in zip(parts, group)]
+            t = _fuse(parts, cfg.n_heads) if group[0].fused else parts[0]
+            key = group[0].hf if i is None else group[0].hf.format(i=i)
+            yield key, np.ascontiguousarray(t).astype(dtype)
 
 
 def unflatten(items: Iterator[tuple[str, Any]]) -> Params:
@@ -218,14 +324,15 @@ def hf_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
     """The HF tensors an export writes, with their shapes, derived from the same table."""
     specs = param_specs(cfg)
     shapes: dict[str, tuple[int, ...]] = {}
-    for w in _table(cfg):
-        spec = _spec_at(specs, w.ours)
+    for group in _groups(cfg):
+        spec = _spec_at(specs, group[0].ours)
         shape = tuple(cfg.n_vocab if a == "vocab" else n for n, a in zip(spec.shape, spec.axes))
-        keys = [w.hf]
-        if "{i}" in w.hf:
-            shape, keys = shape[1:], [w.hf.format(i=i) for i in range(cfg.layers)]
-        for key in keys:
-            shapes[key] = shape[::-1] if w.transpose else shape
+        per_layer = "{i}" in group[0].hf
+        shape = shape[1:] if per_layer else shape
+        shape = shape[::-1] if group[0].transpose else shape
+        shape = (shape[0] * len(group), *shape[1:])  # fused parts stack on the output dimension
+        for key in ([group[0].hf.format(i=i) for i in range(cfg.layers)] if per_layer else [group[0].hf]):
+            shapes[key] = shape
     return shapes
 
 
