@@ -9,6 +9,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mtj  # noqa: E402
+from mtj import distributed  # noqa: E402
 from mtj.lm import LM  # noqa: E402
 
 
@@ -56,7 +57,9 @@ def main() -> None:
     ap.add_argument("--num-samples", type=int, default=1)
     ap.add_argument("--mp", type=int, default=1, help="tensor-parallel devices")
     ap.add_argument("--json", action="store_true", help="one JSON object per sample and line")
+    distributed.add_arguments(ap)
     args = ap.parse_args()
+    distributed.initialize(args)
     lm = mtj.load(args.ckpt, mp=args.mp)
     if args.prompt is not None or args.prompt_file:
         complete(lm, args.prompt if args.prompt is not None else Path(args.prompt_file).read_text(), args)

@@ -10,6 +10,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mtj  # noqa: E402
+from mtj import distributed  # noqa: E402
 from mtj.serve import Server  # noqa: E402
 
 
@@ -22,7 +23,9 @@ def main() -> None:
     ap.add_argument("--max-queue", type=int, default=64, help="queued requests before answering 503")
     ap.add_argument("--max-tokens", type=int, default=None, help="largest max_tokens a request may ask for")
     ap.add_argument("--mp", type=int, default=1, help="tensor-parallel devices")
+    distributed.add_arguments(ap)
     args = ap.parse_args()
+    distributed.initialize(args)
     lm = mtj.load(args.ckpt, mp=args.mp)
     server = Server(lm, args.host, args.port, args.max_batch, args.max_queue, args.max_tokens,
                     model_name=Path(args.ckpt).name)
