@@ -77,6 +77,7 @@ class Config:
     remat: bool = False
     scan_layers: bool = True
     z_loss: float = 1e-4
+    grad_accum_dtype: str = "float32"  # "bfloat16" halves the accumulator, as the original 6B run did
     seed: int = 0
     log_every: int = 1
     keep_last: int = 3
@@ -214,6 +215,8 @@ def _check_consistency(c: Config) -> None:
     _require(c.model_type in MODEL_TYPES, f"config key 'model_type' must be one of {MODEL_TYPES}, got '{c.model_type}'")
     _require(c.dtype in DTYPES, f"config key 'dtype' must be one of {DTYPES}, got '{c.dtype}'")
     _require(c.param_dtype in DTYPES, f"config key 'param_dtype' must be one of {DTYPES}, got '{c.param_dtype}'")
+    _require(c.grad_accum_dtype in DTYPES,
+             f"config key 'grad_accum_dtype' must be one of {DTYPES}, got '{c.grad_accum_dtype}'")
     _require(c.activation in ACTIVATIONS, f"config key 'activation' must be one of {ACTIVATIONS}, got '{c.activation}'")
     _require(c.norm == "layernorm", f"config key 'norm' must be 'layernorm', got '{c.norm}'")
     for key in ("layers", "d_model", "n_heads", "n_vocab", "seq", "cores_per_replica", "per_replica_batch",

@@ -83,18 +83,21 @@ class Trainer:
         return {"params": params, "opt_state": self.opt.init(params), "step": jnp.zeros((), jnp.int32)}
 
     def gradients(self, params: Params, batch: jax.Array) -> tuple[Params, jax.Array]:
-        """Mean fp32 gradient and cross entropy over the micro-batches batch[0..gas-1] (a scan)."""
+        """Mean gradient (fp32) and cross entropy over the micro-batches batch[0..gas-1] (a scan,
+        accumulating in grad_accum_dtype)."""
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+        acc_dtype = jnp.dtype(self.cfg.grad_accum_dtype)
 
         def micro(acc: tuple, mb: jax.Array) -> tuple[tuple, None]:
             (_, ce), grads = grad_fn(params, mb, self.cfg)
-            grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+            grads = jax.tree.map(lambda g: g.astype(acc_dtype), grads)
             return jax.tree.map(jnp.add, acc, (grads, ce)), None
 
-        zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), jnp.zeros((), jnp.float32))
+        zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, acc_dtype), params), jnp.zeros((), jnp.float32))
         (grads, ce), _ = jax.lax.scan(micro, zeros, batch)
         n = batch.shape[0]
-        return jax.tree.map(lambda g: g / n, grads), ce / n
+        return jax.tree.map(lambda g: g.astype(jnp.float32) / n, grads), ce / n
 
     def _train_step(self, state: State, batch: jax.Array) -> tuple[State, dict]:
         params = state["params"]
