@@ -44,13 +44,17 @@ class ArraySource:
         return self.windows[indices]
 
 
-def text_source(spec: str, seq: int, tokenizer: Tokenizer) -> ArraySource:
-    """Text inputs (.txt/.jsonl/.jsonl.zst/.tar.gz, a directory or a glob) tokenized in memory."""
-    docs = list(iter_documents(expand_inputs(spec)))
+def document_source(docs: list[str], seq: int, tokenizer: Tokenizer, name: str) -> ArraySource:
+    """Documents tokenized in memory (EOS after each) and cut into seq+1 windows."""
     data = windows(np.concatenate(tokenize_documents(docs, tokenizer)) if docs else np.zeros(0, np.int32), seq)
     if len(data) == 0:
-        raise ValueError(f"'{spec}' holds fewer than seq+1={seq + 1} tokens: not one training window")
-    return ArraySource(data, name=spec)
+        raise ValueError(f"'{name}' holds fewer than seq+1={seq + 1} tokens: not one training window")
+    return ArraySource(data, name=name)
+
+
+def text_source(spec: str, seq: int, tokenizer: Tokenizer) -> ArraySource:
+    """Text inputs (.txt/.jsonl/.jsonl.zst/.tar.gz, a directory or a glob) tokenized in memory."""
+    return document_source(list(iter_documents(expand_inputs(spec))), seq, tokenizer, spec)
 
 
 class TFRecordSource:
@@ -122,19 +126,14 @@ def tfds_source(spec: str, seq: int, tokenizer: Tokenizer) -> ArraySource:
     try:
         import tensorflow_datasets as tfds
     except ImportError:
-        raise ImportError("tfds: data needs tensorflow-datasets: pip install 'mtj[tfds]'") from None
+        raise ImportError("tfds: data needs tensorflow-datasets: pip install tensorflow-datasets array_record") from None
     _, name, *rest = spec.split(":")
     split = rest[0] if rest else "train"
     data_dir = os.environ.get("TFDS_DATA_DIR", str(Path.home() / "tensorflow_datasets"))
     source = tfds.data_source(name, split=split, data_dir=data_dir)
-    docs = []
-    for i in range(len(source)):
-        text = source[i]["text"]
-        docs.append(text.decode("utf-8") if isinstance(text, bytes) else str(text))
-    data = windows(np.concatenate(tokenize_documents(docs, tokenizer)) if docs else np.zeros(0, np.int32), seq)
-    if len(data) == 0:
-        raise ValueError(f"{spec} holds fewer than seq+1={seq + 1} tokens")
-    return ArraySource(data, name=spec)
+    texts = (source[i]["text"] for i in range(len(source)))
+    docs = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in texts]
+    return document_source(docs, seq, tokenizer, spec)
 
 
 def open_source(spec: str, seq: int, tokenizer: Tokenizer, skip_corrupt: bool = False) -> Source:

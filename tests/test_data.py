@@ -186,3 +186,31 @@ def test_cli_writes_original_format(tmp_path):
     records = list(iter_records(tmp_path / "o" / files[0]))
     assert files[0] == f"cli_{len(records)}.tfrecords"
     assert all(len(set(decode_example(r).tolist())) >= 5 and len(decode_example(r)) == 9 for r in records)
+
+
+def test_tfds_source(tmp_path, monkeypatch):
+    tfds = pytest.importorskip("tensorflow_datasets")
+
+    class MtjTestCorpus(tfds.core.GeneratorBasedBuilder):  # prepared offline, stored as array_record
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i, doc in enumerate(DOCS):
+                yield i, {"text": doc}
+
+    MtjTestCorpus(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
+    tok = load_tokenizer("gpt2")
+    source = open_source("tfds:mtj_test_corpus:train", 16, tok)
+    stream = source.read(np.arange(len(source))).reshape(-1).tolist()
+    stored = tfds.data_source("mtj_test_corpus", split="train", data_dir=str(tmp_path))  # TFDS's own order
+    docs = [stored[i]["text"].decode() for i in range(len(stored))]
+    assert sorted(docs) == sorted(DOCS)
+    expected = [t for d in docs for t in (*tok.encode(d), tok.eos_id)]
+    assert len(source) == len(expected) // 17 and stream == expected[: len(stream)]

@@ -1,6 +1,5 @@
 """Scale-out: two real processes on 127.0.0.1 train as one mesh; FSDP splits every large leaf."""
 
-import json
 import os
 import signal
 import subprocess

@@ -2,7 +2,6 @@
 
 import concurrent.futures
 import json
-import os
 import signal
 import socket
 import subprocess
