@@ -82,10 +82,37 @@ def check(cfg: Config, topology: str) -> dict[str, Any]:
         if available:
             report["hbm_per_device_gib"] = float(available.group(1))
         return report
+    report.update(compile_seconds=round(time.perf_counter() - start, 1), **_memory(compiled, hbm))
+    report["decode"] = check_decode(cfg, mesh, trainer.abstract_state["params"], hbm)
+    return report
+
+
+def _memory(compiled: Any, hbm: float | None) -> dict[str, Any]:
     mem = compiled.memory_analysis()
     args, temp = mem.argument_size_in_bytes, mem.temp_size_in_bytes
     total = args + mem.output_size_in_bytes - mem.alias_size_in_bytes + temp + mem.generated_code_size_in_bytes
-    report.update(compile_seconds=round(time.perf_counter() - start, 1), arguments_gib=round(args / GIB, 2),
-                  temporaries_gib=round(temp / GIB, 2), total_gib=round(total / GIB, 2),
-                  fits=True if hbm is None else total <= hbm)
-    return report
+    return {"arguments_gib": round(args / GIB, 2), "temporaries_gib": round(temp / GIB, 2),
+            "total_gib": round(total / GIB, 2), "fits": True if hbm is None else total <= hbm}
+
+
+def check_decode(cfg: Config, mesh: jax.sharding.Mesh, params: Any, hbm: float | None, batch: int = 8,
+                 prompt: int = 512, new_tokens: int = 512) -> dict[str, Any]:
+    """Compile generation (prefill + KV-cache decode loop) for `batch` prompts on the same mesh."""
+    from mtj.generate import Generator
+
+    inference = cfg.replace(remat=False)
+    gen = Generator(inference, params, mesh, eos_id=0)
+    sds = jax.ShapeDtypeStruct
+    args = (sds((batch, prompt), jnp.int32), sds((batch, prompt), bool), sds((), jnp.int32), sds((batch,), jnp.float32),
+            sds((batch,), jnp.int32), sds((batch,), jnp.float32), sds((batch,), jnp.uint32), sds((), jnp.int32))
+    start = time.perf_counter()
+    try:
+        with jax.set_mesh(mesh):
+            compiled = gen._fn(new_tokens, False).lower(params, *args).compile()
+    except Exception as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        return {"batch": batch, "prompt": prompt, "new_tokens": new_tokens, "fits": False,
+                "error": str(e).strip().splitlines()[0][:300]}
+    return {"batch": batch, "prompt": prompt, "new_tokens": new_tokens,
+            "compile_seconds": round(time.perf_counter() - start, 1), **_memory(compiled, hbm)}

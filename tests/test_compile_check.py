@@ -25,6 +25,8 @@ def test_gptj_6b_fits_v3_8_with_the_original_settings():
     assert r["fits"] is True and r["mesh"] == {"dp": 1, "mp": 8}
     assert 5 < r["arguments_gib"] < r["total_gib"] <= r["hbm_per_device_gib"]
     assert r["flops_per_step"] > 1e15
+    decode = r["decode"]  # generation (prefill + KV-cache decode loop) on the same mesh
+    assert decode["fits"] is True and 2 < decode["arguments_gib"] < decode["total_gib"] < r["total_gib"]
 
 
 def test_too_big_reports_fits_false_with_numbers():
