@@ -21,6 +21,7 @@ from mtj.model import Params, logits_of, run_layers
 from mtj.sharding import constrain
 
 TokenSink = Callable[[int, np.ndarray], None]  # (step, new token per row)
+UNROLL_LAYERS = 16  # decode loops of models up to this depth are unrolled over layers
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -66,10 +67,14 @@ def _generate(params: Params, tokens: jax.Array, valid: jax.Array, max_new: jax.
               sink: Callable | None) -> tuple[jax.Array, jax.Array]:
     B, P = tokens.shape
     S = P + new_slots
-    def zeros() -> jax.Array:
-        return constrain(jnp.zeros((B, cfg.n_heads, S, cfg.head_dim), jnp.dtype(cfg.dtype)), "batch", "heads", None, None)
+    def zeros(*layers: int) -> jax.Array:
+        shape = (*layers, B, cfg.n_heads, S, cfg.head_dim)
+        return constrain(jnp.zeros(shape, jnp.dtype(cfg.dtype)), *[None] * len(layers), "batch", "heads", None, None)
 
-    cache = [(zeros(), zeros()) for _ in range(cfg.layers)]  # per layer: updated in place
+    if cfg.layers <= UNROLL_LAYERS:  # per-layer caches updated in place: fastest decoding
+        cache = [(zeros(), zeros()) for _ in range(cfg.layers)]
+    else:  # deep models: scanned layers over a stacked cache keep compile time flat
+        cache = (zeros(cfg.layers), zeros(cfg.layers))
     key_valid = jnp.concatenate([valid, jnp.ones((B, new_slots), bool)], axis=1)
     positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
     keys = jax.vmap(jax.random.key)(seeds)
