@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -167,8 +168,6 @@ def _restore_state(trainer: Trainer, ckpt: str | Path, with_opt: bool, source: s
 def _truncate_metrics(path: Path, after_step: int) -> None:
     """Drop rows a killed run logged past the checkpoint we resume from."""
     if path.is_file():
-        import json
-
         rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= after_step]
         path.write_text("".join(r + "\n" for r in rows))
 
