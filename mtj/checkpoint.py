@@ -114,3 +114,20 @@ def abstract_params(cfg: Config, mesh: Mesh) -> Params:
 
 def restore_params(ckpt: str | Path, cfg: Config, mesh: Mesh) -> Params:
     return restore_items(ckpt, params=ocp.args.StandardRestore(abstract_params(cfg, mesh)))["params"]
+
+
+def slim(ckpt: str | Path, out: str | Path, dtype: str = "bf16") -> Path:
+    """A params-only copy of a checkpoint in a smaller dtype (no optimizer state): for sampling and serving."""
+    from mtj.sharding import make_mesh
+
+    names = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+    if dtype not in names:
+        raise ValueError(f"--dtype must be one of {sorted(names)}, got '{dtype}'")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"output {out} already exists and is not empty; remove it or choose another path")
+    cfg = read_config(ckpt).replace(cores_per_replica=1)
+    params = restore_params(ckpt, cfg, make_mesh(mp=1, dp=1))
+    small = jax.tree.map(lambda a: a.astype(names[dtype]), params)
+    _, step = resolve(ckpt)
+    return save(out, step, small, cfg.replace(param_dtype=names[dtype]), read_tokenizer(ckpt))

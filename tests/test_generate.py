@@ -101,3 +101,22 @@ def test_seeds_and_stop(tmp_path):
     with pytest.raises(ValueError, match="exceeds the model's context"):
         lm.generate_tokens([[1] * 60], max_new_tokens=10)
     assert bucket(1) == 16 and bucket(17) == 32 and bucket(3, 1) == 4
+
+
+def test_slim_checkpoint_samples_like_the_original(tmp_path, gptj):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    path, _ = gptj
+    subprocess.run([sys.executable, str(REPO / "scripts" / "from_hf.py"), "--hf", str(path), "--out",
+                    str(tmp_path / "full")], check=True, cwd=REPO)
+    subprocess.run([sys.executable, str(REPO / "scripts" / "slim.py"), "--ckpt", str(tmp_path / "full"), "--out",
+                    str(tmp_path / "slim")], check=True, cwd=REPO)
+    slim = mtj.load(tmp_path / "slim")
+    assert slim.config.param_dtype == "bfloat16" and slim.params["wte"].dtype == jnp.bfloat16
+    assert not (tmp_path / "slim" / "step_0" / "opt_state").exists()
+    full = mtj.load(tmp_path / "full")
+    np.testing.assert_allclose(slim.logits([[1, 2, 3]]), full.logits([[1, 2, 3]]), atol=0.05)
+    assert len(slim.generate_tokens([[1, 2, 3]], 8, temperature=0)[0]) == 8
