@@ -60,6 +60,13 @@ def save(model_dir: str | Path, step: int, params: Params, cfg: Config, tokenize
     return Path(model_dir) / f"step_{step}"
 
 
+def refuse_overwrite(out: str | Path) -> None:
+    """Outputs are never written over existing data."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"output {out} already exists and is not empty; remove it or choose another path")
+
+
 def is_checkpoint(path: str | Path) -> bool:
     path = Path(path)
     return (path / "params").is_dir() or any(STEP_RE.match(p.name) for p in path.glob("step_*"))
@@ -123,9 +130,7 @@ def slim(ckpt: str | Path, out: str | Path, dtype: str = "bf16") -> Path:
     names = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
     if dtype not in names:
         raise ValueError(f"--dtype must be one of {sorted(names)}, got '{dtype}'")
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"output {out} already exists and is not empty; remove it or choose another path")
+    refuse_overwrite(out)
     cfg = read_config(ckpt).replace(cores_per_replica=1)
     params = restore_params(ckpt, cfg, make_mesh(mp=1, dp=1))
     small = jax.tree.map(lambda a: a.astype(names[dtype]), params)

@@ -343,8 +343,9 @@ EXPORT_DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": ml_dtypes.bfloa
 
 def _fresh_output(out: Path) -> Path:
     """A temporary sibling of `out` to write into; refuses to overwrite existing data."""
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"output {out} already exists and is not empty; remove it or choose another path")
+    from mtj.checkpoint import refuse_overwrite
+
+    refuse_overwrite(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
 
@@ -364,8 +365,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, allow_pickle: bool = False, *
     hf_dir, out = Path(hf_dir), Path(out)
     if not is_hf_dir(hf_dir):
         raise FileNotFoundError(f"{hf_dir} is not a Hugging Face model directory (config.json + *.safetensors)")
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"output {out} already exists and is not empty; remove it or choose another path")
+    checkpoint.refuse_overwrite(out)
     cfg = config_from_hf(read_hf_config(hf_dir), cores_per_replica=1, **overrides)
     tensors = HFTensors(hf_dir, allow_pickle=allow_pickle)
     params = place_params(hf_to_params(tensors, cfg), cfg, make_mesh(mp=1, dp=1))
