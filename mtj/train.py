@@ -149,8 +149,9 @@ def _check_same_model(cfg: Config, other: Config, source: str) -> None:
         raise ValueError(f"the checkpoint {source} has a different model shape: " + "; ".join(diff))
 
 
-def _restore_state(trainer: Trainer, ckpt: str | Path, with_opt: bool, source: str) -> State:
-    _check_same_model(trainer.cfg, checkpoint.read_config(ckpt), source)
+def _restore_state(trainer: Trainer, ckpt: str | Path, with_opt: bool, resume: bool) -> State:
+    """Resume (the checkpoint's step) or fine-tune (its weights at step 0) from a checkpoint."""
+    _check_same_model(trainer.cfg, checkpoint.read_config(ckpt), str(ckpt))
     abstract = trainer.abstract_state
     model_dir, step = checkpoint.resolve(ckpt)
     has_opt = (model_dir / f"step_{step}" / "opt_state").is_dir()
@@ -161,7 +162,7 @@ def _restore_state(trainer: Trainer, ckpt: str | Path, with_opt: bool, source: s
     with jax.set_mesh(trainer.mesh):
         opt_state = restored["opt_state"] if "opt_state" in restored else \
             jax.jit(trainer.opt.init, out_shardings=trainer.state_shardings["opt_state"])(restored["params"])
-    step_arr = jax.device_put(jnp.asarray(step if source == "resume" else 0, jnp.int32), trainer.state_shardings["step"])
+    step_arr = jax.device_put(jnp.asarray(step if resume else 0, jnp.int32), trainer.state_shardings["step"])
     return {"params": restored["params"], "opt_state": opt_state, "step": step_arr}
 
 
@@ -187,14 +188,14 @@ def train(cfg: Config, tune_model_path: str | None = None, fresh_opt: bool = Fal
     mngr = checkpoint.manager(out, keep_last=cfg.keep_last, keep_every=cfg.keep_every, async_save=True)
     latest = mngr.latest_step()
     if latest is not None:
-        state = _restore_state(trainer, out, with_opt=True, source="resume")
+        state = _restore_state(trainer, out, with_opt=True, resume=True)
         loader.restore(checkpoint.read_meta(out)["data"])
         if lead:
             print(f"resuming {out} from step {latest}")
             if local:
                 _truncate_metrics(local / "metrics.jsonl", latest)
     elif tune_model_path:
-        state = _restore_state(trainer, tune_model_path, with_opt=not fresh_opt, source=str(tune_model_path))
+        state = _restore_state(trainer, tune_model_path, with_opt=not fresh_opt, resume=False)
         if lead:
             print(f"fine-tuning from {tune_model_path}" + (" with a fresh optimizer" if fresh_opt else ""))
     else:
