@@ -1,51 +1,134 @@
-"""Next-token cross entropy fused with the LM head, with a hand-written backward pass.
+"""Next-token cross entropy fused with the LM head, computed over vocabulary blocks.
 
-Autodiff of `softmax(x @ W + b)` differentiates in fp32 against an fp32 copy
-of W and materialises several [tokens, vocab] temporaries; this version keeps
-one fp32 [tokens, vocab] buffer and runs the backward matmuls in the compute dtype with
-fp32 accumulation (2-3x faster on CPU, and less memory everywhere).
+The [tokens, vocab] logits are never materialised. The forward pass walks the
+vocabulary in blocks keeping a running logsumexp; the backward pass recomputes
+each block's logits and turns them straight into that block's gradients. Every
+temporary is one [tokens, block] tile that stays in cache, which on CPU makes
+the head ~2x faster than autodiff over full logits (one extra head matmul is
+cheaper than writing and re-reading hundreds of MB), and everywhere saves the
+memory of the full fp32 logits. Under a mesh each device handles its own vocab
+shard (mp) of its own tokens (dp) inside `shard_map`; only [tokens] statistics
+and the [tokens, d_model] input gradient cross devices.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+from jax.sharding import PartitionSpec as P
 
-from mtj.model import _sum_leading
+F32 = jnp.float32
+BLOCK_BYTES = 32 << 20  # one fp32 [tokens, block] tile; fits the L3 of a server CPU
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def head_cross_entropy(x: jax.Array, kernel: jax.Array, bias: jax.Array, targets: jax.Array,
                        z_loss: float) -> tuple[jax.Array, jax.Array]:
-    """(mean cross entropy + z_loss * mean logsumexp^2, mean cross entropy) for x [N, D], targets [N]."""
+    """(mean cross entropy + z_loss * mean logsumexp^2, mean cross entropy) of the logits
+    x @ kernel + bias, for x [N, D] in the compute dtype, kernel [D, V], fp32 bias [V], targets [N]."""
     return _forward(x, kernel, bias, targets, z_loss)[0]
 
 
 def _forward(x, kernel, bias, targets, z_loss):
-    # The bias is added inside each consumer rather than materialised with the
-    # matmul output: one fewer pass over the [tokens, vocab] buffer.
-    raw = jnp.dot(x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
-    lse = jax.nn.logsumexp(raw + bias, axis=-1)
-    target = jnp.take_along_axis(raw, targets[:, None], axis=-1)[:, 0] + bias[targets]
-    ce = jnp.mean(lse - target)
-    return (ce + z_loss * jnp.mean(jnp.square(lse)), ce), (x, kernel, bias, targets, raw, lse)
+    lse, target_logit = _on_mesh(_local_stats, (P("dp"), P("dp")))(x, kernel, bias, targets)
+    ce = jnp.mean(lse - target_logit)
+    return (ce + z_loss * jnp.mean(jnp.square(lse)), ce), (x, kernel, bias, targets, lse)
 
 
 def _backward(z_loss, res, grads):
-    x, kernel, bias, targets, raw, lse = res
+    x, kernel, bias, targets, lse = res
     g_total, g_ce = grads
     n = x.shape[0]
-    probs = jnp.exp(raw + bias - lse[:, None])
-    onehot = jnp.arange(raw.shape[-1])[None, :] == targets[:, None]
-    # d(ce)/dlogits = probs - onehot; d(mean lse^2)/dlogits = 2 lse probs
-    scale = (g_total + g_ce) / n
-    dlogits = (probs - onehot) * scale + probs * (g_total * z_loss * 2 / n) * lse[:, None]
-    dl = dlogits.astype(x.dtype)
-    dx = jnp.dot(dl, kernel.astype(x.dtype).T, preferred_element_type=jnp.float32).astype(x.dtype)
-    dkernel = jnp.dot(x.T, dl, preferred_element_type=jnp.float32).astype(kernel.dtype)
-    return dx, dkernel, _sum_leading(dl).astype(bias.dtype), None
+    # d(ce)/dlogits = p - onehot and d(mean lse^2)/dlogits = 2 lse p / n, so
+    # dlogits = p * (a + c * lse) - onehot * a, with one coefficient per row.
+    a = (g_total + g_ce) / n
+    coef = a + (2 * z_loss / n) * g_total * lse
+    dx, dkernel, dbias = _on_mesh(_local_grads, (P("dp"), P(None, "mp"), P("mp")))(
+        x, kernel, bias, targets, lse, coef, jnp.full((n,), a))
+    return dx.astype(x.dtype), dkernel.astype(kernel.dtype), dbias.astype(bias.dtype), None
 
 
 head_cross_entropy.defvjp(_forward, _backward)
+
+
+def _on_mesh(local: Callable, out_specs: tuple) -> Callable:
+    """`local(x, kernel, bias, targets, *row_values, mesh_axes=...)` per device: rows split over dp,
+    vocabulary over mp. Without a mesh it runs as is on the whole arrays."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return functools.partial(local, mesh_axes=())
+
+    def call(x, kernel, bias, targets, *rows):
+        in_specs = (P("dp"), P(None, "mp"), P("mp"), P("dp")) + (P("dp"),) * len(rows)
+        fn = functools.partial(local, mesh_axes=mesh.axis_names)
+        return jax.shard_map(fn, in_specs=in_specs, out_specs=out_specs, check_vma=False)(
+            x, kernel, bias, targets, *rows)
+    return call
+
+
+def _blocks(n_rows: int, vocab: int) -> int:
+    """Block width: the widest divisor of vocab whose fp32 [n_rows, block] tile fits BLOCK_BYTES."""
+    k = max(1, -(-n_rows * vocab * 4 // BLOCK_BYTES))
+    while vocab % k:
+        k += 1
+    return vocab // k
+
+
+def _block_logits(x, w, bias, i, width):
+    w_i = lax.dynamic_slice_in_dim(w, i * width, width, 1)
+    logits = jnp.dot(x, w_i, preferred_element_type=F32) + lax.dynamic_slice_in_dim(bias, i * width, width)
+    return w_i, logits
+
+
+def _local_stats(x, kernel, bias, targets, mesh_axes):
+    """Per row: logsumexp of the logits and the target's logit (online over vocabulary blocks)."""
+    n, vocab = x.shape[0], kernel.shape[1]
+    width, w = _blocks(n, vocab), kernel.astype(x.dtype)
+    offset = lax.axis_index("mp") * vocab if "mp" in mesh_axes else 0
+
+    def block(carry, i):
+        running_max, sum_exp, target_logit = carry
+        _, logits = _block_logits(x, w, bias, i, width)
+        new_max = jnp.maximum(running_max, jnp.max(logits, axis=-1))
+        sum_exp = sum_exp * jnp.exp(running_max - new_max) + jnp.sum(jnp.exp(logits - new_max[:, None]), axis=-1)
+        column = offset + i * width + jnp.arange(width)
+        target_logit += jnp.sum(jnp.where(column == targets[:, None], logits, 0.0), axis=-1)
+        return (new_max, sum_exp, target_logit), None
+
+    init = (jnp.full((n,), -jnp.inf, F32), jnp.zeros((n,), F32), jnp.zeros((n,), F32))
+    (row_max, sum_exp, target_logit), _ = lax.scan(block, init, jnp.arange(vocab // width))
+    if "mp" in mesh_axes:  # combine the vocabulary shards
+        global_max = lax.pmax(row_max, "mp")
+        sum_exp = lax.psum(sum_exp * jnp.exp(row_max - global_max), "mp")
+        row_max, target_logit = global_max, lax.psum(target_logit, "mp")
+    return row_max + jnp.log(sum_exp), target_logit
+
+
+def _local_grads(x, kernel, bias, targets, lse, coef, onehot_coef, mesh_axes):
+    """Gradients for x, kernel and bias, recomputing each block's logits."""
+    n, vocab = x.shape[0], kernel.shape[1]
+    width, w = _blocks(n, vocab), kernel.astype(x.dtype)
+    offset = lax.axis_index("mp") * vocab if "mp" in mesh_axes else 0
+
+    def block(dx, i):
+        w_i, logits = _block_logits(x, w, bias, i, width)
+        column = offset + i * width + jnp.arange(width)
+        dlogits = jnp.exp(logits - lse[:, None]) * coef[:, None] - jnp.where(column == targets[:, None], onehot_coef[:, None], 0.0)
+        dbias = jnp.sum(dlogits, axis=0)
+        dlogits = dlogits.astype(x.dtype)
+        dx += lax.dot_general(dlogits, w_i, (((1,), (1,)), ((), ())), preferred_element_type=F32)
+        return dx, (jnp.dot(x.T, dlogits, preferred_element_type=F32), dbias)
+
+    k = vocab // width
+    dx, (dkernel, dbias) = lax.scan(block, jnp.zeros(x.shape, F32), jnp.arange(k))
+    dkernel = jnp.moveaxis(dkernel, 0, 1).reshape(x.shape[1], vocab)
+    dbias = dbias.reshape(vocab)
+    if "mp" in mesh_axes:
+        dx = lax.psum(dx, "mp")
+    if "dp" in mesh_axes:
+        dkernel, dbias = lax.psum(dkernel, "dp"), lax.psum(dbias, "dp")
+    return dx, dkernel, dbias

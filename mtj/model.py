@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtj.config import Config
+from mtj.ops import einsum_f32
 from mtj.sharding import constrain, row_parallel_sum
 
 Params = dict[str, Any]
@@ -165,7 +166,7 @@ ACTIVATIONS = {
 
 def dense(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
     # fp32 accumulation (bf16 in, fp32 out is also the fastest CPU matmul).
-    y = jnp.einsum("...i,io->...o", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+    y = einsum_f32("...i,io->...o", x, w.astype(x.dtype))
     if b is not None:
         y = scale_shift(y, None, b)
     return y.astype(x.dtype)

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from mtj.ops import einsum_f32
+
 # Megatron-style tensor parallelism: attention is split by heads, the MLP by
 # hidden units, embeddings and LM head by vocabulary. Everything else is
 # replicated over mp; activations are split over dp along the batch.
@@ -81,7 +83,7 @@ def row_parallel_sum(pairs: list[tuple[jax.Array, jax.Array]]) -> jax.Array:
     products first and reducing once halves the traffic of a parallel block.
     """
     def local(*flat: jax.Array) -> jax.Array:
-        return sum(jnp.einsum("...i,io->...o", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+        return sum(einsum_f32("...i,io->...o", x, w.astype(x.dtype))
                    for x, w in zip(flat[::2], flat[1::2]))
 
     flat = [a for pair in pairs for a in pair]
