@@ -3,20 +3,23 @@
 
 Same model config, batch, sequence length and dtype policy (fp32 master
 weights; bf16 compute via autocast for PyTorch). Both are measured after
-warm-up in the same run; tokens/s, MFU and the ratio are printed.
+warm-up in the same run, in alternating rounds whose median is reported (this
+kind of machine is noisy); tokens/s, MFU and the ratio are printed.
 """
 
 import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
 
-def bench_mtj(args) -> float:
+def mtj_step(args) -> Callable[[], None]:
+    """One synchronous mtj train step (the loss is fetched, so the step has finished)."""
     from mtj.config import Config
     from mtj.sharding import make_mesh
     from mtj.train import Trainer
@@ -25,19 +28,17 @@ def bench_mtj(args) -> float:
                  pe_rotary_dims=args.d_model // args.heads // 2, seq=args.seq, per_replica_batch=args.batch,
                  dtype="bfloat16" if args.dtype == "bf16" else "float32", z_loss=0.0, warmup_steps=1)
     trainer = Trainer(cfg, make_mesh(mp=1, dp=1))
-    state = trainer.init()
+    state = [trainer.init()]
     batch = np.random.RandomState(0).randint(0, args.vocab, (1, args.batch, args.seq + 1)).astype(np.int32)
-    for _ in range(args.warmup):
-        state, m = trainer.step(state, batch)
-    float(m["loss"])
-    t = time.perf_counter()
-    for _ in range(args.steps):
-        state, m = trainer.step(state, batch)
-    float(m["loss"])
-    return args.batch * args.seq * args.steps / (time.perf_counter() - t)
+
+    def step() -> None:
+        state[0], m = trainer.step(state[0], batch)
+        float(m["loss"])
+    return step
 
 
-def bench_torch(args) -> float:
+def torch_step(args) -> Callable[[], None]:
+    """One transformers/PyTorch train step."""
     import torch
     import transformers
 
@@ -55,10 +56,10 @@ def bench_torch(args) -> float:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss
+    return step
 
-    for _ in range(args.warmup):
-        step()
+
+def tokens_per_sec(step: Callable[[], None], args) -> float:
     t = time.perf_counter()
     for _ in range(args.steps):
         step()
@@ -74,7 +75,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per round")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds; the median is reported")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2, help="PyTorch intra-op threads")
     args = ap.parse_args()
@@ -85,14 +87,24 @@ def main() -> None:
     cfg = Config(layers=args.layers, d_model=args.d_model, n_heads=args.heads, n_vocab=args.vocab, seq=args.seq,
                  pe_rotary_dims=args.d_model // args.heads // 2)
     flops, peak = flops_per_token(cfg), peak_flops("bfloat16" if args.dtype == "bf16" else "float32")
-    ours = bench_mtj(args)
-    theirs = bench_torch(args)
+    steps = {"mtj": mtj_step(args), "torch": torch_step(args)}
+    for step in steps.values():
+        for _ in range(args.warmup):
+            step()
+    # Alternate the two so drifting machine load hits both alike; report medians.
+    rates: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(args.rounds):
+        for name, step in steps.items():
+            rates[name].append(tokens_per_sec(step, args))
+    ours, theirs = (float(np.median(rates[name])) for name in steps)
     print(f"GPT-J {args.layers} layers, d_model {args.d_model}, {args.heads} heads, vocab {args.vocab}, "
           f"seq {args.seq}, batch {args.batch}, {args.dtype}; peak {peak / 1e9:.0f} GFLOP/s")
     print(f"{'':14s}{'tokens/s':>10s}{'MFU':>8s}")
     print(f"{'mtj (JAX)':14s}{ours:10.0f}{ours * flops / peak:8.1%}")
     print(f"{'transformers':14s}{theirs:10.0f}{theirs * flops / peak:8.1%}")
-    print(f"ratio mtj / transformers: {ours / theirs:.2f}x")
+    print(f"ratio mtj / transformers: {ours / theirs:.2f}x (median of {args.rounds} alternating rounds of "
+          f"{args.steps} steps; per round mtj {', '.join(f'{r:.0f}' for r in rates['mtj'])}, "
+          f"transformers {', '.join(f'{r:.0f}' for r in rates['torch'])})")
 
 
 if __name__ == "__main__":

@@ -106,13 +106,6 @@ def _generate(params: Params, tokens: jax.Array, valid: jax.Array, max_new: jax.
     return out, step
 
 
-def _decode_compiler_options() -> dict | None:
-    # XLA:CPU's YNNPACK fusions (on by default since jaxlib 0.10) make the
-    # few-row LM-head matmuls and argmax reductions of decoding 1.1-1.5x slower;
-    # training's large matmuls want them, so they are turned off here only.
-    return {"xla_cpu_experimental_ynn_fusion_type": ""} if jax.default_backend() == "cpu" else None
-
-
 class Generator:
     """Compiled generation for one model on its mesh; thread-safe (calls are serialized)."""
 
@@ -131,8 +124,7 @@ class Generator:
         key = (new_slots, streaming)
         if key not in self._compiled:
             self._compiled[key] = jax.jit(functools.partial(
-                _generate, cfg=self.cfg, new_slots=new_slots, sink=self._stream if streaming else None),
-                compiler_options=_decode_compiler_options())
+                _generate, cfg=self.cfg, new_slots=new_slots, sink=self._stream if streaming else None))
         return self._compiled[key]
 
     def generate_tokens(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32,
