@@ -6,28 +6,21 @@ measured after a warm-up in the same run, in alternating rounds whose median is
 reported (this kind of machine is noisy); ratios printed.
 """
 
-import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
+from common import alternating_rates, model_parser  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--d-model", type=int, default=256)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--vocab", type=int, default=50400)
+    ap = model_parser(__doc__)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=3, help="alternating timed rounds; the median is reported")
     args = ap.parse_args()
 
     import torch
@@ -57,13 +50,7 @@ def main() -> None:
                                    max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False, pad_token_id=0)
 
             ours(), theirs()  # warm-up (and compilation)
-            # Alternate the two so drifting machine load hits both alike; report medians.
-            rates: list[list[float]] = [[], []]
-            for _ in range(args.rounds):
-                for fn, samples in zip((ours, theirs), rates):
-                    t = time.perf_counter()
-                    fn()
-                    samples.append(batch * args.new / (time.perf_counter() - t))
+            rates = alternating_rates([ours, theirs], batch * args.new, args.rounds)
             rows.append((batch, *(float(np.median(r)) for r in rates)))
     print(f"GPT-J {args.layers} layers, d_model {args.d_model}, {args.heads} heads, vocab {args.vocab}, "
           f"prompt {args.prompt_len}, {args.new} new tokens, greedy, {args.dtype}")

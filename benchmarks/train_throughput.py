@@ -7,15 +7,14 @@ warm-up in the same run, in alternating rounds whose median is reported (this
 kind of machine is noisy); tokens/s, MFU and the ratio are printed.
 """
 
-import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
+from common import alternating_rates, model_parser  # noqa: E402
 
 
 def mtj_step(args) -> Callable[[], None]:
@@ -59,26 +58,13 @@ def torch_step(args) -> Callable[[], None]:
     return step
 
 
-def tokens_per_sec(step: Callable[[], None], args) -> float:
-    t = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    return args.batch * args.seq * args.steps / (time.perf_counter() - t)
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--d-model", type=int, default=256)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--vocab", type=int, default=50400)
+    ap = model_parser(__doc__)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--steps", type=int, default=5, help="timed steps per round")
-    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds; the median is reported")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2, help="PyTorch intra-op threads")
     args = ap.parse_args()
 
     from mtj.config import Config
@@ -87,24 +73,21 @@ def main() -> None:
     cfg = Config(layers=args.layers, d_model=args.d_model, n_heads=args.heads, n_vocab=args.vocab, seq=args.seq,
                  pe_rotary_dims=args.d_model // args.heads // 2)
     flops, peak = flops_per_token(cfg), peak_flops("bfloat16" if args.dtype == "bf16" else "float32")
-    steps = {"mtj": mtj_step(args), "torch": torch_step(args)}
-    for step in steps.values():
+    steps = [mtj_step(args), torch_step(args)]
+    for step in steps:
         for _ in range(args.warmup):
             step()
-    # Alternate the two so drifting machine load hits both alike; report medians.
-    rates: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(args.rounds):
-        for name, step in steps.items():
-            rates[name].append(tokens_per_sec(step, args))
-    ours, theirs = (float(np.median(rates[name])) for name in steps)
+    runs = [lambda step=step: [step() for _ in range(args.steps)] for step in steps]
+    rates = alternating_rates(runs, args.batch * args.seq * args.steps, args.rounds)
+    ours, theirs = (float(np.median(r)) for r in rates)
     print(f"GPT-J {args.layers} layers, d_model {args.d_model}, {args.heads} heads, vocab {args.vocab}, "
           f"seq {args.seq}, batch {args.batch}, {args.dtype}; peak {peak / 1e9:.0f} GFLOP/s")
     print(f"{'':14s}{'tokens/s':>10s}{'MFU':>8s}")
     print(f"{'mtj (JAX)':14s}{ours:10.0f}{ours * flops / peak:8.1%}")
     print(f"{'transformers':14s}{theirs:10.0f}{theirs * flops / peak:8.1%}")
     print(f"ratio mtj / transformers: {ours / theirs:.2f}x (median of {args.rounds} alternating rounds of "
-          f"{args.steps} steps; per round mtj {', '.join(f'{r:.0f}' for r in rates['mtj'])}, "
-          f"transformers {', '.join(f'{r:.0f}' for r in rates['torch'])})")
+          f"{args.steps} steps; per round mtj {', '.join(f'{r:.0f}' for r in rates[0])}, "
+          f"transformers {', '.join(f'{r:.0f}' for r in rates[1])})")
 
 
 if __name__ == "__main__":

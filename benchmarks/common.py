@@ -1,0 +1,29 @@
+"""What the side-by-side benchmarks share: the model arguments and alternating timed rounds."""
+
+import argparse
+import time
+from typing import Callable, Sequence
+
+
+def model_parser(description: str) -> argparse.ArgumentParser:
+    """Arguments for the GPT-J config both sides run, plus threads and rounds."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--d-model", type=int, default=256)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=50400)
+    ap.add_argument("--threads", type=int, default=2, help="PyTorch intra-op threads")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating timed rounds; the median is reported")
+    return ap
+
+
+def alternating_rates(runs: Sequence[Callable[[], None]], units: float, rounds: int) -> list[list[float]]:
+    """units/second of each run, `rounds` times, alternating the runs so drifting
+    machine load (+-15% on shared CPUs) hits every side alike."""
+    rates: list[list[float]] = [[] for _ in runs]
+    for _ in range(rounds):
+        for run, samples in zip(runs, rates):
+            t = time.perf_counter()
+            run()
+            samples.append(units / (time.perf_counter() - t))
+    return rates
