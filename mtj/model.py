@@ -268,7 +268,8 @@ def run_layers(params: Params, tokens: jax.Array, cfg: Config, positions: jax.Ar
 
     Query i sits in slot index+i of S key slots (S = T without a cache; with a
     cache, S is its length: stacked (k, v) of [layers, B, H, S, Dh], or a list
-    of per-layer (k, v) of [B, H, S, Dh]).
+    of per-layer (k, v) of [B, H, S, Dh]). params["layers"] may also be a list
+    of per-layer trees (see `unstack_layers`).
     `positions` default to 0..T-1; `key_valid` [B, S] marks slots holding real
     (not left-padding) tokens.
     """
@@ -300,10 +301,12 @@ def run_layers(params: Params, tokens: jax.Array, cfg: Config, positions: jax.Ar
     if isinstance(cache, list) or not cfg.scan_layers:
         # Unrolled: a list cache holds one (k, v) per layer, updated in place by
         # decoding (slicing a stacked cache would copy it every step).
+        layers = params["layers"]
         kvs = []
         for i in range(cfg.layers):
             kv = cache[i] if isinstance(cache, list) else (None if cache is None else jax.tree.map(lambda a: a[i], cache))
-            x, kv = step(x, (jax.tree.map(lambda a: a[i], params["layers"]), local[i], kv))
+            p = layers[i] if isinstance(layers, list) else jax.tree.map(lambda a: a[i], layers)
+            x, kv = step(x, (p, local[i], kv))
             kvs.append(kv)
         if cache is not None and not isinstance(cache, list):
             kvs = jax.tree.map(lambda *a: jnp.stack(a), *kvs)
@@ -311,6 +314,12 @@ def run_layers(params: Params, tokens: jax.Array, cfg: Config, positions: jax.Ar
     else:
         x, cache = jax.lax.scan(step, x, (params["layers"], local, cache))
     return layer_norm(x, params["ln_f"], cfg.layer_norm_eps), cache
+
+
+def unstack_layers(params: Params, cfg: Config) -> Params:
+    """params with "layers" as a list of per-layer trees. XLA:CPU copies a slice of
+    a stacked weight at every use, so a decode loop should slice once, before it."""
+    return {**params, "layers": [jax.tree.map(lambda a: a[i], params["layers"]) for i in range(cfg.layers)]}
 
 
 def hidden(params: Params, tokens: jax.Array, cfg: Config) -> jax.Array:

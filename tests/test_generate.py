@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 import mtj
 from conftest import hf_gptj
-from mtj.generate import bucket, filter_logits, sample
+from mtj.generate import argmax, bucket, filter_logits, sample
 from mtj.lm import truncate_at_stop
 from mtj.tokenizer import load_tokenizer
 
@@ -70,15 +70,29 @@ def test_top_k_top_p_filters():
     np.testing.assert_allclose(probs[3], [4 / 7, 3 / 7, 0, 0], atol=1e-6)  # top-3, then 0.4 < 0.55: add 0.3
 
 
+@pytest.mark.parametrize("width", [50432, 4096, 97])
+def test_blocked_argmax_is_the_first_largest(width):
+    rng = np.random.RandomState(width)
+    x = rng.randn(6, width).astype(np.float32)
+    x[1, [5, width - 3]] = 9.0  # a tie: the first one wins
+    x[2, :] = 0.0
+    x[3, -40:] = -np.inf  # padded vocabulary columns
+    x[4, width - 1] = 5.0  # the last column
+    x[5, 0] = 5.0
+    np.testing.assert_array_equal(np.asarray(argmax(jnp.asarray(x))), np.argmax(x, axis=-1))
+
+
 def test_temperature_sampling_frequencies():
     logits = jnp.array([2.0, 1.0, 0.5, 0.0, -1.0])
     temperature, draws = 0.7, 20000
     keys = jax.random.split(jax.random.key(0), draws)
-    tokens = np.asarray(sample(jnp.tile(logits, (draws, 1)), keys, jnp.full(draws, temperature),
+    padded = jnp.full((draws, 256), -1e30).at[:, :5].set(logits)  # as the model's padded vocabulary
+    tokens = np.asarray(sample(padded, keys, jnp.full(draws, temperature),
                                jnp.zeros(draws, jnp.int32), jnp.ones(draws)))
     expected = np.exp(np.asarray(logits) / temperature)
     expected = expected / expected.sum() * draws
-    observed = np.bincount(tokens, minlength=5)
+    observed = np.bincount(tokens, minlength=256)[:5]
+    assert observed.sum() == draws
     chi2 = ((observed - expected) ** 2 / expected).sum()
     assert chi2 < 18.47, (observed, expected)  # chi-square 0.999 quantile, 4 degrees of freedom
     greedy = sample(logits[None], keys[:1], jnp.zeros(1), jnp.zeros(1, jnp.int32), jnp.ones(1))
