@@ -206,7 +206,11 @@ def attention(h: jax.Array, p: Params, positions: jax.Array, mask: jax.Array, cf
         y = dense(h, p[name], p.get(f"{name}_bias")).reshape(B, T, H, Dh)
         return constrain(y, "batch", "seq", "heads", "head_dim")
 
-    q, k, v = project("q"), project("k"), project("v")
+    if "qkv" in p:  # fused by unstack_layers: one matmul instead of three
+        y = dense(h, p["qkv"], p.get("qkv_bias")).reshape(B, T, 3, H, Dh)
+        q, k, v = y[:, :, 0], y[:, :, 1], y[:, :, 2]
+    else:
+        q, k, v = project("q"), project("k"), project("v")
     if cfg.model_type != "gpt_neo":
         interleaved = cfg.model_type == "gptj"
         q = rotary(q, positions, cfg.rotary_dims, cfg.rotary_base, interleaved)
@@ -317,9 +321,24 @@ def run_layers(params: Params, tokens: jax.Array, cfg: Config, positions: jax.Ar
 
 
 def unstack_layers(params: Params, cfg: Config) -> Params:
-    """params with "layers" as a list of per-layer trees. XLA:CPU copies a slice of
-    a stacked weight at every use, so a decode loop should slice once, before it."""
-    return {**params, "layers": [jax.tree.map(lambda a: a[i], params["layers"]) for i in range(cfg.layers)]}
+    """params with "layers" as a list of per-layer trees, for a decode loop.
+
+    XLA:CPU copies a slice of a stacked weight at every use, so the loop should
+    slice once, before it. Without model parallelism the q, k and v kernels are
+    also joined into one "qkv" kernel (one small matmul instead of three)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    fuse = mesh.empty or mesh.shape.get("mp", 1) == 1
+    layers = []
+    for i in range(cfg.layers):
+        layer = jax.tree.map(lambda a: a[i], params["layers"])
+        if fuse:
+            attn = dict(layer["attn"])
+            attn["qkv"] = jnp.concatenate([attn.pop(n) for n in ("q", "k", "v")], axis=-1)
+            if "q_bias" in attn:
+                attn["qkv_bias"] = jnp.concatenate([attn.pop(f"{n}_bias") for n in ("q", "k", "v")], axis=-1)
+            layer = {**layer, "attn": attn}
+        layers.append(layer)
+    return {**params, "layers": layers}
 
 
 def hidden(params: Params, tokens: jax.Array, cfg: Config) -> jax.Array:
