@@ -25,7 +25,8 @@ def mtj_step(args) -> Callable[[], None]:
 
     cfg = Config(layers=args.layers, d_model=args.d_model, n_heads=args.heads, n_vocab=args.vocab,
                  pe_rotary_dims=args.d_model // args.heads // 2, seq=args.seq, per_replica_batch=args.batch,
-                 dtype="bfloat16" if args.dtype == "bf16" else "float32", z_loss=0.0, warmup_steps=1)
+                 dtype="bfloat16" if args.dtype == "bf16" else "float32", z_loss=0.0, warmup_steps=1,
+                 scan_layers=args.scan_layers)
     trainer = Trainer(cfg, make_mesh(mp=1, dp=1))
     state = [trainer.init()]
     batch = np.random.RandomState(0).randint(0, args.vocab, (1, args.batch, args.seq + 1)).astype(np.int32)
@@ -65,6 +66,9 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--steps", type=int, default=5, help="timed steps per round")
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--scan-layers", action="store_true",
+                    help="scan over layers (mtj's default, for deep models' compile time); "
+                         "a few layers run faster unrolled, as PyTorch runs them")
     args = ap.parse_args()
 
     from mtj.config import Config
@@ -81,7 +85,8 @@ def main() -> None:
     rates = alternating_rates(runs, args.batch * args.seq * args.steps, args.rounds)
     ours, theirs = (float(np.median(r)) for r in rates)
     print(f"GPT-J {args.layers} layers, d_model {args.d_model}, {args.heads} heads, vocab {args.vocab}, "
-          f"seq {args.seq}, batch {args.batch}, {args.dtype}; peak {peak / 1e9:.0f} GFLOP/s")
+          f"seq {args.seq}, batch {args.batch}, {args.dtype}, {'scanned' if args.scan_layers else 'unrolled'} layers; "
+          f"peak {peak / 1e9:.0f} GFLOP/s")
     print(f"{'':14s}{'tokens/s':>10s}{'MFU':>8s}")
     print(f"{'mtj (JAX)':14s}{ours:10.0f}{ours * flops / peak:8.1%}")
     print(f"{'transformers':14s}{theirs:10.0f}{theirs * flops / peak:8.1%}")

@@ -77,7 +77,7 @@ def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: ja
 
 def _generate(params: Params, tokens: jax.Array, valid: jax.Array, max_new: jax.Array, temperature: jax.Array,
               top_k: jax.Array, top_p: jax.Array, seeds: jax.Array, eos: jax.Array, *, cfg: Config, new_slots: int,
-              sink: Callable | None) -> tuple[jax.Array, jax.Array]:
+              sink: Callable | None, greedy: bool) -> tuple[jax.Array, jax.Array]:
     B, P = tokens.shape
     S = P + new_slots
     def zeros(*layers: int) -> jax.Array:
@@ -94,6 +94,8 @@ def _generate(params: Params, tokens: jax.Array, valid: jax.Array, max_new: jax.
     keys = jax.vmap(jax.random.key)(seeds)
 
     def pick(logits: jax.Array, step: jax.Array) -> jax.Array:
+        if greedy:  # known on the host: no branch, and the head's bias add fuses into the argmax
+            return argmax(logits)
         step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
         return sample(logits, step_keys, temperature, top_k, top_p)
 
@@ -134,11 +136,11 @@ class Generator:
         if self._sink is not None:
             self._sink(int(step), np.asarray(token))
 
-    def _fn(self, new_slots: int, streaming: bool) -> Any:
-        key = (new_slots, streaming)
+    def _fn(self, new_slots: int, streaming: bool, greedy: bool) -> Any:
+        key = (new_slots, streaming, greedy)
         if key not in self._compiled:
             self._compiled[key] = jax.jit(functools.partial(
-                _generate, cfg=self.cfg, new_slots=new_slots, sink=self._stream if streaming else None))
+                _generate, cfg=self.cfg, new_slots=new_slots, sink=self._stream if streaming else None, greedy=greedy))
         return self._compiled[key]
 
     def generate_tokens(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32,
@@ -180,7 +182,7 @@ class Generator:
         with self._lock, jax.set_mesh(self.mesh):
             self._sink = (lambda step, tok: on_tokens(step, tok[:n])) if on_tokens else None
             try:
-                out, steps = self._fn(N, on_tokens is not None)(self.params, *args)
+                out, steps = self._fn(N, on_tokens is not None, not (temps > 0).any())(self.params, *args)
                 out, steps = np.asarray(out), int(steps)
             finally:
                 self._sink = None
