@@ -17,12 +17,18 @@ def model_parser(description: str) -> argparse.ArgumentParser:
     return ap
 
 
+# Before each timed run: lets the other side's worker threads (OpenMP spin-waits
+# after a parallel region, XLA's pool) go idle so they do not steal the cores.
+SETTLE_SECONDS = 1.0
+
+
 def alternating_rates(runs: Sequence[Callable[[], None]], units: float, rounds: int) -> list[list[float]]:
     """units/second of each run, `rounds` times, alternating the runs so drifting
     machine load (+-15% on shared CPUs) hits every side alike."""
     rates: list[list[float]] = [[] for _ in runs]
     for _ in range(rounds):
         for run, samples in zip(runs, rates):
+            time.sleep(SETTLE_SECONDS)
             t = time.perf_counter()
             run()
             samples.append(units / (time.perf_counter() - t))
