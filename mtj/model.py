@@ -289,9 +289,11 @@ def run_layers(params: Params, tokens: jax.Array, cfg: Config, positions: jax.Ar
         causal = causal & key_valid[:, None, :]
     window = distance < cfg.window_size
 
-    x = params["wte"].astype(dtype)[tokens]
+    # Gather, then cast: casting the whole table would cost a pass over it each step, and
+    # its gradient would be scattered in the compute dtype.
+    x = params["wte"][tokens].astype(dtype)
     if "wpe" in params:
-        x = x + params["wpe"].astype(dtype)[positions]
+        x = x + params["wpe"][positions].astype(dtype)
     x = constrain(x, "batch", "seq", "embed")
 
     def step(x: jax.Array, layer: tuple) -> tuple[jax.Array, KV | None]:

@@ -87,6 +87,9 @@ class Trainer:
         """Mean gradient (fp32) and cross entropy over the micro-batches batch[0..gas-1] (a scan,
         accumulating in grad_accum_dtype)."""
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        if batch.shape[0] == 1:  # one micro-batch: no accumulator to fill with zeros and add into
+            (_, ce), grads = grad_fn(params, batch[0], self.cfg)
+            return jax.tree.map(lambda g: g.astype(jnp.float32), grads), ce
 
         acc_dtype = jnp.dtype(self.cfg.grad_accum_dtype)
 
