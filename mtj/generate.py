@@ -62,17 +62,14 @@ def argmax(x: jax.Array) -> jax.Array:
 
 def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array,
            top_p: jax.Array) -> jax.Array:
-    """One token per row; temperature 0 is greedy."""
-    def draw(logits: jax.Array) -> jax.Array:
-        scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
-        needs_filter = jnp.any((top_k > 0) | (top_p < 1.0))  # sorting the vocabulary is the costly part
-        scaled = jax.lax.cond(needs_filter, lambda s: filter_logits(s, top_k, top_p), lambda s: s, scaled)
-        # the Gumbel-max trick, as jax.random.categorical does it
-        gumbel = jax.vmap(lambda key: jax.random.gumbel(key, scaled.shape[1:]))(keys)
-        return jnp.where(temperature > 0, argmax(scaled + gumbel), argmax(logits))
-
-    # An all-greedy batch skips the random numbers entirely.
-    return jax.lax.cond(jnp.any(temperature > 0), draw, argmax, logits)
+    """One token per row; temperature 0 is greedy. (All-greedy batches never get here:
+    the generator compiles them without sampling.)"""
+    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    needs_filter = jnp.any((top_k > 0) | (top_p < 1.0))  # sorting the vocabulary is the costly part
+    scaled = jax.lax.cond(needs_filter, lambda s: filter_logits(s, top_k, top_p), lambda s: s, scaled)
+    # the Gumbel-max trick, as jax.random.categorical does it
+    gumbel = jax.vmap(lambda key: jax.random.gumbel(key, scaled.shape[1:]))(keys)
+    return jnp.where(temperature > 0, argmax(scaled + gumbel), argmax(logits))
 
 
 def _generate(params: Params, tokens: jax.Array, valid: jax.Array, max_new: jax.Array, temperature: jax.Array,
