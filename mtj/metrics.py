@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -32,12 +33,22 @@ def _cache_path() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mtj" / "cpu_peak.json"
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def measure_cpu_peak(dtype: str) -> float:
-    """Measured matmul FLOP/s of this CPU for the compute dtype (cached: it takes a few seconds)."""
-    path = _cache_path()
+    """Measured matmul FLOP/s of this CPU for the compute dtype (cached per CPU model: it takes a few seconds)."""
+    path, key = _cache_path(), f"{_cpu_model()} {os.cpu_count()} cores {dtype}"
     cache = json.loads(path.read_text()) if path.is_file() else {}
-    if dtype in cache:
-        return cache[dtype]
+    if key in cache:
+        return cache[key]
     n = 1024
     a = jnp.ones((n, n), dtype)
     f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32), device=jax.devices()[0])
@@ -45,10 +56,12 @@ def measure_cpu_peak(dtype: str) -> float:
     t, reps = time.perf_counter(), 10
     for _ in range(reps):
         f(a, a).block_until_ready()
-    cache[dtype] = 2 * n**3 * reps / (time.perf_counter() - t)
+    cache[key] = 2 * n**3 * reps / (time.perf_counter() - t)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(cache))
-    return cache[dtype]
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(cache))
+    os.replace(tmp, path)  # concurrent runs never see a half-written cache
+    return cache[key]
 
 
 def peak_flops(dtype: str) -> float:
