@@ -124,7 +124,9 @@ class Server:
         self.batcher = Batcher(lm, max_batch, max_queue)
         ThreadingHTTPServer.request_queue_size = 256  # listen backlog: bursts of clients must not be reset
         self.httpd = ThreadingHTTPServer((host, port), _handler(self))
-        self.httpd.daemon_threads = True
+        self.httpd.daemon_threads = True  # idle keep-alive connections must not hold up shutdown...
+        self.in_flight = 0  # ...but requests being answered do
+        self.answered = threading.Condition()
 
     @property
     def port(self) -> int:
@@ -134,9 +136,11 @@ class Server:
         self.httpd.serve_forever()
 
     def shutdown(self) -> None:
-        """Stop accepting, finish queued work, close."""
+        """Stop accepting, finish queued work, deliver its answers, close."""
         self.httpd.shutdown()
         self.batcher.stop()
+        with self.answered:
+            self.answered.wait_for(lambda: self.in_flight == 0, timeout=60)
         self.httpd.server_close()
 
     def jobs_for(self, prompt: str, max_new: int | None, temperature: float, top_k: int, top_p: float, seed: int,
@@ -175,12 +179,25 @@ def _handler(server: Server) -> type[BaseHTTPRequestHandler]:
             self._send(code, {"error": {"message": message, "type": kind}})
 
         def do_GET(self) -> None:
-            if self.path == "/health":
-                self._send(200, {"status": "ok", "model": server.model_name, "queued": server.batcher.jobs.qsize()})
-            else:
-                self._error(404, f"no route {self.path}")
+            try:
+                if self.path == "/health":
+                    self._send(200, {"status": "ok", "model": server.model_name, "queued": server.batcher.jobs.qsize()})
+                else:
+                    self._error(404, f"no route {self.path}")
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client gave up
 
         def do_POST(self) -> None:
+            with server.answered:
+                server.in_flight += 1
+            try:
+                self._post()
+            finally:
+                with server.answered:
+                    server.in_flight -= 1
+                    server.answered.notify_all()
+
+        def _post(self) -> None:
             try:
                 length = int(self.headers.get("Content-Length") or 0)
                 try:

@@ -31,13 +31,20 @@ def main() -> None:
                     model_name=Path(args.ckpt).name)
     lm.generate_tokens([[0]], max_new_tokens=1, temperature=0)  # compile the common shapes before taking traffic
 
-    def stop(signum, frame):  # graceful: finish queued work, then exit
-        threading.Thread(target=server.shutdown, daemon=True).start()
+    # Graceful: stop accepting, finish queued work, then exit. shutdown() runs in a thread
+    # (it waits for serve_forever, which runs in this one), and the interpreter must not
+    # exit before it is done: tearing JAX down under a running batcher aborts the process.
+    stopper = threading.Thread(target=server.shutdown)
+
+    def stop(signum, frame):
+        if stopper.ident is None:  # a second signal changes nothing
+            stopper.start()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     print(f"serving {args.ckpt} on http://{args.host}:{server.port}", flush=True)
     server.serve_forever()
+    stopper.join()
     print("stopped", flush=True)
 
 

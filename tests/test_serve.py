@@ -52,7 +52,10 @@ class Running:
 
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=60)
+        code = self.proc.wait(timeout=60)
+        if code != 0:
+            print(self.proc.stdout.read()[-5000:])  # pytest shows it with the failure
+        return code
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +136,16 @@ def test_overload_gets_503(ckpt):
         assert request(srv.port, "/v1/completions", {"prompt": "after", "max_tokens": 2})[0] == 200
     finally:
         assert srv.stop() == 0
+
+
+def test_sigterm_finishes_the_work_in_flight(ckpt):
+    srv = Running(ckpt, "--max-batch", "1")
+    body = {"prompt": "Before the end", "max_tokens": 100, "temperature": 1.0}
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        replies = [pool.submit(request, srv.port, "/v1/completions", body) for _ in range(3)]
+        time.sleep(1.0)  # accepted: one decoding, two queued
+        assert srv.stop() == 0
+        for reply in replies:
+            status, text = reply.result()
+            assert status == 200 and len(json.loads(text)["choices"][0]["text"]) > 0
+    assert "stopped" in srv.proc.stdout.read()
