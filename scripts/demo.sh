@@ -27,7 +27,7 @@ echo "== 4/4 export to Hugging Face format and load it with transformers"
 try:
     import transformers
 except ImportError:
-    print("(transformers is not installed: skipping the load check; pip install -e '.[test]' for it)")
+    print("(transformers is not installed: skipping the load check; pip install -e '.[hf]' for it)")
 else:
     model = transformers.AutoModelForCausalLM.from_pretrained("runs/demo_hf")
     tok = transformers.AutoTokenizer.from_pretrained("runs/demo_hf")
