@@ -1,0 +1,76 @@
+"""eval_harness.py: LAMBADA scored as lm-eval scores it, checked against transformers' own model."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import mtj
+from conftest import REPO, assets, hf_gptj
+from mtj.evaluate import encode, lambada, loglikelihoods
+from mtj.tokenizer import load_tokenizer
+
+SEQ = 64  # shorter than most LAMBADA passages: contexts lose their oldest tokens
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = hf_gptj(tmp_path_factory.mktemp("eval") / "hf", vocab_size=50257, n_positions=SEQ, n_embd=32, n_head=4,
+                   rotary_dim=4, bos_token_id=50256, eos_token_id=50256)
+    load_tokenizer("gpt2").save_pretrained(path)
+    return path
+
+
+def reference(model_dir, pairs):
+    """(sum log p(continuation), greedy match) per pair, from transformers' model."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = []
+    for ctx, cont in pairs:
+        window = (ctx + cont)[-(SEQ + 1):]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([window[:-1]])).logits[0], -1).numpy()
+        rows, targets = np.arange(len(window) - 1 - len(cont), len(window) - 1), np.array(cont)
+        out.append((float(logp[rows, targets].sum()), bool((logp[rows].argmax(-1) == targets).all())))
+    return out
+
+
+def test_loglikelihoods_match_transformers(model_dir):
+    lm = mtj.load(model_dir, dtype="float32")
+    pairs = encode(lm, lambada()[:6])
+    assert all(ctx + cont == lm.tokenizer.encode(c + w) for (ctx, cont), (c, w) in zip(pairs, lambada()[:6]))
+    # plus continuations that are the model's own greedy choices, so that a match is scored too
+    ctx = pairs[0][0][:20]
+    greedy = lm.generate_tokens([ctx], 3, temperature=0)[0]
+    pairs += [(ctx, greedy), (ctx, [(greedy[0] + 1) % 50257] + greedy[1:])]
+    ours = list(loglikelihoods(lm, pairs, batch_size=4, progress=False))  # two batches, the last one short
+    theirs = reference(model_dir, pairs)
+    np.testing.assert_allclose([ll for ll, _ in ours], [ll for ll, _ in theirs], rtol=1e-5)
+    assert [g for _, g in ours] == [g for _, g in theirs]
+    assert ours[-2][1] and not ours[-1][1]
+
+
+def test_eval_harness_script_reports_acc_and_ppl(model_dir, tmp_path):
+    (tmp_path / "eval").mkdir()
+    lines = (assets() / "eval" / "lambada_test.jsonl").read_text().splitlines()[:12]
+    (tmp_path / "eval" / "lambada_test.jsonl").write_text("\n".join(lines) + "\n")
+    env = {**os.environ, "MTJ_ASSETS": str(tmp_path)}
+    cmd = [sys.executable, str(REPO / "scripts" / "eval_harness.py"), "--ckpt", str(model_dir), "--json"]
+    out = subprocess.run(cmd + ["--tasks", "lambada", "--limit", "10"], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    lm = mtj.load(model_dir)
+    theirs = reference(model_dir, encode(lm, lambada(tmp_path / "eval" / "lambada_test.jsonl")[:10]))
+    assert result["task"] == "lambada" and result["examples"] == 10
+    assert result["acc"] == pytest.approx(np.mean([g for _, g in theirs]))
+    # fp32 sums of ~60 log-probabilities over a 50k vocabulary: equal to ~1e-5 relative
+    assert math.log(result["ppl"]) == pytest.approx(-np.mean([ll for ll, _ in theirs]), rel=1e-5)
+
+    bad = subprocess.run(cmd + ["--tasks", "lambada,hellaswag"], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "hellaswag" in bad.stderr and "known tasks: lambada" in bad.stderr
