@@ -45,15 +45,16 @@ TASKS: dict[str, Callable[[], list[Request]]] = {"lambada": lambada, "lambada_op
 
 
 def encode(lm: LM, requests: Sequence[Request]) -> list[tuple[list[int], list[int]]]:
-    """(context ids, continuation ids) per request; the continuation is what encoding the
-    whole text adds after the context's tokens, as lm-eval splits it."""
+    """(context ids, continuation ids) per request, split as lm-eval splits them: trailing
+    spaces move to the continuation, which is the whole text's tokens after the context's."""
     tok = lm.require_tokenizer()
     pairs = []
     for context, continuation in requests:
-        whole, ctx = tok.encode(context + continuation), tok.encode(context)
-        if whole[: len(ctx)] != ctx:  # the join changed the context's last token
-            ctx = whole[: len(whole) - len(tok.encode(continuation))]
-        pairs.append((ctx, whole[len(ctx):]))
+        spaces = len(context) - len(context.rstrip())
+        if spaces:
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        ctx = tok.encode(context)
+        pairs.append((ctx, tok.encode(context + continuation)[len(ctx):]))
     return pairs
 
 
