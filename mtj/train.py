@@ -20,6 +20,7 @@ from tqdm import tqdm
 from mtj import checkpoint
 from mtj.config import Config
 from mtj.data import Loader, open_source
+from mtj.evaluate import TASKS, Scorer, encode, summarize
 from mtj.metrics import MetricsLog, flops_per_token, peak_flops, plot_loss_curve
 from mtj.loss import head_cross_entropy
 from mtj.model import Params, hidden, init_params, output_head, param_axes
@@ -176,6 +177,15 @@ def _truncate_metrics(path: Path, after_step: int) -> None:
         path.write_text("".join(r + "\n" for r in rows))
 
 
+def _harness_tasks(cfg: Config, tokenizer: Tokenizer, lead: bool) -> dict[str, list]:
+    """The encoded eval_harness_tasks that mtj knows; the others (the original configs name
+    lm-eval tasks mtj does not have yet) are skipped with a warning, not an error."""
+    unknown = [t for t in cfg.eval_harness_tasks if t not in TASKS]
+    if unknown and lead:
+        print(f"eval_harness_tasks: skipping {', '.join(unknown)} (known tasks: {', '.join(sorted(TASKS))})")
+    return {t: encode(tokenizer, TASKS[t]()) for t in cfg.eval_harness_tasks if t in TASKS}
+
+
 def train(cfg: Config, tune_model_path: str | None = None, fresh_opt: bool = False, mesh: Mesh | None = None,
           progress: bool = True) -> State:
     """Train to cfg.total_steps, resuming from the latest checkpoint in model_dir if there is one."""
@@ -187,6 +197,8 @@ def train(cfg: Config, tune_model_path: str | None = None, fresh_opt: bool = Fal
     loader = trainer.loader(cfg.train_set, tokenizer)
     val = {name: trainer.loader(spec, tokenizer, shuffle=False) for name, spec in cfg.val_set.items()} \
         if cfg.val_every and cfg.val_batches else {}
+    harness = _harness_tasks(cfg, tokenizer, lead) if cfg.val_every else {}
+    scorer = Scorer(cfg, trainer.mesh) if harness else None
 
     mngr = checkpoint.manager(out, keep_last=cfg.keep_last, keep_every=cfg.keep_every, async_save=True)
     latest = mngr.latest_step()
@@ -226,7 +238,7 @@ def train(cfg: Config, tune_model_path: str | None = None, fresh_opt: bool = Fal
     t_last, step_last = time.perf_counter(), start
     for step in range(start + 1, cfg.total_steps + 1):
         state, metrics = trainer.step(state, next(loader))
-        validate = bool(val) and step % cfg.val_every == 0
+        validate = bool(val or harness) and step % cfg.val_every == 0
         if step % cfg.log_every == 0 or step == cfg.total_steps or validate:
             metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step
             now = time.perf_counter()
@@ -237,6 +249,9 @@ def train(cfg: Config, tune_model_path: str | None = None, fresh_opt: bool = Fal
             if validate:
                 row.update({f"val/{name}": trainer.evaluate(state["params"], vl, cfg.val_batches)
                             for name, vl in val.items()})
+                for task, pairs in harness.items():
+                    scores = summarize(scorer.loglikelihoods(state["params"], pairs, progress=False))
+                    row.update({f"eval/{task}/{name}": value for name, value in scores.items()})
                 t_last = time.perf_counter()
             log.write(row)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tps:,.0f}")
