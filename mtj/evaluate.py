@@ -46,6 +46,7 @@ def lambada(path: str | Path | None = None) -> list[Request]:
 
 
 TASKS: dict[str, Callable[[], list[Request]]] = {"lambada": lambada, "lambada_openai": lambada}
+KNOWN_TASKS = ", ".join(sorted(TASKS))  # for messages
 
 
 def encode(tok: Tokenizer, requests: Sequence[Request]) -> list[tuple[list[int], list[int]]]:
@@ -112,7 +113,7 @@ def summarize(scores: Iterable[tuple[float, bool]]) -> dict[str, float]:
 def evaluate(lm: LM, task: str, limit: int | None = None, batch_size: int = 8, progress: bool = True) -> dict:
     """{"task", "examples", "acc", "ppl"} of a loaded model on a task."""
     if task not in TASKS:
-        raise ValueError(f"unknown task '{task}'; known tasks: {', '.join(sorted(TASKS))}")
+        raise ValueError(f"unknown task '{task}'; known tasks: {KNOWN_TASKS}")
     pairs = encode(lm.require_tokenizer(), TASKS[task]()[:limit])
     scores = Scorer(lm.config, lm.mesh, batch_size).loglikelihoods(lm.params, pairs, progress)
     return {"task": task, "examples": len(pairs), **summarize(scores)}

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from mtj import checkpoint
 from mtj.config import Config
 from mtj.data import Loader, open_source
-from mtj.evaluate import TASKS, Scorer, encode, summarize
+from mtj.evaluate import KNOWN_TASKS, TASKS, Scorer, encode, summarize
 from mtj.metrics import MetricsLog, flops_per_token, peak_flops, plot_loss_curve
 from mtj.loss import head_cross_entropy
 from mtj.model import Params, hidden, init_params, output_head, param_axes
@@ -182,7 +182,7 @@ def _harness_tasks(cfg: Config, tokenizer: Tokenizer, lead: bool) -> dict[str, l
     lm-eval tasks mtj does not have yet) are skipped with a warning, not an error."""
     unknown = [t for t in cfg.eval_harness_tasks if t not in TASKS]
     if unknown and lead:
-        print(f"eval_harness_tasks: skipping {', '.join(unknown)} (known tasks: {', '.join(sorted(TASKS))})")
+        print(f"eval_harness_tasks: skipping {', '.join(unknown)} (known tasks: {KNOWN_TASKS})")
     return {t: encode(tokenizer, TASKS[t]()) for t in cfg.eval_harness_tasks if t in TASKS}
 
 

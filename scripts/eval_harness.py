@@ -13,13 +13,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mtj  # noqa: E402
 from mtj import distributed  # noqa: E402
-from mtj.evaluate import TASKS, evaluate  # noqa: E402
+from mtj.evaluate import KNOWN_TASKS, TASKS, evaluate  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--ckpt", required=True, help="model_dir, step directory, or HF model directory")
-    ap.add_argument("--tasks", required=True, help=f"comma-separated, of: {', '.join(sorted(TASKS))}")
+    ap.add_argument("--tasks", required=True, help=f"comma-separated, of: {KNOWN_TASKS}")
     ap.add_argument("--limit", type=int, default=None, help="score only the first N examples of each task")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--mp", type=int, default=1, help="tensor-parallel devices")
@@ -29,7 +29,7 @@ def main() -> None:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in TASKS]
     if not tasks or unknown:
-        ap.error(f"unknown task(s) {unknown or args.tasks!r}; known tasks: {', '.join(sorted(TASKS))}")
+        ap.error(f"unknown task(s) {unknown or args.tasks!r}; known tasks: {KNOWN_TASKS}")
     if args.limit is not None and args.limit < 1:
         ap.error("--limit must be at least 1")
     distributed.initialize(args)

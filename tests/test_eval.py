@@ -25,6 +25,13 @@ def model_dir(tmp_path_factory):
     return path
 
 
+def small_lambada(assets_dir, n):
+    """An assets folder whose LAMBADA is the first n passages of the real one."""
+    (assets_dir / "eval").mkdir()
+    lines = (assets() / "eval" / "lambada_test.jsonl").read_text().splitlines()[:n]
+    (assets_dir / "eval" / "lambada_test.jsonl").write_text("\n".join(lines) + "\n")
+
+
 def reference(model_dir, pairs):
     """(sum log p(continuation), greedy match) per pair, from transformers' model."""
     import torch
@@ -57,9 +64,7 @@ def test_loglikelihoods_match_transformers(model_dir):
 
 
 def test_eval_harness_script_reports_acc_and_ppl(model_dir, tmp_path):
-    (tmp_path / "eval").mkdir()
-    lines = (assets() / "eval" / "lambada_test.jsonl").read_text().splitlines()[:12]
-    (tmp_path / "eval" / "lambada_test.jsonl").write_text("\n".join(lines) + "\n")
+    small_lambada(tmp_path, 12)
     env = {**os.environ, "MTJ_ASSETS": str(tmp_path)}
     cmd = [sys.executable, str(REPO / "scripts" / "eval_harness.py"), "--ckpt", str(model_dir), "--json"]
     out = subprocess.run(cmd + ["--tasks", "lambada", "--limit", "10"], env=env, capture_output=True, text=True,
@@ -80,9 +85,7 @@ def test_training_scores_eval_harness_tasks_at_each_validation(tmp_path, monkeyp
     from mtj.train import train
     from test_train import config, metrics
 
-    (tmp_path / "eval").mkdir()
-    lines = (assets() / "eval" / "lambada_test.jsonl").read_text().splitlines()[:5]
-    (tmp_path / "eval" / "lambada_test.jsonl").write_text("\n".join(lines) + "\n")
+    small_lambada(tmp_path, 5)
     cfg = config(tmp_path, total_steps=4, val_every=2, eval_harness_tasks=["lambada", "hellaswag"],
                  tokenizer=str(assets() / "gpt2"))
     monkeypatch.setenv("MTJ_ASSETS", str(tmp_path))  # after config(): corpus and tokenizer are real assets
