@@ -17,7 +17,7 @@ import numpy as np
 from jax.experimental import io_callback
 
 from mtj.config import Config
-from mtj.model import Params, logits_of, run_layers, unstack_layers
+from mtj.model import Params, logits_of, output_head, run_layers, unstack_layers
 from mtj.sharding import constrain
 
 TokenSink = Callable[[int, np.ndarray], None]  # (step, new token per row)
@@ -60,6 +60,71 @@ def argmax(x: jax.Array) -> jax.Array:
     return (which * block + within).astype(jnp.int32)
 
 
+# Greedy decoding screens the fp32 LM head in bf16 (see `screened_argmax`): the
+# vocabulary in blocks of SCREEN_BLOCK columns, SCREEN_CANDIDATES blocks recomputed exactly.
+SCREEN_BLOCK, SCREEN_CANDIDATES = 32, 8
+
+
+def screens(cfg: Config, mesh: jax.sharding.Mesh, batch: int) -> bool:
+    """Whether greedy decoding of `batch` rows uses `screened_argmax`: fp32 models on
+    one vocabulary shard on CPU (where it was measured; XLA:CPU's bf16 matrix-vector
+    product for a single row is slow, hence batch >= 2)."""
+    return (batch >= 2 and cfg.dtype == "float32" and mesh.shape.get("mp", 1) == 1
+            and cfg.padded_vocab % SCREEN_BLOCK == 0 and jax.default_backend() == "cpu")
+
+
+def screen_head(params: Params, cfg: Config) -> Params:
+    """What `screened_argmax` reads, computed once per model (1.5x the head's memory):
+    the head in bf16 with its columns ordered block-minor, so a block's maximum is a
+    reduction over a leading axis; per column the norms that bound the bf16 error; the
+    fp32 head transposed, so a block of columns is contiguous."""
+    kernel, bias = output_head(params, cfg)
+    kernel = kernel.astype(jnp.float32)
+    low = kernel.astype(jnp.bfloat16)
+    w_norm = jnp.linalg.norm(kernel, axis=0)
+    dw_norm = jnp.linalg.norm(kernel - low.astype(jnp.float32), axis=0)
+    accumulation = 1.01 * cfg.d_model * 2.0 ** -24  # fp32 rounding of a d_model-long sum, relative
+    blocks = cfg.padded_vocab // SCREEN_BLOCK
+
+    def block_minor(a: jax.Array) -> jax.Array:
+        return a.reshape(*a.shape[:-1], blocks, SCREEN_BLOCK).swapaxes(-1, -2).reshape(a.shape)
+
+    return {"screen": block_minor(low), "screen_bias": block_minor(bias), "w_norm": block_minor(w_norm),
+            "dw_norm": block_minor(dw_norm + accumulation * (w_norm + dw_norm)), "kernel_t": kernel.T, "bias": bias}
+
+
+def screened_argmax(x: jax.Array, head: Params) -> tuple[jax.Array, jax.Array]:
+    """(argmax of the fp32 logits x @ kernel + bias per row of x [B, d], whether that is certain).
+
+    The logits are computed in bf16 (half the bytes of the fp32 head) with a
+    rigorous per-column error bound: |x.w - xb.wb| <= |dx||w| + |xb||dw| plus the
+    fp32 accumulation error. The SCREEN_CANDIDATES blocks with the largest upper
+    bounds are recomputed in fp32; when their best logit beats every other block's
+    upper bound it is the argmax (to fp32 rounding, as a full fp32 head gives it),
+    else (near-ties, non-finite values) the full fp32 head decides."""
+    B, d = x.shape
+    V = head["bias"].shape[0]
+    blocks = V // SCREEN_BLOCK
+    low = x.astype(jnp.bfloat16)
+    dx_norm = jnp.linalg.norm(x - low.astype(jnp.float32), axis=-1, keepdims=True)
+    low_norm = jnp.linalg.norm(low.astype(jnp.float32), axis=-1, keepdims=True)
+    approx = jnp.einsum("bd,dv->bv", low, head["screen"], preferred_element_type=jnp.float32) + head["screen_bias"]
+    error = (dx_norm * head["w_norm"] + low_norm * head["dw_norm"]) * 1.001 + jnp.abs(approx) * 2.0 ** -20 + 1e-30
+    block_upper = jnp.max((approx + error).reshape(B, SCREEN_BLOCK, blocks), axis=1)
+    # Every other block's bound is at most the smallest chosen one. (Using top_k's
+    # values, not just its indices, turns XLA:CPU's fast TopK into a full sort.)
+    chosen = jnp.sort(jax.lax.top_k(block_upper, SCREEN_CANDIDATES)[1], axis=-1)  # ascending: ties go first
+    others_bound = jnp.min(jnp.take_along_axis(block_upper, chosen, axis=1), axis=-1)
+    width = SCREEN_CANDIDATES * SCREEN_BLOCK
+    kernel = jnp.take(head["kernel_t"].reshape(blocks, SCREEN_BLOCK * d), chosen, axis=0).reshape(B, width, d)
+    exact = jnp.einsum("bd,bcd->bc", x, kernel, preferred_element_type=jnp.float32)
+    exact = exact + jnp.take(head["bias"].reshape(blocks, SCREEN_BLOCK), chosen, axis=0).reshape(B, width)
+    best = jnp.argmax(exact, axis=-1)
+    token = jnp.take_along_axis(chosen, best[:, None] // SCREEN_BLOCK, axis=1)[:, 0] * SCREEN_BLOCK
+    token = (token + best % SCREEN_BLOCK).astype(jnp.int32)
+    return token, jnp.all(jnp.max(exact, axis=-1) > others_bound)
+
+
 def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array,
            top_p: jax.Array) -> jax.Array:
     """One token per row; temperature 0 is greedy. (All-greedy batches never get here:
@@ -72,9 +137,11 @@ def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: ja
     return jnp.where(temperature > 0, argmax(scaled + gumbel), argmax(logits))
 
 
-def _generate(params: Params, tokens: jax.Array, valid: jax.Array, max_new: jax.Array, temperature: jax.Array,
+def _generate(params: Params, head: Params | None, tokens: jax.Array, valid: jax.Array, max_new: jax.Array, temperature: jax.Array,
               top_k: jax.Array, top_p: jax.Array, seeds: jax.Array, eos: jax.Array, *, cfg: Config, new_slots: int,
               sink: Callable | None, greedy: bool) -> tuple[jax.Array, jax.Array]:
+    """New tokens [B, new_slots] and how many steps ran. `head`: a `screen_head`
+    for greedy batches (None: the full fp32 head decides)."""
     B, P = tokens.shape
     S = P + new_slots
     def zeros(*layers: int) -> jax.Array:
@@ -90,33 +157,54 @@ def _generate(params: Params, tokens: jax.Array, valid: jax.Array, max_new: jax.
     positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
     keys = jax.vmap(jax.random.key)(seeds)
 
-    def pick(logits: jax.Array, step: jax.Array) -> jax.Array:
+    def pick(x: jax.Array, step: jax.Array) -> jax.Array:
+        logits = logits_of(params, x, cfg)
         if greedy:  # known on the host: no branch, and the head's bias add fuses into the argmax
             return argmax(logits)
         step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
         return sample(logits, step_keys, temperature, top_k, top_p)
 
-    x, cache = run_layers(params, tokens, cfg, positions, key_valid, cache, 0)  # prefill
-    token = pick(logits_of(params, x[:, -1], cfg), 0)
-    if sink is not None:
-        io_callback(sink, None, 0, token, ordered=True)
-    out = jnp.zeros((B, new_slots), jnp.int32).at[:, 0].set(token)
-    state = (jnp.int32(1), token, positions[:, -1] + 1, cache, out, token == eos)
+    def commit(state: tuple, token: jax.Array, taken: jax.Array | bool = True) -> tuple:
+        """The state after this step's token where `taken` (else unchanged, to be retried)."""
+        step, _, pos, cache, out, done, x, _ = state
+        token, taken = jnp.where(done, eos, token), jnp.asarray(taken, bool)
+        if sink is not None:
+            io_callback(sink, None, step, token, taken, ordered=True)
+        keep = lambda new, old: jnp.where(taken, new, old)  # noqa: E731
+        return (keep(step + 1, step), keep(token, state[1]), keep(pos + 1, pos), cache,
+                out.at[:, step].set(keep(token, out[:, step])), keep(done | (token == eos), done), x, ~taken)
 
-    def cond(state: tuple) -> jax.Array:
-        step, _, _, _, _, done = state
+    x, cache = run_layers(params, tokens, cfg, positions, key_valid, cache, 0)  # prefill
+    token = pick(x[:, -1], 0)
+    out = jnp.zeros((B, new_slots), jnp.int32)
+    state = (jnp.int32(0), token, positions[:, -1], cache, out, jnp.zeros(B, bool), x[:, -1], jnp.bool_(False))
+    state = commit(state, token)
+
+    def running(state: tuple) -> jax.Array:
+        step, *_, done, _, _ = state
         return (step < max_new) & ~jnp.all(done)
 
-    def body(state: tuple) -> tuple:
-        step, token, pos, cache, out, done = state
+    def decode(state: tuple) -> tuple:
+        step, token, pos, cache, *rest = state
         x, cache = run_layers(params, token[:, None], cfg, pos[:, None], key_valid, cache, P + step - 1)
-        token = jnp.where(done, eos, pick(logits_of(params, x[:, 0], cfg), step))
-        if sink is not None:
-            io_callback(sink, None, step, token, ordered=True)
-        return step + 1, token, pos + 1, cache, out.at[:, step].set(token), done | (token == eos)
+        state = (step, token, pos, cache, *rest[:2], x[:, 0], rest[3])
+        if head is None:
+            return commit(state, pick(x[:, 0], step))
+        # XLA:CPU runs a while loop with a conditional in it much slower, so an
+        # undecided screen ends this loop instead, and the full head decides
+        # that step in the enclosing one (the cache write is simply redone).
+        return commit(state, *screened_argmax(x[:, 0], head))
 
-    step, *_, out, _ = jax.lax.while_loop(cond, body, state)
-    return out, step
+    if head is None:
+        state = jax.lax.while_loop(running, decode, state)
+    else:
+        def decode_screened(state: tuple) -> tuple:
+            state = jax.lax.while_loop(lambda s: running(s) & ~s[-1], decode, state)
+            full = argmax(logits_of(params, state[-2], cfg))  # computed once per undecided step (rare)
+            return commit(state, full, state[-1])
+
+        state = jax.lax.while_loop(running, decode_screened, state)
+    return state[4], state[0]
 
 
 class Generator:
@@ -128,10 +216,18 @@ class Generator:
         self._compiled: dict[tuple, Any] = {}
         self._lock = threading.Lock()
         self._sink: TokenSink | None = None
+        self._screen_head: Params | None = None
 
-    def _stream(self, step: np.ndarray, token: np.ndarray) -> None:
-        if self._sink is not None:
+    def _stream(self, step: np.ndarray, token: np.ndarray, taken: np.ndarray) -> None:
+        if self._sink is not None and taken:
             self._sink(int(step), np.asarray(token))
+
+    def _head(self, batch: int, greedy: bool) -> Params | None:
+        if not (greedy and screens(self.cfg, self.mesh, batch)):
+            return None
+        if self._screen_head is None:
+            self._screen_head = jax.jit(functools.partial(screen_head, cfg=self.cfg))(self.params)
+        return self._screen_head
 
     def _fn(self, new_slots: int, streaming: bool, greedy: bool) -> Any:
         key = (new_slots, streaming, greedy)
@@ -179,7 +275,9 @@ class Generator:
         with self._lock, jax.set_mesh(self.mesh):
             self._sink = (lambda step, tok: on_tokens(step, tok[:n])) if on_tokens else None
             try:
-                out, steps = self._fn(N, on_tokens is not None, not (temps > 0).any())(self.params, *args)
+                greedy = not (temps > 0).any()
+                fn = self._fn(N, on_tokens is not None, greedy)
+                out, steps = fn(self.params, self._head(B, greedy), *args)
                 out, steps = np.asarray(out), int(steps)
             finally:
                 self._sink = None

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 import mtj
 from conftest import hf_gptj
-from mtj.generate import argmax, bucket, filter_logits, sample
+from mtj.generate import argmax, bucket, filter_logits, sample, screen_head, screened_argmax
 from mtj.lm import truncate_at_stop
 from mtj.tokenizer import load_tokenizer
 
@@ -80,6 +80,45 @@ def test_blocked_argmax_is_the_first_largest(width):
     x[4, width - 1] = 5.0  # the last column
     x[5, 0] = 5.0
     np.testing.assert_array_equal(np.asarray(argmax(jnp.asarray(x))), np.argmax(x, axis=-1))
+
+
+def test_screened_argmax_is_the_fp32_argmax_or_says_it_is_unsure():
+    from mtj.config import Config
+
+    cfg = Config(n_vocab=4000, d_model=64, layers=1, n_heads=4, seq=32, dtype="float32")
+    rng = np.random.RandomState(0)
+    kernel = rng.randn(64, cfg.padded_vocab).astype(np.float32) * 0.02
+    kernel[:, 3001] = kernel[:, 7]  # an exact tie across blocks: the first column wins
+    bias = (rng.randn(cfg.padded_vocab) * 0.01).astype(np.float32)
+    bias[3001] = bias[7]
+    head = screen_head({"lm_head": {"kernel": jnp.asarray(kernel), "bias": jnp.asarray(bias)}}, cfg)
+    x = rng.randn(64, 64).astype(np.float32)
+    x[0] = kernel[:, 7] * 400  # makes column 7 (and its twin) the largest
+    full = np.argmax(x @ kernel + bias + np.where(np.arange(cfg.padded_vocab) < 4000, 0, -1e30), axis=-1)
+    assert full[0] == 7
+    decided = 0
+    for rows, expected in zip(np.split(x, 8), np.split(full, 8)):
+        token, sure = screened_argmax(jnp.asarray(rows), head)
+        if sure:
+            decided += 1
+            np.testing.assert_array_equal(np.asarray(token), expected)
+    assert decided >= 6  # random logits are rarely close enough to need the full head
+    loose = {**head, "w_norm": head["w_norm"] * 1e6}  # bounds too wide to decide anything
+    assert not bool(screened_argmax(jnp.asarray(x[:8]), loose)[1])
+
+
+def test_greedy_batches_fall_back_to_the_full_head(gptj):
+    """When the bf16 screen cannot decide, the step is retried with the full fp32 head."""
+    path, model = gptj
+    lm = mtj.load(path, dtype="float32")
+    expected = hf_greedy(model, PROMPTS, 32)
+    assert lm.generate_tokens(PROMPTS, 32, temperature=0) == expected
+    head = lm.generator._screen_head
+    assert head is not None  # the batch above was screened
+    lm.generator._screen_head = {**head, "w_norm": head["w_norm"] * 1e6}  # never decides
+    seen = []
+    out = lm.generate_tokens(PROMPTS, 32, temperature=0, on_tokens=lambda step, toks: seen.append(step))
+    assert out == expected and seen == list(range(32))
 
 
 def test_temperature_sampling_frequencies():
