@@ -100,8 +100,8 @@ def screened_argmax(x: jax.Array, head: Params) -> tuple[jax.Array, jax.Array]:
     rigorous per-column error bound: |x.w - xb.wb| <= |dx||w| + |xb||dw| plus the
     fp32 accumulation error. The SCREEN_CANDIDATES blocks with the largest upper
     bounds are recomputed in fp32; when their best logit beats every other block's
-    upper bound it is the argmax (to fp32 rounding, as a full fp32 head gives it),
-    else (near-ties, non-finite values) the full fp32 head decides."""
+    upper bound it is the argmax (to fp32 rounding, as a full fp32 head gives it);
+    when not (near-ties, non-finite values) the caller must use the full head."""
     B, d = x.shape
     V = head["bias"].shape[0]
     blocks = V // SCREEN_BLOCK
@@ -137,8 +137,8 @@ def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: ja
     return jnp.where(temperature > 0, argmax(scaled + gumbel), argmax(logits))
 
 
-def _generate(params: Params, head: Params | None, tokens: jax.Array, valid: jax.Array, max_new: jax.Array, temperature: jax.Array,
-              top_k: jax.Array, top_p: jax.Array, seeds: jax.Array, eos: jax.Array, *, cfg: Config, new_slots: int,
+def _generate(params: Params, head: Params | None, tokens: jax.Array, valid: jax.Array, max_new: jax.Array,
+              temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, seeds: jax.Array, eos: jax.Array, *, cfg: Config, new_slots: int,
               sink: Callable | None, greedy: bool) -> tuple[jax.Array, jax.Array]:
     """New tokens [B, new_slots] and how many steps ran. `head`: a `screen_head`
     for greedy batches (None: the full fp32 head decides)."""
@@ -164,6 +164,7 @@ def _generate(params: Params, head: Params | None, tokens: jax.Array, valid: jax
         step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
         return sample(logits, step_keys, temperature, top_k, top_p)
 
+    # state: (step, last token, its position, cache, out, done, the step's hidden state, retry with the full head)
     def commit(state: tuple, token: jax.Array, taken: jax.Array | bool = True) -> tuple:
         """The state after this step's token where `taken` (else unchanged, to be retried)."""
         step, _, pos, cache, out, done, x, _ = state
@@ -185,14 +186,14 @@ def _generate(params: Params, head: Params | None, tokens: jax.Array, valid: jax
         return (step < max_new) & ~jnp.all(done)
 
     def decode(state: tuple) -> tuple:
-        step, token, pos, cache, *rest = state
+        step, token, pos, cache, out, done, _, retry = state
         x, cache = run_layers(params, token[:, None], cfg, pos[:, None], key_valid, cache, P + step - 1)
-        state = (step, token, pos, cache, *rest[:2], x[:, 0], rest[3])
+        state = (step, token, pos, cache, out, done, x[:, 0], retry)
         if head is None:
             return commit(state, pick(x[:, 0], step))
-        # XLA:CPU runs a while loop with a conditional in it much slower, so an
-        # undecided screen ends this loop instead, and the full head decides
-        # that step in the enclosing one (the cache write is simply redone).
+        # XLA:CPU runs a while loop with a conditional in it ~2 ms a step slower, so an
+        # undecided screen ends this loop instead, and the full head decides that
+        # step (from its kept hidden state and cache) in the enclosing one.
         return commit(state, *screened_argmax(x[:, 0], head))
 
     if head is None:
