@@ -108,7 +108,7 @@ def check_decode(cfg: Config, mesh: jax.sharding.Mesh, params: Any, hbm: float |
     start = time.perf_counter()
     try:
         with jax.set_mesh(mesh):
-            compiled = gen._fn(new_tokens, streaming=False, greedy=False).lower(params, *args).compile()
+            compiled = gen._fn(new_tokens, streaming=False, greedy=False).lower(params, None, *args).compile()
     except Exception as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
