@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -137,9 +137,21 @@ def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: ja
     return jnp.where(temperature > 0, argmax(scaled + gumbel), argmax(logits))
 
 
+class Decoding(NamedTuple):
+    """The decode loop's state."""
+    step: jax.Array  # the next step's index
+    token: jax.Array  # [B] the last token taken
+    pos: jax.Array  # [B] its position
+    cache: Any
+    out: jax.Array  # [B, new_slots] tokens so far
+    done: jax.Array  # [B] rows past EOS
+    x: jax.Array  # [B, d_model] the step's final hidden state
+    retry: jax.Array  # the screen could not decide the step: the full head must
+
+
 def _generate(params: Params, head: Params | None, tokens: jax.Array, valid: jax.Array, max_new: jax.Array,
-              temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, seeds: jax.Array, eos: jax.Array, *, cfg: Config, new_slots: int,
-              sink: Callable | None, greedy: bool) -> tuple[jax.Array, jax.Array]:
+              temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, seeds: jax.Array, eos: jax.Array, *,
+              cfg: Config, new_slots: int, sink: Callable | None, greedy: bool) -> tuple[jax.Array, jax.Array]:
     """New tokens [B, new_slots] and how many steps ran. `head`: a `screen_head`
     for greedy batches (None: the full fp32 head decides)."""
     B, P = tokens.shape
@@ -164,48 +176,47 @@ def _generate(params: Params, head: Params | None, tokens: jax.Array, valid: jax
         step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
         return sample(logits, step_keys, temperature, top_k, top_p)
 
-    # state: (step, last token, its position, cache, out, done, the step's hidden state, retry with the full head)
-    def commit(state: tuple, token: jax.Array, taken: jax.Array | bool = True) -> tuple:
+    def commit(state: Decoding, token: jax.Array, taken: jax.Array | bool = True) -> Decoding:
         """The state after this step's token where `taken` (else unchanged, to be retried)."""
-        step, _, pos, cache, out, done, x, _ = state
-        token, taken = jnp.where(done, eos, token), jnp.asarray(taken, bool)
+        token, taken = jnp.where(state.done, eos, token), jnp.asarray(taken, bool)
         if sink is not None:
-            io_callback(sink, None, step, token, taken, ordered=True)
+            io_callback(sink, None, state.step, token, taken, ordered=True)
         keep = lambda new, old: jnp.where(taken, new, old)  # noqa: E731
-        return (keep(step + 1, step), keep(token, state[1]), keep(pos + 1, pos), cache,
-                out.at[:, step].set(keep(token, out[:, step])), keep(done | (token == eos), done), x, ~taken)
+        return state._replace(step=keep(state.step + 1, state.step), token=keep(token, state.token),
+                              pos=keep(state.pos + 1, state.pos),
+                              out=state.out.at[:, state.step].set(keep(token, state.out[:, state.step])),
+                              done=keep(state.done | (token == eos), state.done), retry=~taken)
 
     x, cache = run_layers(params, tokens, cfg, positions, key_valid, cache, 0)  # prefill
     token = pick(x[:, -1], 0)
-    out = jnp.zeros((B, new_slots), jnp.int32)
-    state = (jnp.int32(0), token, positions[:, -1], cache, out, jnp.zeros(B, bool), x[:, -1], jnp.bool_(False))
+    state = Decoding(jnp.int32(0), token, positions[:, -1], cache, jnp.zeros((B, new_slots), jnp.int32),
+                     jnp.zeros(B, bool), x[:, -1], jnp.bool_(False))
     state = commit(state, token)
 
-    def running(state: tuple) -> jax.Array:
-        step, *_, done, _, _ = state
-        return (step < max_new) & ~jnp.all(done)
+    def running(state: Decoding) -> jax.Array:
+        return (state.step < max_new) & ~jnp.all(state.done)
 
-    def decode(state: tuple) -> tuple:
-        step, token, pos, cache, out, done, _, retry = state
-        x, cache = run_layers(params, token[:, None], cfg, pos[:, None], key_valid, cache, P + step - 1)
-        state = (step, token, pos, cache, out, done, x[:, 0], retry)
+    def decode(state: Decoding) -> Decoding:
+        x, cache = run_layers(params, state.token[:, None], cfg, state.pos[:, None], key_valid, state.cache,
+                              P + state.step - 1)
+        state = state._replace(cache=cache, x=x[:, 0])
         if head is None:
-            return commit(state, pick(x[:, 0], step))
+            return commit(state, pick(state.x, state.step))
         # XLA:CPU runs a while loop with a conditional in it ~2 ms a step slower, so an
         # undecided screen ends this loop instead, and the full head decides that
         # step (from its kept hidden state and cache) in the enclosing one.
-        return commit(state, *screened_argmax(x[:, 0], head))
+        return commit(state, *screened_argmax(state.x, head))
 
     if head is None:
         state = jax.lax.while_loop(running, decode, state)
     else:
-        def decode_screened(state: tuple) -> tuple:
-            state = jax.lax.while_loop(lambda s: running(s) & ~s[-1], decode, state)
-            full = argmax(logits_of(params, state[-2], cfg))  # computed once per undecided step (rare)
-            return commit(state, full, state[-1])
+        def decode_screened(state: Decoding) -> Decoding:
+            state = jax.lax.while_loop(lambda s: running(s) & ~s.retry, decode, state)
+            full = argmax(logits_of(params, state.x, cfg))  # once per undecided step (rare), and once at the end
+            return commit(state, full, state.retry)
 
         state = jax.lax.while_loop(running, decode_screened, state)
-    return state[4], state[0]
+    return state.out, state.step
 
 
 class Generator:
