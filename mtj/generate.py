@@ -68,9 +68,11 @@ SCREEN_BLOCK, SCREEN_CANDIDATES = 32, 8
 def screens(cfg: Config, mesh: jax.sharding.Mesh, batch: int) -> bool:
     """Whether greedy decoding of `batch` rows uses `screened_argmax`: fp32 models on
     one vocabulary shard on CPU (where it was measured; XLA:CPU's bf16 matrix-vector
-    product for a single row is slow, hence batch >= 2)."""
+    product for a single row is slow, hence batch >= 2), with a vocabulary large
+    enough that the candidate blocks are a small part of it."""
     return (batch >= 2 and cfg.dtype == "float32" and mesh.shape.get("mp", 1) == 1
-            and cfg.padded_vocab % SCREEN_BLOCK == 0 and jax.default_backend() == "cpu")
+            and cfg.padded_vocab % SCREEN_BLOCK == 0 and cfg.padded_vocab >= 2 * SCREEN_BLOCK * SCREEN_CANDIDATES
+            and jax.default_backend() == "cpu")
 
 
 def screen_head(params: Params, cfg: Config) -> Params:

@@ -121,6 +121,18 @@ def test_greedy_batches_fall_back_to_the_full_head(gptj):
     assert out == expected and seen == list(range(32))
 
 
+def test_greedy_batches_of_a_small_vocabulary(tmp_path):
+    """Too few vocabulary blocks for the screen: the full head decides (it used to fail in top_k)."""
+    import transformers
+
+    path = hf_gptj(tmp_path / "hf", vocab_size=100, n_positions=64, n_embd=32, n_head=4, rotary_dim=4, n_layer=1)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    lm = mtj.load(path, dtype="float32")
+    prompts = [[p % 100 for p in prompt] for prompt in PROMPTS]
+    assert lm.generate_tokens(prompts, 16, temperature=0) == hf_greedy(model, prompts, 16)
+    assert lm.generator._screen_head is None
+
+
 def test_temperature_sampling_frequencies():
     logits = jnp.array([2.0, 1.0, 0.5, 0.0, -1.0])
     temperature, draws = 0.7, 20000
