@@ -173,7 +173,7 @@ def config_to_hf(cfg: Config, eos_id: int | None = 50256) -> dict[str, Any]:
 
 # --- weights -------------------------------------------------------------------
 
-def _spec_at(specs: Params, path: str) -> Any:
+def spec_at(specs: Params, path: str) -> Any:
     node = specs
     for part in path.split("."):
         node = node[part]
@@ -192,14 +192,14 @@ def _table(cfg: Config) -> list[Weight]:
     table = []
     for w in WEIGHTS[cfg.model_type]:
         try:
-            _spec_at(specs, w.ours)
+            spec_at(specs, w.ours)
         except KeyError:
             continue  # e.g. lm_head when embeddings are tied
         table.append(w)
     return table
 
 
-def _pad_vocab(a: np.ndarray, axes: tuple, cfg: Config) -> np.ndarray:
+def pad_vocab(a: np.ndarray, axes: tuple, cfg: Config) -> np.ndarray:
     for dim, axis in enumerate(axes):
         if axis == "vocab" and a.shape[dim] != cfg.padded_vocab:
             pad = [(0, 0)] * a.ndim
@@ -234,10 +234,10 @@ def hf_to_params(get: Callable[[str], np.ndarray], cfg: Config, dtype: Any = np.
 
     def convert(w: Weight, key: str, axes: tuple) -> np.ndarray:
         t = _unfuse(get(key), w, cfg.n_heads)
-        return _pad_vocab(t.T if w.transpose else t, axes, cfg)
+        return pad_vocab(t.T if w.transpose else t, axes, cfg)
 
     for w in _table(cfg):
-        spec = _spec_at(specs, w.ours)
+        spec = spec_at(specs, w.ours)
         if "{i}" in w.hf:
             out = np.empty(spec.shape, dtype)
             for i in range(cfg.layers):
@@ -261,7 +261,7 @@ def params_to_hf(get: Callable[[str], np.ndarray], cfg: Config, dtype: Any = np.
     """Yield (HF key, array) from our parameters fetched by `get(path)`, one HF tensor group at a time."""
     specs = param_specs(cfg)
     for group in _groups(cfg):
-        ours = [_unpad_vocab(np.asarray(get(w.ours)), _spec_at(specs, w.ours).axes, cfg) for w in group]
+        ours = [_unpad_vocab(np.asarray(get(w.ours)), spec_at(specs, w.ours).axes, cfg) for w in group]
         layers = range(cfg.layers) if "{i}" in group[0].hf else [None]
         for i in layers:
             parts = [(a if i is None else a[i]) for a in ours]
@@ -325,7 +325,7 @@ def hf_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
     specs = param_specs(cfg)
     shapes: dict[str, tuple[int, ...]] = {}
     for group in _groups(cfg):
-        spec = _spec_at(specs, group[0].ours)
+        spec = spec_at(specs, group[0].ours)
         shape = tuple(cfg.n_vocab if a == "vocab" else n for n, a in zip(spec.shape, spec.axes))
         per_layer = "{i}" in group[0].hf
         shape = shape[1:] if per_layer else shape
@@ -390,7 +390,7 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
         params = checkpoint.restore_params(ckpt, cfg, make_mesh(mp=1, dp=1))
 
         def get(path: str) -> np.ndarray:
-            return np.asarray(_spec_at(params, path))
+            return np.asarray(spec_at(params, path))
 
         np_dtype = np.dtype(EXPORT_DTYPES[dtype])
         shapes = {k: (s, np_dtype) for k, s in hf_shapes(cfg).items()}

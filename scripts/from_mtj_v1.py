@@ -1,0 +1,26 @@
+#!/usr/bin/env python
+"""Convert an original Mesh Transformer JAX (v1) checkpoint, e.g. GPT-J-6B's step_383500, into an mtj checkpoint."""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mtj.config import parse_overrides  # noqa: E402
+from mtj.mtj_v1 import import_v1  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--ckpt", required=True, help="v1 step directory (holding shard_0 .. shard_{cores_per_replica-1})")
+    ap.add_argument("--config", required=True, help="the model's original config JSON, e.g. configs/6B_roto_256.json")
+    ap.add_argument("--out", required=True, help="output checkpoint directory (step_0 is written inside)")
+    ap.add_argument("overrides", nargs="*", help="config key=value overrides, e.g. tokenizer=path/to/tokenizer.json")
+    args = ap.parse_args()
+    step_dir = import_v1(args.ckpt, args.config, args.out, **parse_overrides(args.overrides))
+    print(f"wrote {step_dir}")
+
+
+if __name__ == "__main__":
+    main()
