@@ -211,16 +211,18 @@ def _generate(params: Params, head: Params | None, tokens: jax.Array, valid: jax
                      jnp.zeros(B, bool), x[:, -1], jnp.bool_(False))
     state = commit(state, token)
 
-    for length in lengths:
+    def decode_phase(state: Decoding, length: int) -> Decoding:
+        """Decode steps while a cache of `length` slots holds them (grown to that first)."""
         grow = [(0, 0)] * (state.cache[0][0].ndim - 2) + [(0, length - state.cache[0][0].shape[-2]), (0, 0)]
         state = state._replace(cache=jax.tree.map(lambda a: jnp.pad(a, grow), state.cache))
+        phase_valid = key_valid[:, :length]
 
-        def running(state: Decoding, last_step: int = length - P) -> jax.Array:
-            # step t writes its key/value at slot P + t - 1: the phase's cache holds steps up to last_step
-            return (state.step < max_new) & (state.step <= last_step) & ~jnp.all(state.done)
+        def running(state: Decoding) -> jax.Array:
+            # step t writes its key/value at slot P + t - 1
+            return (state.step < max_new) & (state.step <= length - P) & ~jnp.all(state.done)
 
-        def decode(state: Decoding, key_valid: jax.Array = key_valid[:, :length]) -> Decoding:
-            x, cache = run_layers(params, state.token[:, None], cfg, state.pos[:, None], key_valid, state.cache,
+        def decode(state: Decoding) -> Decoding:
+            x, cache = run_layers(params, state.token[:, None], cfg, state.pos[:, None], phase_valid, state.cache,
                                   P + state.step - 1)
             state = state._replace(cache=cache, x=x[:, 0])
             if head is None:
@@ -230,12 +232,15 @@ def _generate(params: Params, head: Params | None, tokens: jax.Array, valid: jax
             # step (from its kept hidden state and cache) in the enclosing one.
             return commit(state, *screened_argmax(state.x, head))
 
-        def decode_screened(state: Decoding, running: Callable = running, decode: Callable = decode) -> Decoding:
+        def decode_screened(state: Decoding) -> Decoding:
             state = jax.lax.while_loop(lambda s: running(s) & ~s.retry, decode, state)
-            full = argmax(logits_of(params, state.x, cfg))  # once per undecided step (rare), and once at the end
-            return commit(state, full, state.retry)
+            full = argmax(logits_of(params, state.x, cfg))  # per undecided step (rare), and at the phase's end
+            return commit(state, full, state.retry)._replace(retry=jnp.bool_(False))  # nothing is left to retry
 
-        state = jax.lax.while_loop(running, decode if head is None else decode_screened, state)
+        return jax.lax.while_loop(running, decode if head is None else decode_screened, state)
+
+    for length in lengths:
+        state = decode_phase(state, length)
     return state.out, state.step
 
 

@@ -51,6 +51,22 @@ def test_greedy_matches_transformers(gptj):
     assert sharded.generate_tokens(PROMPTS, max_new_tokens=32, temperature=0) == expected
 
 
+def test_long_generations_grow_the_cache(tmp_path):
+    """64+ new tokens decode in phases over a growing KV cache: greedy (screened and not) and the
+    sampling path (top_k=1 is greedy) still give transformers' tokens."""
+    import transformers
+
+    # large weights: sharp attention, so a key or value misplaced in the cache changes the tokens
+    path = hf_gptj(tmp_path / "hf", vocab_size=1000, n_positions=128, n_embd=64, n_head=4, rotary_dim=8, n_layer=2,
+                   initializer_range=0.3)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    lm = mtj.load(path, dtype="float32")
+    expected = hf_greedy(model, PROMPTS, 70)
+    assert lm.generate_tokens(PROMPTS, 70, temperature=0) == expected
+    assert lm.generate_tokens(PROMPTS[:1], 70, temperature=0) == expected[:1]
+    assert lm.generate_tokens(PROMPTS, 70, temperature=1.0, top_k=1, seed=3) == expected
+
+
 def test_streaming_callback_sees_every_token(gptj):
     lm = mtj.load(gptj[0], dtype="float32")
     seen = []
