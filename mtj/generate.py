@@ -213,8 +213,10 @@ def _generate(params: Params, head: Params | None, tokens: jax.Array, valid: jax
 
     def decode_phase(state: Decoding, length: int) -> Decoding:
         """Decode steps while a cache of `length` slots holds them (grown to that first)."""
-        grow = [(0, 0)] * (state.cache[0][0].ndim - 2) + [(0, length - state.cache[0][0].shape[-2]), (0, 0)]
-        state = state._replace(cache=jax.tree.map(lambda a: jnp.pad(a, grow), state.cache))
+        def grow(a: jax.Array) -> jax.Array:  # [..., slots, head_dim]
+            return jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, length - a.shape[-2]), (0, 0)])
+
+        state = state._replace(cache=jax.tree.map(grow, state.cache))
         phase_valid = key_valid[:, :length]
 
         def running(state: Decoding) -> jax.Array:

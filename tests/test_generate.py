@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 import mtj
 from conftest import hf_gptj
-from mtj.generate import argmax, bucket, filter_logits, sample, screen_head, screened_argmax
+from mtj.generate import UNROLL_LAYERS, argmax, bucket, filter_logits, sample, screen_head, screened_argmax
 from mtj.lm import truncate_at_stop
 from mtj.tokenizer import load_tokenizer
 
@@ -65,6 +65,11 @@ def test_long_generations_grow_the_cache(tmp_path):
     assert lm.generate_tokens(PROMPTS, 70, temperature=0) == expected
     assert lm.generate_tokens(PROMPTS[:1], 70, temperature=0) == expected[:1]
     assert lm.generate_tokens(PROMPTS, 70, temperature=1.0, top_k=1, seed=3) == expected
+    # deeper than UNROLL_LAYERS: scanned layers over one stacked cache
+    path = hf_gptj(tmp_path / "deep", vocab_size=1000, n_positions=128, n_embd=32, n_head=4, rotary_dim=4,
+                   n_layer=UNROLL_LAYERS + 1, initializer_range=0.3)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    assert mtj.load(path, dtype="float32").generate_tokens(PROMPTS, 70, temperature=0) == hf_greedy(model, PROMPTS, 70)
 
 
 def test_streaming_callback_sees_every_token(gptj):
