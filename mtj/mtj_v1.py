@@ -17,6 +17,7 @@ from typing import Any, Iterator
 
 import ml_dtypes
 import numpy as np
+from tqdm import tqdm
 
 from mtj.config import Config, load_config
 from mtj.convert import pad_vocab, spec_at
@@ -126,7 +127,7 @@ def v1_to_params(shards: V1Shards, cfg: Config) -> Iterator[tuple[str, np.ndarra
                          f"has {len(order)} params plus a scalar step: does --config match the checkpoint?")
     specs = param_specs(cfg)
     values: dict[str, np.ndarray] = {}
-    for n, (row, layer) in enumerate(order, start=first):
+    for n, (row, layer) in enumerate(tqdm(order, desc="reading v1 shards", unit="param"), start=first):
         parts = shards.leaf(n)
         try:
             value = _join(parts, row.join).astype(np.float32)
@@ -164,7 +165,8 @@ def import_v1(step_dir: str | Path, config: str | Path, out: str | Path, **overr
         raise ValueError(f"v1 checkpoints are GPT-J models; {config} sets model_type '{original.model_type}'")
     shards = V1Shards(step_dir, original.cores_per_replica)
     cfg = original.replace(cores_per_replica=1, **overrides)
+    tokenizer = load_tokenizer(cfg.tokenizer, cfg.model_type)  # before the long read: fails fast
     params = place_params(v1_to_params(shards, cfg), cfg, make_mesh(mp=1, dp=1))
-    step = checkpoint.save(out, 0, params, cfg, load_tokenizer(cfg.tokenizer, cfg.model_type))
+    step = checkpoint.save(out, 0, params, cfg, tokenizer)
     cfg.save(out / "config.json")
     return step
