@@ -203,7 +203,7 @@ def _generate(params: Params, head: Params | None, tokens: jax.Array, valid: jax
         return state._replace(step=keep(state.step + 1, state.step), token=keep(token, state.token),
                               pos=keep(state.pos + 1, state.pos),
                               out=state.out.at[:, state.step].set(keep(token, state.out[:, state.step])),
-                              done=keep(state.done | (token == eos), state.done), retry=~taken)
+                              done=keep(state.done | (token == eos), state.done))
 
     x, cache = run_layers(params, tokens, cfg, positions, key_valid[:, :lengths[0]], cache, 0)  # prefill
     token = pick(x[:, -1], 0)
@@ -232,12 +232,13 @@ def _generate(params: Params, head: Params | None, tokens: jax.Array, valid: jax
             # XLA:CPU runs a while loop with a conditional in it ~2 ms a step slower, so an
             # undecided screen ends this loop instead, and the full head decides that
             # step (from its kept hidden state and cache) in the enclosing one.
-            return commit(state, *screened_argmax(state.x, head))
+            token, decided = screened_argmax(state.x, head)
+            return commit(state, token, decided)._replace(retry=~decided)
 
         def decode_screened(state: Decoding) -> Decoding:
             state = jax.lax.while_loop(lambda s: running(s) & ~s.retry, decode, state)
             full = argmax(logits_of(params, state.x, cfg))  # per undecided step (rare), and at the phase's end
-            return commit(state, full, state.retry)._replace(retry=jnp.bool_(False))  # nothing is left to retry
+            return commit(state, full, state.retry)._replace(retry=jnp.bool_(False))
 
         return jax.lax.while_loop(running, decode if head is None else decode_screened, state)
 
