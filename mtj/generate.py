@@ -77,9 +77,10 @@ def screens(cfg: Config, mesh: jax.sharding.Mesh, batch: int) -> bool:
 
 def screen_head(params: Params, cfg: Config) -> Params:
     """What `screened_argmax` reads, computed once per model (1.5x the head's memory):
-    the head in bf16 with its columns ordered block-minor, so a block's maximum is a
-    reduction over a leading axis; per block the largest column norms that bound the
-    bf16 error; the fp32 head transposed, so a block of columns is contiguous."""
+    the head in bf16, transposed with its columns ordered block-minor, so a block's
+    maximum is a reduction over a leading axis; per block the largest column norms
+    that bound the bf16 error; the fp32 head transposed, so a block of columns is
+    contiguous."""
     kernel, bias = output_head(params, cfg)
     kernel = kernel.astype(jnp.float32)
     low = kernel.astype(jnp.bfloat16)
@@ -92,7 +93,7 @@ def screen_head(params: Params, cfg: Config) -> Params:
     def block_max(a: jax.Array) -> jax.Array:
         return jnp.max(a.reshape(blocks, SCREEN_BLOCK), axis=-1)
 
-    return {"screen": low.reshape(-1, blocks, SCREEN_BLOCK).swapaxes(1, 2).reshape(low.shape),
+    return {"screen": low.T.reshape(blocks, SCREEN_BLOCK, -1).swapaxes(0, 1).reshape(low.shape[::-1]),
             "screen_bias": bias.reshape(blocks, SCREEN_BLOCK).T.reshape(-1),
             "w_norm": block_max(w_norm), "dw_norm": block_max(dw_norm + accumulation * (w_norm + dw_norm)),
             "magnitude": block_max(w_norm + dw_norm), "bias_magnitude": block_max(jnp.abs(real_bias)),
@@ -115,10 +116,13 @@ def screened_argmax(x: jax.Array, head: Params) -> tuple[jax.Array, jax.Array]:
     low = x.astype(jnp.bfloat16)
     dx_norm = jnp.linalg.norm(x - low.astype(jnp.float32), axis=-1, keepdims=True)
     low_norm = jnp.linalg.norm(low.astype(jnp.float32), axis=-1, keepdims=True)
-    approx = jnp.einsum("bd,dv->bv", low, head["screen"], preferred_element_type=jnp.float32) + head["screen_bias"]
+    # [V, B], the vocabulary on the left: XLA:CPU's bf16 (AMX) dot then reads the head
+    # as it is stored, where with the head on the right it repacks all of it every call.
+    approx = jax.lax.dot_general(head["screen"], low, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    block_max = jnp.max((approx + head["screen_bias"][:, None]).reshape(SCREEN_BLOCK, blocks, B), axis=0).T
     error = ((dx_norm * head["w_norm"] + low_norm * head["dw_norm"]) * 1.001
              + (low_norm * head["magnitude"] + head["bias_magnitude"]) * 2.0 ** -20 + 1e-30)  # [B, blocks]
-    block_upper = jnp.max(approx.reshape(B, SCREEN_BLOCK, blocks), axis=1) + error
+    block_upper = block_max + error
     # Every other block's bound is at most the smallest chosen one. (Using top_k's
     # values, not just its indices, turns XLA:CPU's fast TopK into a full sort.)
     chosen = jnp.sort(jax.lax.top_k(block_upper, SCREEN_CANDIDATES)[1], axis=-1)  # ascending: ties go first
