@@ -235,16 +235,22 @@ def _generate(params: Params, head: Params | None, tokens: jax.Array, valid: jax
                 return commit(state, pick(state.x, state.step))
             # XLA:CPU runs a while loop with a conditional in it ~2 ms a step slower, so an
             # undecided screen ends this loop instead, and the full head decides that
-            # step (from its kept hidden state and cache) in the enclosing one.
+            # step (from its kept hidden state and cache) in an enclosing loop that runs
+            # only then (the first screened loop is outside it: no full head per phase).
             token, decided = screened_argmax(state.x, head)
             return commit(state, token, decided)._replace(retry=~decided)
 
-        def decode_screened(state: Decoding) -> Decoding:
-            state = jax.lax.while_loop(lambda s: running(s) & ~s.retry, decode, state)
-            full = argmax(logits_of(params, state.x, cfg))  # per undecided step (rare), and at the phase's end
-            return commit(state, full, state.retry)._replace(retry=jnp.bool_(False))
+        if head is None:
+            return jax.lax.while_loop(running, decode, state)
 
-        return jax.lax.while_loop(running, decode if head is None else decode_screened, state)
+        def screened(state: Decoding) -> Decoding:
+            return jax.lax.while_loop(lambda s: running(s) & ~s.retry, decode, state)
+
+        def resume(state: Decoding) -> Decoding:  # the full head takes the step the screen could not decide
+            full = argmax(logits_of(params, state.x, cfg))
+            return screened(commit(state, full)._replace(retry=jnp.bool_(False)))
+
+        return jax.lax.while_loop(lambda s: s.retry, resume, screened(state))
 
     for length in lengths:
         state = decode_phase(state, length)
