@@ -209,11 +209,16 @@ def _generate(params: Params, head: Params | None, tokens: jax.Array, valid: jax
                               out=state.out.at[:, state.step].set(keep(token, state.out[:, state.step])),
                               done=keep(state.done | (token == eos), state.done))
 
+    def take(state: Decoding) -> Decoding:
+        """The state after the token of state.x, or, where the screen cannot decide it, marked to retry."""
+        if head is None:
+            return commit(state, pick(state.x, state.step))
+        token, decided = screened_argmax(state.x, head)
+        return commit(state, token, decided)._replace(retry=~decided)
+
     x, cache = run_layers(params, tokens, cfg, positions, key_valid[:, :lengths[0]], cache, 0)  # prefill
-    token = pick(x[:, -1], 0)
-    state = Decoding(jnp.int32(0), token, positions[:, -1], cache, jnp.zeros((B, new_slots), jnp.int32),
-                     jnp.zeros(B, bool), x[:, -1], jnp.bool_(False))
-    state = commit(state, token)
+    state = take(Decoding(jnp.int32(0), tokens[:, -1], positions[:, -1], cache, jnp.zeros((B, new_slots), jnp.int32),
+                          jnp.zeros(B, bool), x[:, -1], jnp.bool_(False)))
 
     def decode_phase(state: Decoding, length: int) -> Decoding:
         """Decode steps while a cache of `length` slots holds them (grown to that first)."""
@@ -230,19 +235,15 @@ def _generate(params: Params, head: Params | None, tokens: jax.Array, valid: jax
         def decode(state: Decoding) -> Decoding:
             x, cache = run_layers(params, state.token[:, None], cfg, state.pos[:, None], phase_valid, state.cache,
                                   P + state.step - 1)
-            state = state._replace(cache=cache, x=x[:, 0])
-            if head is None:
-                return commit(state, pick(state.x, state.step))
-            # XLA:CPU runs a while loop with a conditional in it ~2 ms a step slower, so an
-            # undecided screen ends this loop instead, and the full head decides that
-            # step (from its kept hidden state and cache) in an enclosing loop that runs
-            # only then (the first screened loop is outside it: no full head per phase).
-            token, decided = screened_argmax(state.x, head)
-            return commit(state, token, decided)._replace(retry=~decided)
+            return take(state._replace(cache=cache, x=x[:, 0]))
 
         if head is None:
             return jax.lax.while_loop(running, decode, state)
 
+        # XLA:CPU runs a while loop with a conditional in it ~2 ms a step slower, so an
+        # undecided screen ends the screened loop instead, and the full head decides
+        # that step (from its kept hidden state and cache) in an enclosing loop that
+        # runs only then (the first screened loop is outside it: no full head per phase).
         def screened(state: Decoding) -> Decoding:
             return jax.lax.while_loop(lambda s: running(s) & ~s.retry, decode, state)
 

@@ -63,6 +63,10 @@ def test_long_generations_grow_the_cache(tmp_path):
     lm = mtj.load(path, dtype="float32")
     expected = hf_greedy(model, PROMPTS, 70)
     assert lm.generate_tokens(PROMPTS, 70, temperature=0) == expected
+    head = lm.generator._screen_head
+    lm.generator._screen_head = {**head, "w_norm": head["w_norm"] * 1e6}  # every step falls back to the full head
+    assert lm.generate_tokens(PROMPTS, 70, temperature=0) == expected
+    lm.generator._screen_head = head
     assert lm.generate_tokens(PROMPTS[:1], 70, temperature=0) == expected[:1]
     assert lm.generate_tokens(PROMPTS, 70, temperature=1.0, top_k=1, seed=3) == expected
     # deeper than UNROLL_LAYERS: scanned layers over one stacked cache
