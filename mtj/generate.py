@@ -65,12 +65,11 @@ def argmax(x: jax.Array) -> jax.Array:
 SCREEN_BLOCK, SCREEN_CANDIDATES = 32, 8
 
 
-def screens(cfg: Config, mesh: jax.sharding.Mesh, batch: int) -> bool:
-    """Whether greedy decoding of `batch` rows uses `screened_argmax`: fp32 models on
-    one vocabulary shard on CPU (where it was measured; XLA:CPU's bf16 matrix-vector
-    product for a single row is slow, hence batch >= 2), with a vocabulary large
-    enough that the candidate blocks are a small part of it."""
-    return (batch >= 2 and cfg.dtype == "float32" and mesh.shape.get("mp", 1) == 1
+def screens(cfg: Config, mesh: jax.sharding.Mesh) -> bool:
+    """Whether greedy decoding uses `screened_argmax`: fp32 models on one vocabulary
+    shard on CPU (where it was measured), with a vocabulary large enough that the
+    candidate blocks are a small part of it."""
+    return (cfg.dtype == "float32" and mesh.shape.get("mp", 1) == 1
             and cfg.padded_vocab % SCREEN_BLOCK == 0 and cfg.padded_vocab >= 2 * SCREEN_BLOCK * SCREEN_CANDIDATES
             and jax.default_backend() == "cpu")
 
@@ -118,7 +117,10 @@ def screened_argmax(x: jax.Array, head: Params) -> tuple[jax.Array, jax.Array]:
     low_norm = jnp.linalg.norm(low.astype(jnp.float32), axis=-1, keepdims=True)
     # [V, B], the vocabulary on the left: XLA:CPU's bf16 (AMX) dot then reads the head
     # as it is stored, where with the head on the right it repacks all of it every call.
-    approx = jax.lax.dot_general(head["screen"], low, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    # (A single row goes in twice: XLA:CPU's bf16 dot of one column is 1.6x slower than of two.)
+    rows = jnp.concatenate([low, low]) if B == 1 else low
+    approx = jax.lax.dot_general(head["screen"], rows, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    approx = approx[:, :B]
     block_max = jnp.max((approx + head["screen_bias"][:, None]).reshape(SCREEN_BLOCK, blocks, B), axis=0).T
     error = ((dx_norm * head["w_norm"] + low_norm * head["dw_norm"]) * 1.001
              + (low_norm * head["magnitude"] + head["bias_magnitude"]) * 2.0 ** -20 + 1e-30)  # [B, blocks]
@@ -273,8 +275,8 @@ class Generator:
         if self._sink is not None and taken:
             self._sink(int(step), np.asarray(token))
 
-    def _head(self, batch: int, greedy: bool) -> Params | None:
-        if not (greedy and screens(self.cfg, self.mesh, batch)):
+    def _head(self, greedy: bool) -> Params | None:
+        if not (greedy and screens(self.cfg, self.mesh)):
             return None
         if self._screen_head is None:
             self._screen_head = jax.jit(functools.partial(screen_head, cfg=self.cfg))(self.params)
@@ -328,7 +330,7 @@ class Generator:
             try:
                 greedy = not (temps > 0).any()
                 fn = self._fn(N, on_tokens is not None, greedy)
-                out, steps = fn(self.params, self._head(B, greedy), *args)
+                out, steps = fn(self.params, self._head(greedy), *args)
                 out, steps = np.asarray(out), int(steps)
             finally:
                 self._sink = None
