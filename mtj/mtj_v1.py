@@ -59,19 +59,18 @@ OUTER = [
 ]
 
 
+def _haiku_key(row: V1Param, layer: int | None) -> tuple[str, str]:
+    return PREFIX + row.module.format(i=layer), row.name
+
+
 def param_order(cfg: Config) -> list[tuple[V1Param, int | None]]:
     """(row, layer) for every v1 params leaf, in the checkpoint's order (haiku modules sorted by name)."""
     rows = [(r, None) for r in OUTER] + [(r, i) for i in range(cfg.layers) for r in LAYER]
-
-    def key(item: tuple[V1Param, int | None]) -> tuple[str, str]:
-        row, i = item
-        return PREFIX + row.module.format(i=i), row.name
-
-    return sorted(rows, key=key)
+    return sorted(rows, key=lambda item: _haiku_key(*item))
 
 
 def _leaf_name(row: V1Param, layer: int | None) -> str:
-    return f"{PREFIX}{row.module.format(i=layer)}/{row.name}"
+    return "/".join(_haiku_key(row, layer))
 
 
 class V1Shards:
