@@ -26,7 +26,7 @@ def mtj_step(args) -> Callable[[], None]:
     cfg = Config(layers=args.layers, d_model=args.d_model, n_heads=args.heads, n_vocab=args.vocab,
                  pe_rotary_dims=args.d_model // args.heads // 2, seq=args.seq, per_replica_batch=args.batch,
                  dtype="bfloat16" if args.dtype == "bf16" else "float32", z_loss=0.0, warmup_steps=1,
-                 scan_layers=args.scan_layers)
+                 scan_layers=args.scan_layers, remat=args.remat)
     trainer = Trainer(cfg, make_mesh(mp=1, dp=1))
     state = [trainer.init()]
     batch = np.random.RandomState(0).randint(0, args.vocab, (1, args.batch, args.seq + 1)).astype(np.int32)
@@ -69,6 +69,9 @@ def main() -> None:
     ap.add_argument("--scan-layers", action="store_true",
                     help="scan over layers (mtj's default, for deep models' compile time); "
                          "a few layers run faster unrolled, as PyTorch runs them")
+    ap.add_argument("--remat", action="store_true",
+                    help="rematerialise every layer (mtj's default, for memory); off by default because "
+                         "transformers trains without gradient checkpointing here")
     args = ap.parse_args()
 
     from mtj.config import Config

@@ -2,7 +2,9 @@
 
 libtpu describes a pod slice without the hardware; XLA compiles the step for it
 and reports per-device memory. A compile that runs out of HBM is caught and
-reported as fits=false with the numbers XLA gives.
+reported as fits=false with the numbers XLA gives. When a config does not fit,
+`check` searches the cheap fixes in order (compiling each candidate) and, if
+none fits on that slice, the smallest slice of the same TPU generation that does.
 """
 
 from __future__ import annotations
@@ -10,14 +12,17 @@ from __future__ import annotations
 import math
 import re
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from mtj.checkpoint import abstract_params
 from mtj.config import Config
 from mtj.metrics import flops_per_token
 from mtj.sharding import make_mesh
+from mtj.train import Trainer
 
 GIB = 2**30
 # name -> (libtpu topology, HBM per chip in GiB)
@@ -48,26 +53,41 @@ def topology_devices(name: str) -> tuple[list, float | None]:
     return list(devices), hbm_chip * GIB * chips / len(devices)
 
 
-def check(cfg: Config, topology: str) -> dict[str, Any]:
-    from mtj.train import Trainer
+def _gib(nbytes: float) -> float:
+    return round(nbytes / GIB, 2)
 
-    devices, hbm = topology_devices(topology)
+
+def _bytes_per_device(tree: Any) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs (shardings are even)."""
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def _train_step(cfg: Config, devices: list, hbm: float | None) -> dict[str, Any]:
+    """Compile one train step on `devices`; its memory per device, or why it does not fit."""
     if len(devices) % cfg.mp:
-        raise ValueError(f"cores_per_replica={cfg.mp} does not divide the {len(devices)} devices of {topology}")
+        raise ValueError(f"cores_per_replica={cfg.mp} does not divide the {len(devices)} devices")
     mesh = make_mesh(mp=cfg.mp, devices=devices)
     trainer = Trainer(cfg, mesh)
     batch = jax.ShapeDtypeStruct((cfg.gradient_accumulation_steps, trainer.global_batch, cfg.seq + 1), jnp.int32,
                                  sharding=trainer.batch_sharding)
+    state = trainer.abstract_state
+    params, optimizer = _bytes_per_device(state["params"]), _bytes_per_device(state["opt_state"])
     tokens = cfg.gradient_accumulation_steps * trainer.global_batch * cfg.seq
     report: dict[str, Any] = {
-        "topology": topology, "devices": len(devices), "mesh": dict(mesh.shape), "fsdp": cfg.fsdp,
-        "hbm_per_device_gib": None if hbm is None else round(hbm / GIB, 2),
-        "tokens_per_step": tokens, "flops_per_step": flops_per_token(cfg) * tokens,
+        "mesh": dict(mesh.shape), "fsdp": cfg.fsdp, "tokens_per_step": tokens,
+        "flops_per_step": flops_per_token(cfg) * tokens,
+        "hbm_per_device_gib": None if hbm is None else _gib(hbm),
+        "parameters_gib": _gib(params), "optimizer_state_gib": _gib(optimizer),
+        "arguments_gib": _gib(_bytes_per_device((state, batch))),
     }
+    if hbm is not None and params + optimizer > hbm:  # no compile can make this fit
+        return {**report, "temporaries_gib": None, "total_gib": None, "fits": False,
+                "error": f"parameters and optimizer state alone need "
+                f"{_gib(params + optimizer)} GiB per device, more than its {_gib(hbm)} GiB of HBM"}
     start = time.perf_counter()
     try:
         with jax.set_mesh(mesh):
-            compiled = trainer._step.lower(trainer.abstract_state, batch).compile()
+            compiled = trainer._step.lower(state, batch).compile()
     except Exception as e:  # XLA refuses programs that do not fit in HBM
         message = str(e)
         if "RESOURCE_EXHAUSTED" not in message and "out of memory" not in message.lower():
@@ -79,20 +99,109 @@ def check(cfg: Config, topology: str) -> dict[str, Any]:
         available = re.search(r"available HBM \(([\d.]+)G\)", message)
         if required:
             report["temporaries_gib"] = float(required.group(1))
+            report["total_gib"] = round(report["arguments_gib"] + report["temporaries_gib"], 2)
         if available:
             report["hbm_per_device_gib"] = float(available.group(1))
         return report
-    report.update(compile_seconds=round(time.perf_counter() - start, 1), **_memory(compiled, hbm))
-    report["decode"] = check_decode(cfg, mesh, trainer.abstract_state["params"], hbm)
-    return report
+    return {**report, "compile_seconds": round(time.perf_counter() - start, 1), **_memory(compiled, hbm)}
 
 
 def _memory(compiled: Any, hbm: float | None) -> dict[str, Any]:
+    """Per-device memory of a compiled program. Outputs count only what donated inputs do not hold."""
     mem = compiled.memory_analysis()
     args, temp = mem.argument_size_in_bytes, mem.temp_size_in_bytes
-    total = args + mem.output_size_in_bytes - mem.alias_size_in_bytes + temp + mem.generated_code_size_in_bytes
-    return {"arguments_gib": round(args / GIB, 2), "temporaries_gib": round(temp / GIB, 2),
-            "total_gib": round(total / GIB, 2), "fits": True if hbm is None else total <= hbm}
+    outputs = mem.output_size_in_bytes - mem.alias_size_in_bytes
+    total = args + outputs + temp + mem.generated_code_size_in_bytes
+    return {"arguments_gib": _gib(args), "temporaries_gib": _gib(temp), "outputs_gib": _gib(outputs),
+            "total_gib": _gib(total), "fits": True if hbm is None else total <= hbm}
+
+
+def _divisors_above(n: int, above: int, limit: int) -> list[int]:
+    return [d for d in range(above + 1, limit + 1) if n % d == 0 and limit % d == 0]
+
+
+def candidate_fixes(cfg: Config, devices: int) -> Iterator[dict[str, Any]]:
+    """Overrides to try, cheapest first, each adding to the ones before: remat, a bf16 accumulator,
+    fsdp (where dp > 1), a larger cores_per_replica, a smaller per_replica_batch. Tokens per step stay
+    the same: where dp or per_replica_batch shrinks, gradient_accumulation_steps grows to match."""
+    fixes: dict[str, Any] = {}
+    current = cfg
+
+    def add(**changes: Any) -> dict[str, Any]:
+        nonlocal current
+        fixes.update(changes)
+        current = cfg.replace(**fixes)
+        return dict(fixes)
+
+    if not cfg.remat:
+        yield add(remat=True)
+    if cfg.gradient_accumulation_steps > 1 and cfg.grad_accum_dtype != "bfloat16":
+        yield add(grad_accum_dtype="bfloat16")
+    if devices // cfg.mp > 1 and not cfg.fsdp:
+        yield add(fsdp=True)
+    for mp in _divisors_above(math.gcd(cfg.n_heads, cfg.ff_dim), current.mp, devices):
+        old_dp, new_dp = devices // current.mp, devices // mp
+        changes: dict[str, Any] = {"cores_per_replica": mp}
+        if old_dp % new_dp == 0:
+            changes["gradient_accumulation_steps"] = current.gradient_accumulation_steps * (old_dp // new_dp)
+        yield add(**changes)
+    for batch in reversed(_divisors_above(cfg.per_replica_batch, 0, cfg.per_replica_batch)[:-1]):
+        steps = current.gradient_accumulation_steps * current.per_replica_batch // batch
+        yield add(per_replica_batch=batch, gradient_accumulation_steps=steps)
+
+
+def find_fixes(cfg: Config, devices: list, hbm: float) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The first candidate that fits on `devices`, and its report; None when none does."""
+    for fixes in candidate_fixes(cfg, len(devices)):
+        report = _train_step(cfg.replace(**fixes), devices, hbm)
+        if report["fits"]:
+            return fixes, report
+    return None
+
+
+def larger_topologies(name: str) -> list[str]:
+    """The slices of the same TPU generation with more devices than `name`, smallest first."""
+    generation = name.split("-")[0]
+    size = int(name.split("-")[1])
+    return sorted((t for t in TOPOLOGIES if t.split("-")[0] == generation and int(t.split("-")[1]) > size),
+                  key=lambda t: int(t.split("-")[1]))
+
+
+def smallest_topology(cfg: Config, name: str) -> dict[str, Any] | None:
+    """The smallest larger slice of the same generation where `cfg`, or `cfg` with fixes, fits."""
+    for topology in larger_topologies(name):
+        devices, hbm = topology_devices(topology)
+        if len(devices) % cfg.mp:
+            continue
+        report = _train_step(cfg, devices, hbm)
+        found = ({}, report) if report["fits"] else find_fixes(cfg, devices, hbm)
+        if found:
+            fixes, report = found
+            return {"topology": topology, "fixes": fixes, "total_gib": report["total_gib"],
+                    "mesh": report["mesh"]}
+    return None
+
+
+def check(cfg: Config, topology: str, advise: bool = True, decode: bool = True) -> dict[str, Any]:
+    """Compile `cfg`'s train step for `topology`: memory per device and whether it fits; `fixes`: {} when
+    it fits, else (with `advise`) the overrides that make it fit here, or None and the smallest slice
+    where it fits (`smallest_topology`). With `decode`, also compile generation on the same mesh."""
+    devices, hbm = topology_devices(topology)
+    report = {"topology": topology, "devices": len(devices), **_train_step(cfg, devices, hbm),
+              "fixes": None, "smallest_topology": None}
+    if report["fits"]:
+        report["fixes"] = {}
+        if decode:
+            mesh = make_mesh(mp=cfg.mp, devices=devices)
+            report["decode"] = check_decode(cfg, mesh, abstract_params(cfg, mesh), hbm)
+    elif advise and hbm is not None:
+        found = find_fixes(cfg, devices, hbm)
+        if found:
+            report["fixes"] = found[0]
+            report["fixed"] = {k: found[1][k] for k in ("mesh", "arguments_gib", "temporaries_gib", "total_gib")}
+        else:
+            report["smallest_topology"] = smallest_topology(cfg, topology)
+    return report
 
 
 def check_decode(cfg: Config, mesh: jax.sharding.Mesh, params: Any, hbm: float | None, batch: int = 8,

@@ -74,10 +74,10 @@ class Config:
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
     fsdp: bool = False
-    remat: bool = False
+    remat: bool = True  # the original's default: every layer rematerialised (GPT-J-6B fits a v3-8 only so)
     scan_layers: bool = True
     z_loss: float = 1e-4
-    grad_accum_dtype: str = "float32"  # "bfloat16" halves the accumulator, as the original 6B run did
+    grad_accum_dtype: str = "bfloat16"  # the original's gradient accumulator (with gradient_accumulation_steps > 1)
     seed: int = 0
     log_every: int = 1
     keep_last: int = 3

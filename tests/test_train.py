@@ -49,7 +49,7 @@ def test_gradient_accumulation_equals_big_batch(tmp_path):
     grads, params = [], []
     for gas, prb in [(4, 2), (1, 8)]:
         trainer = Trainer(config(tmp_path, gradient_accumulation_steps=gas, per_replica_batch=prb, warmup_steps=0,
-                                 lr=1e-4), mesh)
+                                 lr=1e-4, grad_accum_dtype="float32"), mesh)
         state = trainer.init(seed=0)
         micro = batch.reshape(gas, prb, 33)
         g, _ = jax.jit(trainer.gradients)(state["params"], micro)
