@@ -8,7 +8,6 @@ a crash mid-save never leaves a step that looks finished.
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Any
 
@@ -19,14 +18,14 @@ from jax.sharding import Mesh
 
 from mtj.config import Config, from_dict
 from mtj.model import Params, param_axes, param_specs
-from mtj.paths import user_path
+from mtj.paths import PathLike, refuse_overwrite, user_path
 from mtj.sharding import tree_shardings
 from mtj.tokenizer import Tokenizer
 
 STEP_RE = re.compile(r"^step_(\d+)$")
 
 
-def manager(model_dir: str | os.PathLike, keep_last: int | None = None, keep_every: int | None = None,
+def manager(model_dir: PathLike, keep_last: int | None = None, keep_every: int | None = None,
             async_save: bool = False) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         step_prefix="step",
@@ -52,7 +51,7 @@ def save_args(params: Params, cfg: Config, tokenizer: Tokenizer | None, opt_stat
     return ocp.args.Composite(**items)
 
 
-def save(model_dir: str | os.PathLike, step: int, params: Params, cfg: Config, tokenizer: Tokenizer | None = None,
+def save(model_dir: PathLike, step: int, params: Params, cfg: Config, tokenizer: Tokenizer | None = None,
          **extra: Any) -> epath.Path:
     """Write one complete step synchronously (used by conversion and slimming)."""
     mngr = manager(model_dir)
@@ -62,19 +61,12 @@ def save(model_dir: str | os.PathLike, step: int, params: Params, cfg: Config, t
     return user_path(model_dir) / f"step_{step}"
 
 
-def refuse_overwrite(out: str | os.PathLike) -> None:
-    """Outputs are never written over existing data."""
-    out = user_path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"output {out} already exists and is not empty; remove it or choose another path")
-
-
-def is_checkpoint(path: str | os.PathLike) -> bool:
+def is_checkpoint(path: PathLike) -> bool:
     path = user_path(path)
     return (path / "params").is_dir() or any(STEP_RE.match(p.name) for p in path.glob("step_*"))
 
 
-def resolve(ckpt: str | os.PathLike) -> tuple[epath.Path, int]:
+def resolve(ckpt: PathLike) -> tuple[epath.Path, int]:
     """(model_dir, step) for a model_dir (its latest complete step) or a step directory."""
     path = user_path(ckpt)
     m = STEP_RE.match(path.name)
@@ -88,7 +80,7 @@ def resolve(ckpt: str | os.PathLike) -> tuple[epath.Path, int]:
     return path, max(steps)
 
 
-def restore_items(ckpt: str | os.PathLike, **items: Any) -> Any:
+def restore_items(ckpt: PathLike, **items: Any) -> Any:
     model_dir, step = resolve(ckpt)
     mngr = manager(model_dir)
     try:
@@ -97,15 +89,15 @@ def restore_items(ckpt: str | os.PathLike, **items: Any) -> Any:
         mngr.close()
 
 
-def read_config(ckpt: str | os.PathLike) -> Config:
+def read_config(ckpt: PathLike) -> Config:
     return from_dict(restore_items(ckpt, config=ocp.args.JsonRestore())["config"])
 
 
-def read_meta(ckpt: str | os.PathLike) -> dict:
+def read_meta(ckpt: PathLike) -> dict:
     return restore_items(ckpt, meta=ocp.args.JsonRestore())["meta"]
 
 
-def read_tokenizer(ckpt: str | os.PathLike) -> Tokenizer | None:
+def read_tokenizer(ckpt: PathLike) -> Tokenizer | None:
     model_dir, step = resolve(ckpt)
     if not (model_dir / f"step_{step}" / "tokenizer").is_dir():
         return None
@@ -121,11 +113,11 @@ def abstract_params(cfg: Config, mesh: Mesh) -> Params:
         specs, shardings, is_leaf=lambda x: hasattr(x, "axes"))
 
 
-def restore_params(ckpt: str | os.PathLike, cfg: Config, mesh: Mesh) -> Params:
+def restore_params(ckpt: PathLike, cfg: Config, mesh: Mesh) -> Params:
     return restore_items(ckpt, params=ocp.args.StandardRestore(abstract_params(cfg, mesh)))["params"]
 
 
-def slim(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: str = "bf16") -> epath.Path:
+def slim(ckpt: PathLike, out: PathLike, dtype: str = "bf16") -> epath.Path:
     """A params-only copy of a checkpoint in a smaller dtype (no optimizer state): for sampling and serving."""
     from mtj.sharding import make_mesh
 

@@ -12,8 +12,9 @@ import json
 import math
 import types
 import typing
-from pathlib import Path
 from typing import Any
+
+from mtj.paths import PathLike, user_path, write_atomic
 
 
 class ConfigError(ValueError):
@@ -116,8 +117,8 @@ class Config:
     def replace(self, **changes: Any) -> "Config":
         return from_dict({**self.to_dict(), **changes})
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+    def save(self, path: PathLike) -> None:
+        write_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
 
 KEYS = tuple(f.name for f in dataclasses.fields(Config))
@@ -136,9 +137,9 @@ def from_dict(values: dict[str, Any]) -> Config:
     return Config(**values)
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def load_config(path: PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a JSON config and apply `key=value` overrides."""
-    path = Path(path)
+    path = user_path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
-import tempfile
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import ml_dtypes
 import numpy as np
+from etils import epath
 
 from mtj.config import Config, from_dict
 from mtj.model import Params, local_layers, param_specs
+from mtj.paths import PathLike, local_copy, published_dir, refuse_overwrite, user_path
 from mtj.safetensors_io import SafetensorsFile, write_safetensors
 from mtj.tokenizer import Tokenizer, find_tokenizer_files
 
@@ -280,22 +278,22 @@ def unflatten(items: Iterator[tuple[str, Any]]) -> Params:
 
 # --- HF directories ------------------------------------------------------------
 
-def is_hf_dir(path: str | Path) -> bool:
-    path = Path(path)
+def is_hf_dir(path: PathLike) -> bool:
+    path = user_path(path)
     if not (path / "config.json").is_file():
         return False
     return any(path.glob("*.safetensors")) or (path / "pytorch_model.bin").is_file()
 
 
-def read_hf_config(path: str | Path) -> dict[str, Any]:
-    return json.loads((Path(path) / "config.json").read_text())
+def read_hf_config(path: PathLike) -> dict[str, Any]:
+    return json.loads((user_path(path) / "config.json").read_text())
 
 
 class HFTensors:
     """Random access to the tensors of an HF directory, read lazily one at a time."""
 
-    def __init__(self, path: str | Path, allow_pickle: bool = False):
-        path = Path(path)
+    def __init__(self, path: PathLike, allow_pickle: bool = False):
+        path = user_path(path)
         self.files: dict[str, SafetensorsFile] = {}
         for shard in sorted(path.glob("*.safetensors")):
             f = SafetensorsFile(shard)
@@ -341,52 +339,35 @@ def hf_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
 EXPORT_DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": ml_dtypes.bfloat16}
 
 
-def _fresh_output(out: Path) -> Path:
-    """A temporary sibling of `out` to write into; refuses to overwrite existing data."""
-    from mtj.checkpoint import refuse_overwrite
-
-    refuse_overwrite(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    if out.exists():
-        out.rmdir()  # empty, checked by _fresh_output
-    os.replace(tmp, out)
-
-
-def import_hf(hf_dir: str | Path, out: str | Path, allow_pickle: bool = False, **overrides: Any) -> Path:
+def import_hf(hf_dir: PathLike, out: PathLike, allow_pickle: bool = False, **overrides: Any) -> epath.Path:
     """HF directory -> our checkpoint `out/step_0` (tokenizer included when the directory has one)."""
     from mtj import checkpoint
     from mtj.lm import place_params
     from mtj.sharding import make_mesh
 
-    hf_dir, out = Path(hf_dir), Path(out)
     if not is_hf_dir(hf_dir):
         raise FileNotFoundError(f"{hf_dir} is not a Hugging Face model directory (config.json + *.safetensors)")
-    checkpoint.refuse_overwrite(out)
-    cfg = config_from_hf(read_hf_config(hf_dir), cores_per_replica=1, **overrides)
-    tensors = HFTensors(hf_dir, allow_pickle=allow_pickle)
-    params = place_params(hf_to_params(tensors, cfg), cfg, make_mesh(mp=1, dp=1))
-    tok = find_tokenizer_files(hf_dir)
+    refuse_overwrite(out)
+    with local_copy(hf_dir) as local:  # safetensors are memory-mapped: a bucket's directory is downloaded
+        cfg = config_from_hf(read_hf_config(local), cores_per_replica=1, **overrides)
+        tensors = HFTensors(local, allow_pickle=allow_pickle)
+        params = place_params(hf_to_params(tensors, cfg), cfg, make_mesh(mp=1, dp=1))
+        tok = find_tokenizer_files(local)
     step_dir = checkpoint.save(out, 0, params, cfg, Tokenizer(tok) if tok else None)
-    cfg.save(out / "config.json")
+    cfg.save(user_path(out) / "config.json")
     return step_dir
 
 
-def export_hf(ckpt: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
+def export_hf(ckpt: PathLike, out: PathLike, dtype: str = "fp32") -> epath.Path:
     """Our checkpoint -> HF directory: config.json, model.safetensors, generation_config.json, tokenizer."""
     from mtj import checkpoint
     from mtj.sharding import make_mesh
 
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(EXPORT_DTYPES)}, got '{dtype}'")
-    out = Path(out)
     cfg = checkpoint.read_config(ckpt).replace(cores_per_replica=1)
     tokenizer = checkpoint.read_tokenizer(ckpt)
-    tmp = _fresh_output(out)
-    try:
+    with published_dir(out) as tmp:
         params = checkpoint.restore_params(ckpt, cfg, make_mesh(mp=1, dp=1))
 
         def get(path: str) -> np.ndarray:
@@ -403,8 +384,4 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
             {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos, "max_length": cfg.seq}, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return user_path(out)

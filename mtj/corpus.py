@@ -9,18 +9,17 @@ windows, exactly as the original create_finetune_tfrecords.py did.
 
 from __future__ import annotations
 
-import glob
 import io
 import json
-import os
 import random
 import tarfile
-from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
+from etils import epath
 from tqdm import tqdm
 
+from mtj.paths import PathLike, files_under, glob, user_path, write_atomic
 from mtj.tfrecord import write_tfrecords
 from mtj.tokenizer import EOS, Tokenizer
 
@@ -31,15 +30,15 @@ def _kind(name: str) -> str | None:
     return next((s for s in SUFFIXES if name.endswith(s)), None)
 
 
-def expand_inputs(spec: str | Path) -> list[Path]:
-    """Files named by a path, a directory (recursively) or a glob, sorted."""
-    path = Path(spec)
+def expand_inputs(spec: str) -> list[epath.Path]:
+    """Files named by a path, a directory (recursively) or a glob, sorted; local or in a bucket."""
+    path = user_path(spec)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and _kind(p.name))
+        files = [p for p in files_under(path) if _kind(p.name)]
     elif path.is_file():
         files = [path]
     else:
-        files = sorted(Path(p) for p in glob.glob(str(spec), recursive=True) if _kind(p))
+        files = [p for p in glob(spec) if _kind(p.name)]
     if not files:
         raise FileNotFoundError(f"no input found at '{spec}' (expected {', '.join(SUFFIXES)}, a directory or a glob)")
     return files
@@ -83,9 +82,9 @@ def _docs_from_stream(name: str, raw: io.BufferedIOBase) -> Iterator[str]:
                     yield from _docs_from_stream(f"{name}:{member.name}", tar.extractfile(member))
 
 
-def iter_documents(files: Iterable[Path]) -> Iterator[str]:
+def iter_documents(files: Iterable[epath.Path]) -> Iterator[str]:
     for path in files:
-        with open(path, "rb") as raw:
+        with path.open("rb") as raw:
             yield from _docs_from_stream(str(path), raw)
 
 
@@ -126,12 +125,12 @@ def pack(docs: list[np.ndarray], seq: int, n_repack_epochs: int = 1, seed: int =
     return np.concatenate(out) if out else np.zeros((0, seq + 1), np.int32)
 
 
-def create_tfrecords(inputs: str, name: str, output_dir: str | Path, tokenizer: Tokenizer, seq: int = 2048,
+def create_tfrecords(inputs: str, name: str, output_dir: PathLike, tokenizer: Tokenizer, seq: int = 2048,
                      normalize_with_ftfy: bool = False, min_unique_tokens: int = 0, n_repack_epochs: int = 1,
                      seed: int = 10, preserve_data_order: bool = False, max_file_sequences: int = 50_000,
-                     progress: bool = True) -> Path:
+                     progress: bool = True) -> epath.Path:
     """Tokenize `inputs` into {name}_{N}.tfrecords files (several for big inputs) and {name}.index."""
-    out = Path(output_dir)
+    out = user_path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     docs = list(iter_documents(expand_inputs(inputs)))
     if not docs:
@@ -157,7 +156,5 @@ def create_tfrecords(inputs: str, name: str, output_dir: str | Path, tokenizer: 
             files.append(path.name)
             bar.update(len(part))
     index = out / f"{name}.index"
-    tmp = index.with_name(f".{index.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(f + "\n" for f in files))
-    os.replace(tmp, index)
+    write_atomic(index, "".join(f + "\n" for f in files))  # entries relative to the index: the folder can move
     return index

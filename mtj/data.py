@@ -11,13 +11,15 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import warnings
-from pathlib import Path
-from typing import Protocol
+from typing import IO, Protocol
 
+import fsspec
 import numpy as np
+from etils import epath
 
 from mtj.corpus import expand_inputs, iter_documents, tokenize_documents, windows
-from mtj.tfrecord import RecordError, decode_example, read_record, scan_offsets
+from mtj.paths import PathLike, is_remote, user_path
+from mtj.tfrecord import RecordError, check_record, decode_example, read_record, scan_offsets
 from mtj.tokenizer import Tokenizer
 
 
@@ -60,16 +62,19 @@ def text_source(spec: str, seq: int, tokenizer: Tokenizer) -> ArraySource:
 class TFRecordSource:
     """The sequences of the TFRecord files listed in an .index file, by random access.
 
-    Opening reads only the 12-byte record headers (a truncated file fails here,
-    naming file and offset); each record's data CRC is checked when it is read.
+    Index entries are taken as written when absolute (a path or a URL) and relative to the index's
+    own location otherwise, so a data folder can be copied into a bucket whole. Opening reads only
+    the 12-byte record headers (a truncated file fails here, naming file and offset); each record's
+    data CRC is checked when it is read. From a bucket, a batch's records are fetched as concurrent
+    range reads (the loader reads batches ahead on a thread).
     """
 
-    def __init__(self, index: str | Path, seq: int, skip_corrupt: bool = False):
-        index = Path(index)
+    def __init__(self, index: PathLike, seq: int, skip_corrupt: bool = False):
+        index = user_path(index)
         if not index.is_file():
             raise FileNotFoundError(f"index file {index} does not exist")
         lines = [line.strip() for line in index.read_text().splitlines() if line.strip()]
-        self.files = [p if p.is_absolute() else index.parent / p for p in map(Path, lines)]
+        self.files = [user_path(p) if p.startswith("/") or is_remote(p) else index.parent / p for p in lines]
         if not self.files:
             raise ValueError(f"index file {index} lists no TFRecord files")
         self.seq, self.name, self.skip_corrupt = seq, str(index), skip_corrupt
@@ -86,12 +91,13 @@ class TFRecordSource:
         if not offsets:
             raise ValueError(f"the TFRecord files of {index} hold no records")
         self.file_ids, self.offsets, self.lengths = np.array(file_ids), np.array(offsets), np.array(lengths)
-        self._handles: dict[int, object] = {}
+        self._handles: dict[int, IO[bytes]] = {}
+        self._remote = {i: fsspec.core.url_to_fs(os.fspath(p)) for i, p in enumerate(self.files) if is_remote(p)}
         self.read(np.array([0]))  # fail now, not mid-run, on a length mismatch
 
-    def _verified(self, path: Path, records: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    def _verified(self, path: epath.Path, records: list[tuple[int, int]]) -> list[tuple[int, int]]:
         good = []
-        with open(path, "rb") as f:
+        with path.open("rb") as f:
             for offset, length in records:
                 try:
                     read_record(f, path, offset, length)
@@ -103,21 +109,38 @@ class TFRecordSource:
     def __len__(self) -> int:
         return len(self.offsets)
 
-    def _record(self, i: int) -> np.ndarray:
-        fid = int(self.file_ids[i])
-        path = self.files[fid]
-        if fid not in self._handles:
-            self._handles[fid] = open(path, "rb")
-        data = read_record(self._handles[fid], path, int(self.offsets[i]), int(self.lengths[i]))
-        tokens = decode_example(data)
-        if len(tokens) != self.seq + 1:
-            record = i - int(np.searchsorted(self.file_ids, fid))
-            raise RecordError(f"{path}: record {record} has {len(tokens)} tokens but seq+1={self.seq + 1} are "
-                              "needed; set 'seq' to match the data or re-run create_tfrecords.py with --seq")
-        return tokens
+    def _raw(self, indices: list[int]) -> list[bytes]:
+        """Each record's data and CRC bytes: local files by seek and read, remote ones in one concurrent call."""
+        out: dict[int, bytes] = {}
+        remote = [i for i in indices if int(self.file_ids[i]) in self._remote]
+        if remote:
+            fs = self._remote[int(self.file_ids[remote[0]])][0]
+            paths = [self._remote[int(self.file_ids[i])][1] for i in remote]
+            starts = [int(self.offsets[i]) for i in remote]
+            ends = [int(self.offsets[i] + self.lengths[i]) + 4 for i in remote]
+            out.update(zip(remote, fs.cat_ranges(paths, starts, ends)))
+        for i in indices:
+            if i not in out:
+                fid = int(self.file_ids[i])
+                if fid not in self._handles:
+                    self._handles[fid] = self.files[fid].open("rb")
+                f = self._handles[fid]
+                f.seek(int(self.offsets[i]))
+                out[i] = f.read(int(self.lengths[i]) + 4)
+        return [out[i] for i in indices]
 
     def read(self, indices: np.ndarray) -> np.ndarray:
-        return np.stack([self._record(int(i)) for i in indices]).astype(np.int32)
+        rows = []
+        for i, raw in zip(indices, self._raw([int(i) for i in indices])):
+            fid = int(self.file_ids[i])
+            path = self.files[fid]
+            tokens = decode_example(check_record(raw, path, int(self.offsets[i]), int(self.lengths[i])))
+            if len(tokens) != self.seq + 1:
+                record = int(i) - int(np.searchsorted(self.file_ids, fid))
+                raise RecordError(f"{path}: record {record} has {len(tokens)} tokens but seq+1={self.seq + 1} are "
+                                  "needed; set 'seq' to match the data or re-run create_tfrecords.py with --seq")
+            rows.append(tokens)
+        return np.stack(rows).astype(np.int32)
 
 
 def tfds_source(spec: str, seq: int, tokenizer: Tokenizer) -> ArraySource:
@@ -129,7 +152,7 @@ def tfds_source(spec: str, seq: int, tokenizer: Tokenizer) -> ArraySource:
         raise ImportError("tfds: data needs tensorflow-datasets: pip install tensorflow-datasets array_record") from None
     _, name, *rest = spec.split(":")
     split = rest[0] if rest else "train"
-    data_dir = os.environ.get("TFDS_DATA_DIR", str(Path.home() / "tensorflow_datasets"))
+    data_dir = os.environ.get("TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets"))
     source = tfds.data_source(name, split=split, data_dir=data_dir)
     texts = (source[i]["text"] for i in range(len(source)))
     docs = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in texts]

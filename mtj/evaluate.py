@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import jax
@@ -22,6 +21,7 @@ from tqdm import tqdm
 from mtj.config import Config
 from mtj.generate import bucket
 from mtj.model import Params, forward
+from mtj.paths import PathLike, user_path
 from mtj.tokenizer import Tokenizer, assets_dir
 
 if TYPE_CHECKING:
@@ -30,14 +30,14 @@ if TYPE_CHECKING:
 Request = tuple[str, str]  # (context, continuation)
 
 
-def lambada(path: str | Path | None = None) -> list[Request]:
+def lambada(path: PathLike | None = None) -> list[Request]:
     """LAMBADA (OpenAI's test set, as lm-eval's lambada_openai): predict each passage's last word."""
     if path is None:
         if assets_dir() is None:
             raise FileNotFoundError("the LAMBADA task reads $MTJ_ASSETS/eval/lambada_test.jsonl; set MTJ_ASSETS")
         path = assets_dir() / "eval" / "lambada_test.jsonl"
     requests = []
-    with open(path) as f:
+    with user_path(path).open() as f:
         for line in f:
             if line.strip():
                 context, word = json.loads(line)["text"].strip().rsplit(" ", 1)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Sequence
 
 import jax
@@ -14,6 +13,7 @@ from mtj import checkpoint, convert
 from mtj.config import Config
 from mtj.generate import Generator, TokenSink
 from mtj.model import Params, forward, param_axes
+from mtj.paths import PathLike, local_copy, user_path
 from mtj.sharding import make_mesh, named, tree_shardings
 from mtj.tokenizer import Tokenizer, find_tokenizer_files
 
@@ -77,17 +77,18 @@ def truncate_at_stop(text: str, stop: str | Sequence[str] | None) -> str:
     return text[:cut]
 
 
-def load(path: str | Path, mp: int = 1, **overrides: Any) -> LM:
+def load(path: PathLike, mp: int = 1, **overrides: Any) -> LM:
     """Load our checkpoint (model_dir or step dir) or an HF directory onto `mp` devices.
 
     `overrides` replace config keys, e.g. dtype="float32".
     """
-    path = Path(path)
+    path = user_path(path)
     mesh = make_mesh(mp=mp, dp=1)
     if convert.is_hf_dir(path):
-        cfg = convert.config_from_hf(convert.read_hf_config(path), cores_per_replica=mp, **overrides)
-        params = place_params(convert.hf_to_params(convert.HFTensors(path), cfg), cfg, mesh)
-        tok = find_tokenizer_files(path)
+        with local_copy(path) as local:  # safetensors are memory-mapped: a bucket's directory is downloaded
+            cfg = convert.config_from_hf(convert.read_hf_config(local), cores_per_replica=mp, **overrides)
+            params = place_params(convert.hf_to_params(convert.HFTensors(local), cfg), cfg, mesh)
+            tok = find_tokenizer_files(local)
         return LM(cfg, params, mesh, Tokenizer(tok) if tok else None)
     if checkpoint.is_checkpoint(path):
         cfg = checkpoint.read_config(path).replace(cores_per_replica=mp, **overrides)

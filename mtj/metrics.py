@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import platform
+import shutil
+import tempfile
 import time
-from pathlib import Path
+import warnings
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from etils import epath
 
 from mtj.config import Config
 from mtj.model import count_params
+from mtj.paths import PathLike, files_under, is_remote, user_path, write_atomic
 
 # Dense bf16 peak FLOP/s per JAX device (a TPU v2/v3 device is one core).
 PEAK_FLOPS = {"TPU v2": 22.5e12, "TPU v3": 61.5e12, "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
@@ -29,13 +34,13 @@ def flops_per_token(cfg: Config) -> float:
     return 6 * n + 12 * cfg.layers * cfg.n_heads * cfg.head_dim * cfg.seq
 
 
-def _cache_path() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mtj" / "cpu_peak.json"
+def _cache_path() -> epath.Path:
+    return user_path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "mtj" / "cpu_peak.json"
 
 
 def _cpu_model() -> str:
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in user_path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:
@@ -57,10 +62,7 @@ def measure_cpu_peak(dtype: str) -> float:
     for _ in range(reps):
         f(a, a).block_until_ready()
     cache[key] = 2 * n**3 * reps / (time.perf_counter() - t)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(cache))
-    os.replace(tmp, path)  # concurrent runs never see a half-written cache
+    write_atomic(path, json.dumps(cache))  # concurrent runs never see a half-written cache
     return cache[key]
 
 
@@ -75,20 +77,50 @@ def peak_flops(dtype: str) -> float:
     return float("nan")
 
 
-class MetricsLog:
-    """Appends one JSON object per logged step to metrics.jsonl; mirrors to TensorBoard and wandb."""
+def read_metrics(path: PathLike) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl; a torn last line (a crash or a full disk mid-write) is skipped with a warning."""
+    path = user_path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    for n, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n < len(lines):
+                raise ValueError(f"{path}: line {n} is not JSON (only a torn last line is tolerated)") from None
+            warnings.warn(f"{path}: skipping its torn last line {n}")
+    return rows
 
-    def __init__(self, run_dir: Path, cfg: Config, enabled: bool = True):
+
+class MetricsLog:
+    """One JSON object per logged step in `run_dir/metrics.jsonl`, mirrored to TensorBoard and wandb.
+
+    Opening keeps the rows of steps up to `keep_until` (the checkpoint a run resumes from; rows a
+    killed run logged past it are dropped), rewritten atomically. A local run_dir is appended to
+    line by line. Objects in a bucket cannot be appended to: the log is kept in a local staging
+    directory and uploaded whole (metrics.jsonl, the TensorBoard events) by `sync`, which training
+    calls at every checkpoint and at the end, so the bucket's log matches its checkpoints.
+    """
+
+    def __init__(self, run_dir: PathLike, cfg: Config, enabled: bool = True, keep_until: int = 0):
         self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
+        self.run_dir = user_path(run_dir)
         self.tb = self.wandb = None
         if not enabled:
             return
-        run_dir.mkdir(parents=True, exist_ok=True)
+        self.staging = user_path(tempfile.mkdtemp(prefix="mtj-metrics-")) if is_remote(self.run_dir) else None
+        local = self.staging or self.run_dir
+        local.mkdir(parents=True, exist_ok=True)
+        self.path = local / "metrics.jsonl"
+        kept = [r for r in read_metrics(self.run_dir / "metrics.jsonl") if r["step"] <= keep_until]
+        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        self.sync()
         try:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            self.tb = SummaryWriter(str(local / "tensorboard"))
         except ImportError:
             pass
         if cfg.wandb_project:
@@ -102,7 +134,7 @@ class MetricsLog:
     def write(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
+        with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         step = row["step"]
         for key, value in row.items():
@@ -112,21 +144,33 @@ class MetricsLog:
         if self.wandb is not None:
             self.wandb.log(row, step=step)
 
+    def sync(self) -> None:
+        """Upload the staged log to a bucket run_dir (each file whole); nothing to do for a local one."""
+        if not self.enabled or self.staging is None:
+            return
+        if self.tb is not None:
+            self.tb.flush()
+        for f in files_under(self.staging):
+            write_atomic(self.run_dir / os.fspath(f.relative_to(self.staging)), f.read_bytes())
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        self.sync()
         if self.wandb is not None:
             self.wandb.finish()
+        if self.enabled and self.staging is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
 
 
-def plot_loss_curve(metrics_path: Path, out: Path) -> None:
+def plot_loss_curve(metrics_path: PathLike, out: PathLike) -> None:
     """loss (and validation) against step, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rows = read_metrics(metrics_path)
     fig, ax = plt.subplots(figsize=(7, 4))
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     if train:
@@ -138,5 +182,7 @@ def plot_loss_curve(metrics_path: Path, out: Path) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
+    write_atomic(out, png.getvalue())

@@ -12,16 +12,17 @@ where each one goes in our tree and how its shards join.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any, Iterator
 
 import ml_dtypes
 import numpy as np
+from etils import epath
 from tqdm import tqdm
 
 from mtj.config import Config, load_config
 from mtj.convert import pad_vocab, spec_at
 from mtj.model import param_specs
+from mtj.paths import PathLike, refuse_overwrite, user_path
 
 FILES_PER_SHARD = 16
 PREFIX = "causal_transformer_shard/~/"
@@ -76,8 +77,8 @@ def _leaf_name(row: V1Param, layer: int | None) -> str:
 class V1Shards:
     """Lazy access to leaf n of every model shard of a v1 step directory (nothing is read until asked)."""
 
-    def __init__(self, step_dir: str | Path, shards: int):
-        step_dir = Path(step_dir)
+    def __init__(self, step_dir: PathLike, shards: int):
+        step_dir = user_path(step_dir)
         if not step_dir.is_dir():
             raise FileNotFoundError(f"v1 checkpoint directory {step_dir} does not exist")
         self.shards: list[list[tuple[Any, str]]] = []  # per shard: (open npz, key) per leaf
@@ -89,7 +90,7 @@ class V1Shards:
                     raise FileNotFoundError(f"{path} is missing: a v1 step directory has shard_0..shard_{shards - 1} "
                                             f"(cores_per_replica={shards} in --config), each with "
                                             f"0..{FILES_PER_SHARD - 1}.npz")
-                npz = np.load(path)
+                npz = np.load(path.open("rb"))  # leaves are read lazily, from a bucket too
                 leaves += [(npz, k) for k in sorted(npz.files, key=lambda k: int(k.split("_")[-1]))]
             self.shards.append(leaves)
         counts = {len(leaves) for leaves in self.shards}
@@ -150,15 +151,15 @@ def v1_to_params(shards: V1Shards, cfg: Config) -> Iterator[tuple[str, np.ndarra
     yield from values.items()
 
 
-def import_v1(step_dir: str | Path, config: str | Path, out: str | Path, **overrides: Any) -> Path:
+def import_v1(step_dir: PathLike, config: PathLike, out: PathLike, **overrides: Any) -> epath.Path:
     """A v1 step directory + its original config JSON -> our checkpoint `out/step_0` (params only)."""
     from mtj import checkpoint
     from mtj.lm import place_params
     from mtj.sharding import make_mesh
     from mtj.tokenizer import load_tokenizer
 
-    out = Path(out)
-    checkpoint.refuse_overwrite(out)
+    out = user_path(out)
+    refuse_overwrite(out)
     original = load_config(config)  # validation rejects what a GPT-J cannot be (pe, norm)
     if original.model_type != "gptj":
         raise ValueError(f"v1 checkpoints are GPT-J models; {config} sets model_type '{original.model_type}'")

@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import os
 import struct
-from pathlib import Path
 from typing import Iterable, Iterator
 
 import ml_dtypes
 import numpy as np
+
+from mtj.paths import PathLike, user_path
 
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -25,9 +26,9 @@ NAMES = {v: k for k, v in DTYPES.items()}
 
 
 class SafetensorsFile:
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        with open(self.path, "rb") as f:
+    def __init__(self, path: PathLike):
+        self.path = user_path(path)  # a local file: it is memory-mapped
+        with self.path.open("rb") as f:
             raw = f.read(8)
             if len(raw) != 8:
                 raise ValueError(f"{self.path} is not a safetensors file (shorter than 8 bytes)")
@@ -50,7 +51,7 @@ class SafetensorsFile:
         return buf.view(DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
-def write_safetensors(path: str | Path, shapes: dict[str, tuple[tuple[int, ...], np.dtype]],
+def write_safetensors(path: PathLike, shapes: dict[str, tuple[tuple[int, ...], np.dtype]],
                       tensors: Iterable[tuple[str, np.ndarray]], metadata: dict[str, str] | None = None) -> None:
     """Write tensors (given as an iterator, in any order) whose names/shapes/dtypes are known up front.
 
@@ -65,7 +66,7 @@ def write_safetensors(path: str | Path, shapes: dict[str, tuple[tuple[int, ...],
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     written: set[str] = set()
-    with open(path, "wb") as f:
+    with user_path(path).open("wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         data_start = f.tell()
@@ -81,7 +82,7 @@ def write_safetensors(path: str | Path, shapes: dict[str, tuple[tuple[int, ...],
         raise ValueError(f"tensors declared but never written: {sorted(missing)[:5]}")
 
 
-def read_all(path: str | Path) -> Iterator[tuple[str, np.ndarray]]:
+def read_all(path: PathLike) -> Iterator[tuple[str, np.ndarray]]:
     f = SafetensorsFile(path)
     for key in f.keys():
         yield key, f.get(key)

@@ -8,14 +8,14 @@ varints are packed and unpacked with numpy.
 
 from __future__ import annotations
 
-import os
 import struct
 import warnings
-from pathlib import Path
-from typing import Iterable
+from typing import IO, Iterable
 
 import google_crc32c
 import numpy as np
+
+from mtj.paths import PathLike, open_atomic, user_path
 
 
 class RecordError(ValueError):
@@ -138,30 +138,25 @@ def decode_example(data: bytes, feature: str = "text") -> np.ndarray:
 
 # --- files -----------------------------------------------------------------------
 
-def write_tfrecords(path: str | Path, sequences: Iterable[np.ndarray]) -> int:
-    """Write sequences as Examples atomically (temporary file, then rename); returns the count."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def write_tfrecords(path: PathLike, sequences: Iterable[np.ndarray]) -> int:
+    """Write sequences as Examples atomically (aside, then renamed into place); returns the count."""
     count = 0
-    try:
-        with open(tmp, "wb") as f:
-            for seq in sequences:
-                data = encode_example(seq)
-                header = struct.pack("<Q", len(data))
-                f.write(header + struct.pack("<I", masked_crc32c(header)) + data + struct.pack("<I", masked_crc32c(data)))
-                count += 1
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with open_atomic(path) as f:
+        for seq in sequences:
+            data = encode_example(seq)
+            header = struct.pack("<Q", len(data))
+            f.write(header + struct.pack("<I", masked_crc32c(header)) + data + struct.pack("<I", masked_crc32c(data)))
+            count += 1
     return count
 
 
-def scan_offsets(path: str | Path, skip_corrupt: bool = False) -> list[tuple[int, int]]:
-    """(offset of data, length) of every record, reading only the 12-byte headers."""
-    path = Path(path)
-    size = path.stat().st_size
+def scan_offsets(path: PathLike, skip_corrupt: bool = False) -> list[tuple[int, int]]:
+    """(offset of data, length) of every record, reading only the 12-byte headers (a file in a bucket is
+    streamed through in blocks: memory holds one)."""
+    path = user_path(path)
+    size = path.stat().length
     offsets = []
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         pos = 0
         while pos < size:
             header = f.read(12)
@@ -187,19 +182,23 @@ def scan_offsets(path: str | Path, skip_corrupt: bool = False) -> list[tuple[int
     return offsets
 
 
-def read_record(f, path: Path, offset: int, length: int) -> bytes:
-    f.seek(offset)
-    data = f.read(length + 4)
-    if len(data) < length + 4:
+def check_record(raw: bytes, path: PathLike, offset: int, length: int) -> bytes:
+    """The data of a record read as `length` data bytes + 4 CRC bytes from `offset`, verified."""
+    if len(raw) < length + 4:
         raise RecordError(f"{path}: truncated record at byte offset {offset - 12}")
-    (crc,) = struct.unpack("<I", data[length:])
-    if crc != masked_crc32c(data[:length]):
+    (crc,) = struct.unpack("<I", raw[length:length + 4])
+    if crc != masked_crc32c(raw[:length]):
         raise RecordError(f"{path}: bad data CRC in the record at byte offset {offset - 12}")
-    return data[:length]
+    return raw[:length]
 
 
-def iter_records(path: str | Path) -> Iterable[bytes]:
-    path = Path(path)
-    with open(path, "rb") as f:
+def read_record(f: IO[bytes], path: PathLike, offset: int, length: int) -> bytes:
+    f.seek(offset)
+    return check_record(f.read(length + 4), path, offset, length)
+
+
+def iter_records(path: PathLike) -> Iterable[bytes]:
+    path = user_path(path)
+    with path.open("rb") as f:
         for offset, length in scan_offsets(path):
             yield read_record(f, path, offset, length)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import tokenizers
+from etils import epath
 from tokenizers import decoders, models, pre_tokenizers, processors
+
+from mtj.paths import PathLike, local_copy, user_path
 
 EOS = "<|endoftext|>"
 # Known names resolve inside $MTJ_ASSETS (offline copies of the hub files).
@@ -43,21 +45,21 @@ class Tokenizer:
     def from_json(cls, text: str) -> "Tokenizer":
         return cls(tokenizers.Tokenizer.from_str(text))
 
-    def save_pretrained(self, out: str | Path) -> None:
-        """Files that `transformers.AutoTokenizer.from_pretrained` reads."""
-        out = Path(out)
+    def save_pretrained(self, out: PathLike) -> None:
+        """Files that `transformers.AutoTokenizer.from_pretrained` reads (into a local directory)."""
+        out = user_path(out)
         self.backend.save(str(out / "tokenizer.json"))
         special = {"bos_token": EOS, "eos_token": EOS, "unk_token": EOS} if self.eos_id is not None else {}
         (out / "tokenizer_config.json").write_text(json.dumps(
             {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 2048, **special}, indent=2))
 
 
-def assets_dir() -> Path | None:
+def assets_dir() -> epath.Path | None:
     env = os.environ.get("MTJ_ASSETS")
-    return Path(env) if env else None
+    return user_path(env) if env else None
 
 
-def _gpt2_bpe(vocab: Path, merges: Path) -> tokenizers.Tokenizer:
+def _gpt2_bpe(vocab: epath.Path, merges: epath.Path) -> tokenizers.Tokenizer:
     tok = tokenizers.Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
@@ -67,7 +69,7 @@ def _gpt2_bpe(vocab: Path, merges: Path) -> tokenizers.Tokenizer:
     return tok
 
 
-def find_tokenizer_files(path: Path) -> tokenizers.Tokenizer | None:
+def find_tokenizer_files(path: epath.Path) -> tokenizers.Tokenizer | None:
     """A tokenizer from a file or a directory, or None if the directory has none."""
     if path.is_file():
         return tokenizers.Tokenizer.from_file(str(path))
@@ -81,7 +83,7 @@ def find_tokenizer_files(path: Path) -> tokenizers.Tokenizer | None:
 def load_tokenizer(spec: str | None, model_type: str = "gptj") -> Tokenizer:
     """Resolve the `tokenizer` config key (None: the family's default)."""
     spec = spec or FAMILY_DEFAULT[model_type]
-    path = Path(spec).expanduser()
+    path = user_path(spec)
     if not path.exists() and spec in KNOWN:
         assets = assets_dir()
         if assets is None:
@@ -92,7 +94,8 @@ def load_tokenizer(spec: str | None, model_type: str = "gptj") -> Tokenizer:
     if not path.exists():
         raise FileNotFoundError(f"tokenizer '{spec}' not found: give a tokenizer.json, a directory with "
                                 f"vocab.json+merges.txt, or one of {sorted(KNOWN)} with MTJ_ASSETS set")
-    tok = find_tokenizer_files(path)
+    with local_copy(path) as local:  # the tokenizers library reads local files
+        tok = find_tokenizer_files(local)
     if tok is None:
         raise FileNotFoundError(f"no tokenizer.json or vocab.json+merges.txt in {path}")
     return Tokenizer(tok)

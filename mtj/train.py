@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -25,6 +23,7 @@ from mtj.metrics import MetricsLog, flops_per_token, peak_flops, plot_loss_curve
 from mtj.loss import head_cross_entropy
 from mtj.model import Params, hidden, init_params, output_head, param_axes
 from mtj.optim import optimizer, schedule
+from mtj.paths import PathLike, user_path
 from mtj.sharding import make_mesh, tree_shardings
 from mtj.tokenizer import Tokenizer, load_tokenizer
 
@@ -153,7 +152,7 @@ def _check_same_model(cfg: Config, other: Config, source: str) -> None:
         raise ValueError(f"the checkpoint {source} has a different model shape: " + "; ".join(diff))
 
 
-def _restore_state(trainer: Trainer, ckpt: str | Path, with_opt: bool, resume: bool) -> State:
+def _restore_state(trainer: Trainer, ckpt: PathLike, with_opt: bool, resume: bool) -> State:
     """Resume (the checkpoint's step) or fine-tune (its weights at step 0) from a checkpoint."""
     _check_same_model(trainer.cfg, checkpoint.read_config(ckpt), str(ckpt))
     abstract = trainer.abstract_state
@@ -170,13 +169,6 @@ def _restore_state(trainer: Trainer, ckpt: str | Path, with_opt: bool, resume: b
     return {"params": restored["params"], "opt_state": opt_state, "step": step_arr}
 
 
-def _truncate_metrics(path: Path, after_step: int) -> None:
-    """Drop rows a killed run logged past the checkpoint we resume from."""
-    if path.is_file():
-        rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= after_step]
-        path.write_text("".join(r + "\n" for r in rows))
-
-
 def _harness_tasks(cfg: Config, tokenizer: Tokenizer, lead: bool) -> dict[str, list]:
     """The encoded eval_harness_tasks that mtj knows; the others (the original configs name
     lm-eval tasks mtj does not have yet) are skipped with a warning, not an error."""
@@ -191,8 +183,7 @@ def train(cfg: Config, tune_model_path: str | None = None, fresh_opt: bool = Fal
     """Train to cfg.total_steps, resuming from the latest checkpoint in model_dir if there is one."""
     trainer = Trainer(cfg, mesh)
     lead = jax.process_index() == 0
-    out = run_dir(cfg)
-    local = Path(out) if not cfg.bucket else None
+    out = user_path(run_dir(cfg))
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.model_type)
     loader = trainer.loader(cfg.train_set, tokenizer)
     val = {name: trainer.loader(spec, tokenizer, shuffle=False) for name, spec in cfg.val_set.items()} \
@@ -207,19 +198,15 @@ def train(cfg: Config, tune_model_path: str | None = None, fresh_opt: bool = Fal
         loader.restore(checkpoint.read_meta(out)["data"])
         if lead:
             print(f"resuming {out} from step {latest}")
-            if local:
-                _truncate_metrics(local / "metrics.jsonl", latest)
     elif tune_model_path:
         state = _restore_state(trainer, tune_model_path, with_opt=not fresh_opt, resume=False)
         if lead:
             print(f"fine-tuning from {tune_model_path}" + (" with a fresh optimizer" if fresh_opt else ""))
     else:
         state = trainer.init()
-    if lead and local:
-        local.mkdir(parents=True, exist_ok=True)
-        cfg.save(local / "config.json")
-
-    log = MetricsLog(local or Path("."), cfg, enabled=lead and local is not None)
+    if lead:
+        cfg.save(out / "config.json")
+    log = MetricsLog(out, cfg, enabled=lead, keep_until=latest or 0)
     tokens_per_step = cfg.gradient_accumulation_steps * trainer.global_batch * cfg.seq
     flops_token, peak = flops_per_token(cfg), peak_flops(cfg.dtype)
     # Fault injection for the crash tests: a real SIGKILL at a chosen point.
@@ -230,6 +217,7 @@ def train(cfg: Config, tune_model_path: str | None = None, fresh_opt: bool = Fal
         meta = {"step": step, "data": loader.state(), "rng": np.asarray(jax.random.key_data(
             jax.random.fold_in(jax.random.key(cfg.seed), step))).tolist()}
         mngr.save(step, args=checkpoint.save_args(state["params"], cfg, tokenizer, state["opt_state"], meta))
+        log.sync()  # a bucket's metrics.jsonl keeps up with its checkpoints
         if step == kill_in_save:
             os.kill(os.getpid(), signal.SIGKILL)  # the async write is in flight
 
@@ -264,7 +252,7 @@ def train(cfg: Config, tune_model_path: str | None = None, fresh_opt: bool = Fal
     bar.close()
     mngr.wait_until_finished()
     mngr.close()
+    if lead:
+        plot_loss_curve(log.path, out / "loss.png")
     log.close()
-    if lead and local and (local / "metrics.jsonl").is_file():
-        plot_loss_curve(local / "metrics.jsonl", local / "loss.png")
     return state

@@ -14,6 +14,7 @@ os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 
 from mtj.compile_check import check  # noqa: E402
 from mtj.config import load_config  # noqa: E402
+from mtj.cli import run  # noqa: E402
 
 
 def overrides(fixes: dict) -> str:
@@ -66,4 +67,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

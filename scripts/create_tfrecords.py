@@ -9,6 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mtj.corpus import create_tfrecords  # noqa: E402
 from mtj.tokenizer import load_tokenizer  # noqa: E402
+from mtj.cli import run  # noqa: E402
 
 
 def main() -> None:
@@ -35,4 +36,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mtj  # noqa: E402
 from mtj import distributed  # noqa: E402
 from mtj.evaluate import KNOWN_TASKS, TASKS, evaluate  # noqa: E402
+from mtj.cli import run  # noqa: E402
 
 
 def main() -> None:
@@ -44,4 +45,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

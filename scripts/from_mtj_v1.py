@@ -9,6 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mtj.config import parse_overrides  # noqa: E402
 from mtj.mtj_v1 import import_v1  # noqa: E402
+from mtj.cli import run  # noqa: E402
 
 
 def main() -> None:
@@ -23,4 +24,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -11,6 +11,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mtj  # noqa: E402
 from mtj import distributed  # noqa: E402
 from mtj.lm import LM  # noqa: E402
+from mtj.paths import user_path  # noqa: E402
+from mtj.cli import run  # noqa: E402
 
 
 def complete(lm: LM, prompt: str, args: argparse.Namespace) -> None:
@@ -62,7 +64,7 @@ def main() -> None:
     distributed.initialize(args)
     lm = mtj.load(args.ckpt, mp=args.mp)
     if args.prompt is not None or args.prompt_file:
-        complete(lm, args.prompt if args.prompt is not None else Path(args.prompt_file).read_text(), args)
+        complete(lm, args.prompt if args.prompt is not None else user_path(args.prompt_file).read_text(), args)
         return
     if sys.stdin.isatty():
         print("Interactive sampling: type a prompt and press Enter (Ctrl-D to quit).", file=sys.stderr)
@@ -72,4 +74,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

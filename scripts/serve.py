@@ -11,7 +11,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mtj  # noqa: E402
 from mtj import distributed  # noqa: E402
+from mtj.paths import user_path  # noqa: E402
 from mtj.serve import Server  # noqa: E402
+from mtj.cli import run  # noqa: E402
 
 
 def main() -> None:
@@ -28,7 +30,7 @@ def main() -> None:
     distributed.initialize(args)
     lm = mtj.load(args.ckpt, mp=args.mp)
     server = Server(lm, args.host, args.port, args.max_batch, args.max_queue, args.max_tokens,
-                    model_name=Path(args.ckpt).name)
+                    model_name=user_path(args.ckpt).name)
     lm.generate_tokens([[0]], max_new_tokens=1, temperature=0)  # compile the common shapes before taking traffic
 
     # Graceful: stop accepting, finish queued work, then exit. shutdown() runs in a thread
@@ -49,4 +51,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -1,0 +1,35 @@
+"""What every command does with a user's mistake: one line on stderr that names it, exit status 1."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Callable
+
+from mtj.config import ConfigError
+from mtj.tfrecord import RecordError
+
+USER_ERRORS = (ConfigError, RecordError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
+               NotADirectoryError)
+
+
+def _urls() -> list[str]:
+    return [word.split("=", 1)[-1] for word in sys.argv[1:] if "://" in word]
+
+
+def run(main: Callable[[], None]) -> None:
+    """Call `main`; errors a user can fix print as one line instead of a stack trace."""
+    logging.getLogger("gcsfs").setLevel(logging.CRITICAL)  # its retry tracebacks; the error below says it once
+    try:
+        main()
+    except USER_ERRORS as e:
+        message, urls = str(e), _urls()
+        if urls and "://" not in message:  # gcsfs names the object as "b/BUCKET/o/NAME", not as the user wrote it
+            kind = "not found (no such bucket or object)" if isinstance(e, FileNotFoundError) else message
+            message = f"{', '.join(urls)}: {kind}" + (f" [{e}]" if kind != message else "")
+        sys.exit(f"error: {message}")
+    except OSError as e:  # unreachable storage: aiohttp (gcsfs) and google-auth errors say host, not URL
+        if not isinstance(e, ConnectionError) and type(e).__module__.split(".")[0] not in ("aiohttp", "gcsfs", "google"):
+            raise
+        sys.exit(f"error: cannot reach {', '.join(_urls()) or 'the storage'}: {e}. Check the network and the "
+                 "credentials (for a local emulator, STORAGE_EMULATOR_HOST)")
