@@ -24,9 +24,10 @@ def run(main: Callable[[], None]) -> None:
         main()
     except USER_ERRORS as e:
         message, urls = str(e), _urls()
-        if urls and "://" not in message:  # gcsfs names the object as "b/BUCKET/o/NAME", not as the user wrote it
-            kind = "not found (no such bucket or object)" if isinstance(e, FileNotFoundError) else message
-            message = f"{', '.join(urls)}: {kind}" + (f" [{e}]" if kind != message else "")
+        if urls and "://" not in message and isinstance(e, (FileNotFoundError, PermissionError)):
+            # gcsfs names objects "b/BUCKET/o/NAME", not as the user wrote them
+            hint = "no such bucket or object" if isinstance(e, FileNotFoundError) else "permission denied"
+            message = f"{', '.join(urls)}: {hint} ({message})"
         sys.exit(f"error: {message}")
     except OSError as e:  # unreachable storage: aiohttp (gcsfs) and google-auth errors say host, not URL
         if not isinstance(e, ConnectionError) and type(e).__module__.split(".")[0] not in ("aiohttp", "gcsfs", "google"):

@@ -65,7 +65,13 @@ def write_atomic(path: PathLike, data: bytes | str) -> None:
 def files_under(path: PathLike) -> list[epath.Path]:
     """Every file below a directory, recursively, sorted (a bucket is listed, not globbed with **)."""
     root = user_path(path)
-    return sorted(root / d / f for d, _, names in root.walk() for f in names) if root.is_dir() else []
+    if not root.is_dir():
+        return []
+    if is_remote(root):  # epath's walk drops the scheme of a bucket's paths
+        scheme = os.fspath(root).split("://")[0]
+        fs, stripped = fsspec.core.url_to_fs(os.fspath(root))
+        return sorted(user_path(f"{scheme}://{f}") for f in fs.find(stripped))
+    return sorted(root / d / f for d, _, names in root.walk() for f in names)
 
 
 def glob(pattern: PathLike) -> list[epath.Path]:

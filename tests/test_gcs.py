@@ -11,7 +11,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 import mtj
-from conftest import REPO, assets, hf_logits
+from conftest import REPO, assets, hf_gptj, hf_logits
 from mtj import checkpoint
 from test_scale import launch
 from test_serve import free_port
@@ -174,3 +174,19 @@ def test_storage_mistakes_are_one_line_errors_naming_the_url(gcs_bucket):
                                  cwd=REPO, capture_output=True, text=True,
                                  env={**os.environ, "STORAGE_EMULATOR_HOST": "http://127.0.0.1:9"})
     one_line_error(unreachable, f"{gcs_bucket}/c.json", "cannot reach")
+
+
+def test_import_from_hf_and_slim_within_a_bucket(gcs_dir, tmp_path):
+    local = hf_gptj(tmp_path / "hf")
+    for f in local.iterdir():  # an HF directory kept in a bucket
+        (epath.Path(gcs_dir) / "hf" / f.name).write_bytes(f.read_bytes())
+    imported = cli("from_hf.py", "--hf", f"{gcs_dir}/hf", "--out", f"{gcs_dir}/ckpt")
+    assert imported.returncode == 0, imported.stderr[-2000:]
+    slimmed = cli("slim.py", "--ckpt", f"{gcs_dir}/ckpt", "--out", f"{gcs_dir}/slim", "--dtype", "bf16")
+    assert slimmed.returncode == 0, slimmed.stderr[-2000:]
+    tokens = np.array([[1, 2, 3, 4, 5]])
+    expected = hf_logits(local, tokens)
+    for ckpt, atol in (("hf", 1e-4), ("ckpt", 1e-4), ("slim", 0.02 * np.abs(expected).max())):  # bf16 weights
+        got = mtj.load(f"{gcs_dir}/{ckpt}", dtype="float32").logits(tokens)  # read straight from the bucket
+        np.testing.assert_allclose(got, expected, atol=atol, rtol=0, err_msg=ckpt)
+    no_local_gs_dirs(REPO, tmp_path)
