@@ -221,8 +221,14 @@ def _check_consistency(c: Config) -> None:
     _require(c.activation in ACTIVATIONS, f"config key 'activation' must be one of {ACTIVATIONS}, got '{c.activation}'")
     _require(c.norm == "layernorm", f"config key 'norm' must be 'layernorm', got '{c.norm}'")
     for key in ("layers", "d_model", "n_heads", "n_vocab", "seq", "cores_per_replica", "per_replica_batch",
-                "gradient_accumulation_steps", "window_size", "log_every"):
-        _require(getattr(c, key) > 0, f"config key '{key}' must be positive, got {getattr(c, key)}")
+                "gradient_accumulation_steps", "window_size", "log_every", "d_head", "d_ff", "tpu_size",
+                "layer_norm_eps", "rotary_base"):
+        value = getattr(c, key)
+        _require(value is None or (math.isfinite(value) and value > 0), f"config key '{key}' must be positive, got {value}")
+    for key in ("warmup_steps", "anneal_steps", "total_steps", "val_batches", "val_every", "ckpt_every",
+                "keep_every", "keep_last", "lr", "end_lr", "weight_decay", "z_loss"):
+        value = getattr(c, key)
+        _require(math.isfinite(value) and value >= 0, f"config key '{key}' must be 0 or more, got {value}")
     if c.d_head is None:
         _require(c.d_model % c.n_heads == 0,
                  f"n_heads={c.n_heads} does not divide d_model={c.d_model} (keys 'n_heads', 'd_model'); set 'd_head' to use other sizes")

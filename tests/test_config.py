@@ -60,6 +60,16 @@ def test_inconsistent_shapes_name_keys(values, keys):
         assert key in str(e.value)
 
 
+@pytest.mark.parametrize("key,value", [
+    ("lr", float("nan")), ("lr", -1e-4), ("end_lr", float("inf")), ("total_steps", -1), ("warmup_steps", -5),
+    ("keep_last", -1), ("weight_decay", -0.1), ("z_loss", -1.0), ("layer_norm_eps", 0.0), ("layer_norm_eps", -1e-5),
+    ("rotary_base", 0.0), ("d_model", 0), ("seq", -2048), ("d_ff", 0), ("d_head", -64), ("tpu_size", 0),
+])
+def test_out_of_range_values_name_key_and_range(key, value):
+    with pytest.raises(ConfigError, match=rf"'{key}' must be (positive|0 or more), got {value}"):
+        from_dict({key: value})
+
+
 def test_odd_vocab_is_padded_for_the_mesh():
     assert Config(n_vocab=50257, cores_per_replica=1).padded_vocab == 50304
     assert Config(n_vocab=50257, cores_per_replica=8).padded_vocab == 50304
