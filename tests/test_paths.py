@@ -56,3 +56,19 @@ def test_glob_spans_directories_locally(tmp_path):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("t")
     assert [p.name for p in glob(tmp_path / "**" / "*.txt")] == ["y.txt", "x.txt"]  # a/b/y.txt, a/x.txt
+
+
+def test_a_torn_metrics_line_is_skipped_and_the_log_rewritten_whole(tmp_path):
+    from mtj.config import Config
+    from mtj.metrics import MetricsLog, read_metrics
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1, "loss": 5.0}\n{"step": 2, "loss": 4.0}\n{"step": 3, "lo')  # a crash mid-write
+    with pytest.warns(UserWarning, match="torn last line 3"):
+        assert [r["step"] for r in read_metrics(log)] == [1, 2]
+    with pytest.warns(UserWarning):
+        MetricsLog(tmp_path, Config(), keep_until=1).close()  # resuming from step 1
+    assert log.read_text() == '{"step": 1, "loss": 5.0}\n'
+    log.write_text('{"step": 1}\n{"st\n{"step": 3}\n')
+    with pytest.raises(ValueError, match="line 2 is not JSON"):
+        read_metrics(log)
