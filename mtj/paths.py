@@ -62,6 +62,12 @@ def write_atomic(path: PathLike, data: bytes | str) -> None:
         f.write(data.encode() if isinstance(data, str) else data)
 
 
+def _stream(src: epath.Path, dst: IO[bytes]) -> None:
+    """Copy a file's bytes into an open file; memory holds one 16 MiB chunk."""
+    with src.open("rb") as f:
+        shutil.copyfileobj(f, dst, 16 << 20)
+
+
 def files_under(path: PathLike) -> list[epath.Path]:
     """Every file below a directory, recursively, sorted (a bucket is listed, not globbed with **)."""
     root = user_path(path)
@@ -81,7 +87,8 @@ def glob(pattern: PathLike) -> list[epath.Path]:
         return sorted(user_path(p) for p in glob_module.glob(text, recursive=True))
     wild = min((i for i in (text.find(c) for c in "*?[") if i >= 0), default=-1)
     if wild < 0:
-        return [user_path(text)] if user_path(text).exists() else []
+        path = user_path(text)
+        return [path] if path.exists() else []
     base = text.rfind("/", 0, wild)
     return sorted(user_path(text[:base]).glob(text[base + 1:]))
 
@@ -112,8 +119,8 @@ def published_dir(out: PathLike, last: tuple[str, ...] = ("config.json",)) -> It
         if remote:
             files = sorted(files_under(tmp), key=lambda p: (p.name in last, str(p)))
             for f in files:
-                with f.open("rb") as src, open_atomic(out / os.fspath(f.relative_to(tmp))) as dst:
-                    shutil.copyfileobj(src, dst, 16 << 20)  # streamed: memory holds one chunk
+                with open_atomic(out / os.fspath(f.relative_to(tmp))) as dst:
+                    _stream(f, dst)
         else:
             if out.exists():
                 out.rmdir()  # empty, checked above
@@ -136,8 +143,8 @@ def local_copy(path: PathLike) -> Iterator[epath.Path]:
         for f in files:
             target = tmp / path.name if f == path else tmp / path.name / os.fspath(f.relative_to(path))
             target.parent.mkdir(parents=True, exist_ok=True)
-            with f.open("rb") as src, target.open("wb") as dst:
-                shutil.copyfileobj(src, dst, 16 << 20)
+            with target.open("wb") as dst:
+                _stream(f, dst)
         yield tmp / path.name
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
