@@ -2,39 +2,104 @@
 
 A step directory holds the items `params`, optionally `opt_state`, and JSON
 items `meta` (step, data position, RNG), `config` and `tokenizer`. Orbax
-writes each step into a temporary directory and renames it when complete, so
-a crash mid-save never leaves a step that looks finished.
+writes each step aside (locally a temporary directory renamed when complete;
+in a bucket the step's objects, then its `commit_success.txt`), so a crash
+mid-save never leaves a step that looks finished. Pruning is made as safe (see
+`delete_step`), and a reader takes the newest step that actually restores: a
+step damaged after it was written (a lost directory, a truncated or zeroed
+file) is skipped with a warning that names it and says why.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
-from typing import Any
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.sharding import Mesh
 
-from mtj.config import Config, from_dict
+from mtj.config import Config, ConfigError, from_dict
 from mtj.model import Params, param_axes, param_specs
-from mtj.paths import PathLike, refuse_overwrite, user_path
-from mtj.sharding import tree_shardings
+from mtj.paths import PathLike, is_remote, refuse_overwrite, user_path
+from mtj.sharding import make_mesh, tree_shardings
 from mtj.tokenizer import Tokenizer
 
 STEP_RE = re.compile(r"^step_(\d+)$")
+COMMIT_FILE = "commit_success.txt"  # what Orbax checks in a bucket to call a step complete
+TRASH = ".deleting"  # local steps being deleted are renamed in here first
+T = TypeVar("T")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be restored; the message names the step directory and why."""
+
+
+def delete_step(step_dir: epath.Path) -> None:
+    """Delete a step so that a kill at any moment leaves either the whole step or one no reader takes.
+
+    Orbax removes a step's files in no particular order: killed midway, an older step could keep
+    looking complete while arrays or the optimizer state are gone. So the step first stops being
+    a step in one atomic operation: locally a rename into `model_dir/.deleting/`, in a bucket the
+    removal of its commit file (Orbax lists no step without one). Then the rest goes.
+    """
+    if is_remote(step_dir):
+        (step_dir / COMMIT_FILE).unlink(missing_ok=True)
+        step_dir.rmtree(missing_ok=True)
+        return
+    trash = step_dir.parent / TRASH / step_dir.name
+    trash.parent.mkdir(exist_ok=True)
+    if trash.exists():
+        trash.rmtree()
+    step_dir.rename(trash)
+    trash.rmtree()
+    with contextlib.suppress(OSError):  # another deletion may be under way
+        trash.parent.rmdir()
+
+
+class _StepDeleter:
+    """Orbax's `CheckpointDeleter` protocol over `delete_step` (the primary process deletes)."""
+
+    def __init__(self, directory: epath.Path):
+        self.directory = directory
+
+    def delete(self, step: int) -> None:
+        if jax.process_index() == 0:
+            delete_step(self.directory / f"step_{step}")
+
+    def delete_steps(self, steps: list[int]) -> None:
+        for step in steps:
+            self.delete(step)
+
+    def close(self) -> None:
+        pass
 
 
 def manager(model_dir: PathLike, keep_last: int | None = None, keep_every: int | None = None,
             async_save: bool = False) -> ocp.CheckpointManager:
+    """The manager that writes a run's steps: it prunes with `delete_step` and, on opening, clears
+    what a killed process left (half-written steps, half-deleted ones)."""
+    directory = user_path(model_dir)
     options = ocp.CheckpointManagerOptions(
         step_prefix="step",
         max_to_keep=keep_last or None,
         keep_period=keep_every or None,
         enable_async_checkpointing=async_save,
         create=True,
+        cleanup_tmp_directories=True,
     )
-    return ocp.CheckpointManager(user_path(model_dir), options=options)
+    if jax.process_index() == 0 and (directory / TRASH).exists():
+        (directory / TRASH).rmtree()
+    mngr = ocp.CheckpointManager(directory, options=options)
+    # Orbax has no public hook for the deleter; this attribute is what its pruning calls.
+    assert hasattr(mngr, "_checkpoint_deleter"), "orbax changed: mtj.checkpoint cannot plug in its safe deleter"
+    mngr._checkpoint_deleter = _StepDeleter(directory)
+    return mngr
 
 
 def save_args(params: Params, cfg: Config, tokenizer: Tokenizer | None, opt_state: Any = None,
@@ -61,47 +126,114 @@ def save(model_dir: PathLike, step: int, params: Params, cfg: Config, tokenizer:
     return user_path(model_dir) / f"step_{step}"
 
 
+def _reader(model_dir: epath.Path) -> contextlib.closing[ocp.CheckpointManager]:
+    # Not Orbax's read_only mode: it logs warnings on every open; this one writes nothing either.
+    options = ocp.CheckpointManagerOptions(step_prefix="step", create=False)
+    return contextlib.closing(ocp.CheckpointManager(model_dir, options=options))
+
+
+def _is_step_dir(path: epath.Path) -> bool:
+    return bool(STEP_RE.match(path.name)) and not any(STEP_RE.match(p.name) for p in path.glob("step_*"))
+
+
 def is_checkpoint(path: PathLike) -> bool:
+    """A step directory (by its name: a damaged one too) or a directory of them."""
     path = user_path(path)
-    return (path / "params").is_dir() or any(STEP_RE.match(p.name) for p in path.glob("step_*"))
+    return path.is_dir() and (bool(STEP_RE.match(path.name)) or any(STEP_RE.match(p.name) for p in path.glob("step_*")))
 
 
-def resolve(ckpt: PathLike) -> tuple[epath.Path, int]:
-    """(model_dir, step) for a model_dir (its latest complete step) or a step directory."""
+def step_number(step_dir: epath.Path) -> int:
+    return int(STEP_RE.match(step_dir.name).group(1))
+
+
+def complete_steps(model_dir: PathLike) -> list[int]:
+    """The steps Orbax lists as complete in a model_dir, newest first ([] for none or no directory)."""
+    path = user_path(model_dir)
+    if not path.is_dir():
+        return []
+    with _reader(path) as mngr:
+        return sorted(mngr.all_steps(), reverse=True)
+
+
+def step_dirs(ckpt: PathLike) -> list[epath.Path]:
+    """The step directories a checkpoint path names, newest first: a step directory itself, or the
+    complete steps of a model_dir."""
     path = user_path(ckpt)
-    m = STEP_RE.match(path.name)
-    if m and (path / "params").is_dir():
-        return path.parent, int(m.group(1))
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    steps = manager(path).all_steps()
+    if _is_step_dir(path):
+        return [path]
+    steps = complete_steps(path)
     if not steps:
         raise FileNotFoundError(f"no complete step_N checkpoint in {path}")
-    return path, max(steps)
+    return [path / f"step_{s}" for s in steps]
 
 
-def restore_items(ckpt: PathLike, **items: Any) -> Any:
-    model_dir, step = resolve(ckpt)
-    mngr = manager(model_dir)
-    try:
-        return mngr.restore(step, args=ocp.args.Composite(**items))
-    finally:
-        mngr.close()
+def latest(ckpt: PathLike) -> epath.Path:
+    """The newest complete step directory (as listed; `restore_newest` also checks that it restores)."""
+    return step_dirs(ckpt)[0]
 
 
-def read_config(ckpt: PathLike) -> Config:
-    return from_dict(restore_items(ckpt, config=ocp.args.JsonRestore())["config"])
+def _reason(error: BaseException) -> str:
+    """The root cause in one line: Orbax wraps TensorStore's precise message in a long generic one."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
 
 
-def read_meta(ckpt: PathLike) -> dict:
-    return restore_items(ckpt, meta=ocp.args.JsonRestore())["meta"]
+def restore_newest(ckpt: PathLike, restore: Callable[[epath.Path], T], set_aside: bool = False) -> tuple[T, epath.Path]:
+    """`restore(step_dir)` for the newest step of `ckpt` that restores, and that step's directory.
+
+    A step that fails is skipped with a warning naming it and the reason. With `set_aside` (a run
+    that resumes and will write those step numbers again) the newer failed steps are renamed to
+    `step_N.unrestorable-<time>`, kept for inspection. A ConfigError (the request does not fit the
+    checkpoint, whatever the step) is raised at once; a step directory named explicitly is not
+    replaced by another.
+    """
+    candidates = step_dirs(ckpt)
+    failed: list[tuple[epath.Path, Exception]] = []
+    for step_dir in candidates:
+        try:
+            result = restore(step_dir)
+        except ConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- any failure to read a step is a reason to try the one before
+            failed.append((step_dir, e))
+            if len(candidates) > 1:
+                warnings.warn(f"checkpoint {step_dir} does not restore ({_reason(e)}); trying the step before it")
+            continue
+        for bad, _ in failed if set_aside else []:
+            aside = bad.parent / f"{bad.name}.unrestorable-{time.strftime('%Y%m%d-%H%M%S')}"
+            bad.rename(aside)
+            warnings.warn(f"moved the unrestorable {bad} to {aside}; training continues from {step_dir}")
+        return result, step_dir
+    if len(candidates) == 1:
+        raise CheckpointError(f"checkpoint {candidates[0]} does not restore: {_reason(failed[0][1])}") from failed[0][1]
+    reasons = "; ".join(f"{d.name}: {_reason(e)}" for d, e in failed)
+    raise CheckpointError(f"no step of {ckpt} restores ({reasons})") from failed[0][1]
 
 
-def read_tokenizer(ckpt: PathLike) -> Tokenizer | None:
-    model_dir, step = resolve(ckpt)
-    if not (model_dir / f"step_{step}" / "tokenizer").is_dir():
+def restore_items(step_dir: PathLike, **items: Any) -> Any:
+    """Restore Orbax items of one step directory (a model_dir: its newest complete step)."""
+    step_dir = latest(step_dir)
+    with _reader(step_dir.parent) as mngr:
+        return mngr.restore(step_number(step_dir), args=ocp.args.Composite(**items))
+
+
+def read_config(step_dir: PathLike) -> Config:
+    return from_dict(restore_items(step_dir, config=ocp.args.JsonRestore())["config"])
+
+
+def read_meta(step_dir: PathLike) -> dict:
+    return restore_items(step_dir, meta=ocp.args.JsonRestore())["meta"]
+
+
+def read_tokenizer(step_dir: PathLike) -> Tokenizer | None:
+    step_dir = latest(step_dir)
+    if not (step_dir / "tokenizer").is_dir():
         return None
-    return Tokenizer.from_json(restore_items(ckpt, tokenizer=ocp.args.JsonRestore())["tokenizer"]["tokenizer_json"])
+    return Tokenizer.from_json(restore_items(step_dir, tokenizer=ocp.args.JsonRestore())["tokenizer"]["tokenizer_json"])
 
 
 def abstract_params(cfg: Config, mesh: Mesh) -> Params:
@@ -113,20 +245,35 @@ def abstract_params(cfg: Config, mesh: Mesh) -> Params:
         specs, shardings, is_leaf=lambda x: hasattr(x, "axes"))
 
 
-def restore_params(ckpt: PathLike, cfg: Config, mesh: Mesh) -> Params:
-    return restore_items(ckpt, params=ocp.args.StandardRestore(abstract_params(cfg, mesh)))["params"]
+def restore_params(step_dir: PathLike, cfg: Config, mesh: Mesh) -> Params:
+    return restore_items(step_dir, params=ocp.args.StandardRestore(abstract_params(cfg, mesh)))["params"]
+
+
+@dataclass
+class Model:
+    """One step's weights with the config and tokenizer stored beside them."""
+
+    cfg: Config
+    params: Params
+    tokenizer: Tokenizer | None
+    step_dir: epath.Path
+
+
+def restore_model(ckpt: PathLike, mesh: Mesh, **overrides: Any) -> Model:
+    """The newest step of `ckpt` that restores, onto `mesh`; `overrides` replace config keys."""
+    def restore(step_dir: epath.Path) -> Model:
+        cfg = read_config(step_dir).replace(cores_per_replica=mesh.shape["mp"], **overrides)
+        return Model(cfg, restore_params(step_dir, cfg, mesh), read_tokenizer(step_dir), step_dir)
+
+    return restore_newest(ckpt, restore)[0]
 
 
 def slim(ckpt: PathLike, out: PathLike, dtype: str = "bf16") -> epath.Path:
     """A params-only copy of a checkpoint in a smaller dtype (no optimizer state): for sampling and serving."""
-    from mtj.sharding import make_mesh
-
     names = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
     if dtype not in names:
         raise ValueError(f"--dtype must be one of {sorted(names)}, got '{dtype}'")
     refuse_overwrite(out)
-    cfg = read_config(ckpt).replace(cores_per_replica=1)
-    params = restore_params(ckpt, cfg, make_mesh(mp=1, dp=1))
-    small = jax.tree.map(lambda a: a.astype(names[dtype]), params)
-    _, step = resolve(ckpt)
-    return save(out, step, small, cfg.replace(param_dtype=names[dtype]), read_tokenizer(ckpt))
+    model = restore_model(ckpt, make_mesh(mp=1, dp=1))
+    small = jax.tree.map(lambda a: a.astype(names[dtype]), model.params)
+    return save(out, step_number(model.step_dir), small, model.cfg.replace(param_dtype=names[dtype]), model.tokenizer)

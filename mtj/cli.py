@@ -6,10 +6,11 @@ import logging
 import sys
 from typing import Callable
 
+from mtj.checkpoint import CheckpointError
 from mtj.config import ConfigError
 from mtj.tfrecord import RecordError
 
-USER_ERRORS = (ConfigError, RecordError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
+USER_ERRORS = (ConfigError, CheckpointError, RecordError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
                NotADirectoryError)
 
 

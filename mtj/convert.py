@@ -365,10 +365,9 @@ def export_hf(ckpt: PathLike, out: PathLike, dtype: str = "fp32") -> epath.Path:
 
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(EXPORT_DTYPES)}, got '{dtype}'")
-    cfg = checkpoint.read_config(ckpt).replace(cores_per_replica=1)
-    tokenizer = checkpoint.read_tokenizer(ckpt)
     with published_dir(out) as tmp:
-        params = checkpoint.restore_params(ckpt, cfg, make_mesh(mp=1, dp=1))
+        model = checkpoint.restore_model(ckpt, make_mesh(mp=1, dp=1))
+        cfg, params, tokenizer = model.cfg, model.params, model.tokenizer
 
         def get(path: str) -> np.ndarray:
             return np.asarray(spec_at(params, path))

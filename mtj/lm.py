@@ -91,9 +91,8 @@ def load(path: PathLike, mp: int = 1, **overrides: Any) -> LM:
             tok = find_tokenizer_files(local)
         return LM(cfg, params, mesh, Tokenizer(tok) if tok else None)
     if checkpoint.is_checkpoint(path):
-        cfg = checkpoint.read_config(path).replace(cores_per_replica=mp, **overrides)
-        params = checkpoint.restore_params(path, cfg, mesh)
-        return LM(cfg, params, mesh, checkpoint.read_tokenizer(path))
+        model = checkpoint.restore_model(path, mesh, **overrides)
+        return LM(model.cfg, model.params, mesh, model.tokenizer)
     raise FileNotFoundError(f"{path} is neither an mtj checkpoint (step_N directories) nor a Hugging Face "
                             "model directory (config.json + *.safetensors)")
 

@@ -12,11 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from mtj import checkpoint
-from mtj.config import Config
+from mtj.checkpoint import CheckpointError
+from mtj.config import Config, ConfigError
 from mtj.data import Loader, open_source
 from mtj.evaluate import KNOWN_TASKS, TASKS, Scorer, encode, summarize
 from mtj.metrics import MetricsLog, flops_per_token, peak_flops, plot_loss_curve
@@ -149,24 +151,32 @@ def _check_same_model(cfg: Config, other: Config, source: str) -> None:
     keys = ("model_type", "layers", "d_model", "n_heads", "d_head", "d_ff", "n_vocab", "pe_rotary_dims", "tie_embeddings")
     diff = [f"{k}: {getattr(other, k)} in {source} vs {getattr(cfg, k)}" for k in keys if getattr(cfg, k) != getattr(other, k)]
     if diff:
-        raise ValueError(f"the checkpoint {source} has a different model shape: " + "; ".join(diff))
+        raise ConfigError(f"the checkpoint {source} has a different model shape: " + "; ".join(diff))
 
 
-def _restore_state(trainer: Trainer, ckpt: PathLike, with_opt: bool, resume: bool) -> State:
-    """Resume (the checkpoint's step) or fine-tune (its weights at step 0) from a checkpoint."""
-    _check_same_model(trainer.cfg, checkpoint.read_config(ckpt), str(ckpt))
+def _restore_state(trainer: Trainer, ckpt: PathLike, with_opt: bool, resume: bool) -> tuple[State, dict]:
+    """The state and meta of the newest step of `ckpt` that restores. Resuming takes its step,
+    optimizer state and data position (all required), and sets unrestorable newer steps aside
+    (the run will write those step numbers again); fine-tuning takes its weights at step 0."""
     abstract = trainer.abstract_state
-    model_dir, step = checkpoint.resolve(ckpt)
-    has_opt = (model_dir / f"step_{step}" / "opt_state").is_dir()
-    items = {"params": ocp.args.StandardRestore(abstract["params"])}
-    if with_opt and has_opt:
-        items["opt_state"] = ocp.args.StandardRestore(abstract["opt_state"])
-    restored = checkpoint.restore_items(ckpt, **items)
+
+    def restore(step_dir: epath.Path) -> dict:
+        _check_same_model(trainer.cfg, checkpoint.read_config(step_dir), str(step_dir))
+        items = {"params": ocp.args.StandardRestore(abstract["params"]), "meta": ocp.args.JsonRestore()}
+        if resume or (with_opt and (step_dir / "opt_state").is_dir()):
+            items["opt_state"] = ocp.args.StandardRestore(abstract["opt_state"])
+        restored = checkpoint.restore_items(step_dir, **items)
+        if resume and "data" not in restored["meta"]:
+            raise CheckpointError(f"{step_dir}/meta has no data position")
+        return restored
+
+    restored, step_dir = checkpoint.restore_newest(ckpt, restore, set_aside=resume)
     with jax.set_mesh(trainer.mesh):
         opt_state = restored["opt_state"] if "opt_state" in restored else \
             jax.jit(trainer.opt.init, out_shardings=trainer.state_shardings["opt_state"])(restored["params"])
-    step_arr = jax.device_put(jnp.asarray(step if resume else 0, jnp.int32), trainer.state_shardings["step"])
-    return {"params": restored["params"], "opt_state": opt_state, "step": step_arr}
+    step = checkpoint.step_number(step_dir) if resume else 0
+    step_arr = jax.device_put(jnp.asarray(step, jnp.int32), trainer.state_shardings["step"])
+    return {"params": restored["params"], "opt_state": opt_state, "step": step_arr}, restored["meta"]
 
 
 def _harness_tasks(cfg: Config, tokenizer: Tokenizer, lead: bool) -> dict[str, list]:
@@ -191,22 +201,24 @@ def train(cfg: Config, tune_model_path: str | None = None, fresh_opt: bool = Fal
     harness = _harness_tasks(cfg, tokenizer, lead) if cfg.val_every else {}
     scorer = Scorer(cfg, trainer.mesh) if harness else None
 
-    mngr = checkpoint.manager(out, keep_last=cfg.keep_last, keep_every=cfg.keep_every, async_save=True)
-    latest = mngr.latest_step()
-    if latest is not None:
-        state = _restore_state(trainer, out, with_opt=True, resume=True)
-        loader.restore(checkpoint.read_meta(out)["data"])
+    resumed = 0
+    if checkpoint.complete_steps(out):
+        state, meta = _restore_state(trainer, out, with_opt=True, resume=True)
+        loader.restore(meta["data"])
+        resumed = int(state["step"])
         if lead:
-            print(f"resuming {out} from step {latest}")
+            print(f"resuming {out} from step {resumed}")
     elif tune_model_path:
-        state = _restore_state(trainer, tune_model_path, with_opt=not fresh_opt, resume=False)
+        state, _ = _restore_state(trainer, tune_model_path, with_opt=not fresh_opt, resume=False)
         if lead:
             print(f"fine-tuning from {tune_model_path}" + (" with a fresh optimizer" if fresh_opt else ""))
     else:
         state = trainer.init()
     if lead:
         cfg.save(out / "config.json")
-    log = MetricsLog(out, cfg, enabled=lead, keep_until=latest or 0)
+    # Opened after the restore: a step set aside above is gone from its list of steps.
+    mngr = checkpoint.manager(out, keep_last=cfg.keep_last, keep_every=cfg.keep_every, async_save=True)
+    log = MetricsLog(out, cfg, enabled=lead, keep_until=resumed)
     tokens_per_step = cfg.gradient_accumulation_steps * trainer.global_batch * cfg.seq
     flops_token, peak = flops_per_token(cfg), peak_flops(cfg.dtype)
     # Fault injection for the crash tests: a real SIGKILL at a chosen point.
