@@ -149,7 +149,9 @@ def gcs_bucket(tmp_path_factory: pytest.TempPathFactory):
     with open(workdir / "server.log", "wb") as log:
         server = subprocess.Popen(
             [str(_get_binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
-             "-external-url", url, "-backend", "filesystem", "-filesystem-root", str(workdir / "data"),
+             # The memory backend: the filesystem one keeps the empty directories of deleted objects
+             # and slows down as they pile up (an upload of 227 files: 0.47 s, 1.0 s after 10 rounds).
+             "-external-url", url, "-backend", "memory",
              "-log-level", "warn"], stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 20

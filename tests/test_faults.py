@@ -2,12 +2,20 @@
 answered by resuming from the step before, or by an error naming the step; nothing earlier changes."""
 
 import hashlib
+import os
+import random
 import shutil
+import signal
+import subprocess
+import sys
+import time
 import warnings
 from pathlib import Path
 
 import jax
+import fsspec
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from etils import epath
 
@@ -30,10 +38,9 @@ def copy_run(template: Path, where: str, tmp_path: Path, gcs_dir: str | None) ->
     if where == "local":
         shutil.copytree(template, tmp_path / "run")
         return epath.Path(tmp_path / "run")
-    run = epath.Path(f"{gcs_dir}/run")
-    for f in files_under(template):
-        (run / f.relative_to(template)).write_bytes(f.read_bytes())
-    return run
+    fs, root = fsspec.core.url_to_fs(f"{gcs_dir}/run")
+    fs.put(f"{template}/", root, recursive=True)  # concurrent uploads
+    return epath.Path(f"{gcs_dir}/run")
 
 
 @pytest.fixture(params=["local", "bucket"])
@@ -125,3 +132,104 @@ def test_training_resumes_past_a_damaged_step_exactly(template, tmp_path):
         assert got[step]["loss"] == reference[step]["loss"], step
     for got_p, want in zip(params_of(run / "step_6"), params_of(template / "step_6")):
         np.testing.assert_array_equal(got_p, want)
+
+
+# --- kill -9 while old steps are deleted -------------------------------------------------------
+
+ITEMS = [f"item{i}" for i in range(6)]  # several Orbax items: more files, a longer deletion to land in
+
+
+def step_args(step: int) -> ocp.args.Composite:
+    tree = {f"w{j}": np.full((16,), step * 100 + j, np.float32) for j in range(4)}
+    return ocp.args.Composite(**{name: ocp.args.StandardSave(tree) for name in ITEMS})
+
+
+def assert_restores_to_its_values(run: epath.Path, step: int) -> None:
+    items = checkpoint.restore_items(run / f"step_{step}", **{name: ocp.args.StandardRestore() for name in ITEMS})
+    for name in ITEMS:
+        for j in range(4):
+            np.testing.assert_array_equal(items[name][f"w{j}"], np.full((16,), step * 100 + j, np.float32))
+
+
+# A process that has imported mtj (2 s) forks one child per trial; a child opens the run's manager
+# and deletes steps 1-3 through it, as pruning does; the test kills it with SIGKILL meanwhile.
+ZYGOTE = r"""
+import os, sys, time
+from mtj import checkpoint
+for line in sys.stdin:
+    pid = os.fork()
+    if pid == 0:
+        mngr = checkpoint.manager(line.strip())
+        print("start", flush=True)
+        for step in (1, 2, 3):
+            mngr.delete(step)
+        print("end", flush=True)
+        time.sleep(600)
+    print(f"pid {pid}", flush=True)
+    os.waitpid(pid, 0)
+"""
+
+
+def deletion_trials(template_of, trials: int) -> None:
+    zygote = subprocess.Popen([sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ))
+
+    try:
+        rng = random.Random(0)
+        duration, kept_steps = 0.0, set()
+        for n in range(trials + 1):
+            run = template_of()
+            before = digests(run / "step_4")
+            zygote.stdin.write(f"{run}\n")
+            zygote.stdin.flush()
+            pid = None
+            for _ in range(2):  # "pid N" and "start", in either order
+                words = zygote.stdout.readline().split()
+                pid = int(words[1]) if words[0] == "pid" else pid
+            t0 = time.perf_counter()
+            if n == 0:  # calibration: how long the deletion takes unkilled
+                assert zygote.stdout.readline().strip() == "end"
+                duration = time.perf_counter() - t0
+            else:
+                time.sleep(rng.uniform(0, 1.2 * duration))
+            os.kill(pid, signal.SIGKILL)
+
+            listed = checkpoint.complete_steps(run)
+            kept_steps.add(tuple(listed))
+            for step in listed:  # whatever is still listed restores to exactly its own values
+                assert_restores_to_its_values(run, step)
+            assert 4 in listed and digests(run / "step_4") == before  # the step not pruned is untouched
+            # The next run opens its manager, clears what the kill left, saves and prunes normally.
+            mngr = checkpoint.manager(run, keep_last=2)
+            mngr.save(5, args=step_args(5))
+            mngr.wait_until_finished()
+            mngr.close()
+            assert checkpoint.complete_steps(run) == [5, 4]
+            assert_restores_to_its_values(run, 5)
+            assert sorted(p.name for p in run.iterdir()) == ["step_4", "step_5"]
+            run.rmtree()  # an emulator bucket slows down as it fills
+        # The kills landed at different points of the deletion (not all before or all after it).
+        assert len(kept_steps) >= 3, kept_steps
+    finally:
+        zygote.kill()
+
+
+@pytest.fixture(scope="session")
+def four_steps(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("four") / "run"
+    mngr = checkpoint.manager(run)
+    for step in (1, 2, 3, 4):
+        mngr.save(step, args=step_args(step))
+    mngr.wait_until_finished()
+    mngr.close()
+    return run
+
+
+def test_kill_during_pruning_never_leaves_a_wrong_step_locally(four_steps, tmp_path):
+    copies = iter(range(100))
+    deletion_trials(lambda: copy_run(four_steps, "local", tmp_path / str(next(copies)), None), trials=20)
+
+
+def test_kill_during_pruning_never_leaves_a_wrong_step_in_a_bucket(four_steps, gcs_dir):
+    copies = iter(range(100))
+    deletion_trials(lambda: copy_run(four_steps, "bucket", Path("/unused"), f"{gcs_dir}/{next(copies)}"), trials=20)
