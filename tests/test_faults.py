@@ -134,6 +134,18 @@ def test_training_resumes_past_a_damaged_step_exactly(template, tmp_path):
         np.testing.assert_array_equal(got_p, want)
 
 
+
+def test_training_resumes_past_a_torn_metrics_line(template, tmp_path):
+    run = copy_run(template, "local", tmp_path, None)
+    log = tmp_path / "run" / "metrics.jsonl"
+    rows = log.read_text()
+    log.write_text(rows + '{"step": 7, "loss": 3.1')  # killed mid-write (or a full disk) after step 6 was saved
+    _, messages = caught(lambda: train(config(tmp_path, total_steps=7, ckpt_every=2, keep_last=3), progress=False))
+    assert any("skipping its torn last line 7" in m for m in messages), messages
+    assert log.read_text().startswith(rows)  # every earlier row as it was
+    assert sorted(metrics(Path(run))) == list(range(1, 8))
+
+
 # --- kill -9 while old steps are deleted -------------------------------------------------------
 
 ITEMS = [f"item{i}" for i in range(6)]  # several Orbax items: more files, a longer deletion to land in
