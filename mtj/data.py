@@ -69,6 +69,8 @@ class TFRecordSource:
     range reads (the loader reads batches ahead on a thread).
     """
 
+    max_open_files = 64  # local files kept open for reading; the least recently used is closed beyond this
+
     def __init__(self, index: PathLike, seq: int, skip_corrupt: bool = False):
         index = user_path(index)
         if not index.is_file():
@@ -91,16 +93,31 @@ class TFRecordSource:
         if not offsets:
             raise ValueError(f"the TFRecord files of {index} hold no records")
         self.file_ids, self.offsets, self.lengths = np.array(file_ids), np.array(offsets), np.array(lengths)
-        self._handles: dict[int, IO[bytes]] = {}
+        self._handles: dict[int, IO[bytes]] = {}  # in order of use, oldest first
         self._remote = {i: fsspec.core.url_to_fs(os.fspath(p)) for i, p in enumerate(self.files) if is_remote(p)}
-        self.read(np.array([0]))  # fail now, not mid-run, on a length mismatch
+        # Fail now, not mid-run, on a file written with another seq: the first record of each file.
+        self.read(np.unique(self.file_ids, return_index=True)[1])
+
+    def _tokens(self, path: epath.Path, offset: int, length: int, raw: bytes) -> np.ndarray:
+        """The tokens of one record read as data + CRC bytes, checked: CRC, Example, length seq + 1."""
+        where = f"{path}: the record at byte offset {offset - 12}"
+        data = check_record(raw, path, offset, length)
+        try:
+            tokens = decode_example(data)
+        except ValueError as e:
+            raise RecordError(f"{where} is not an Example with an Int64List 'text' feature ({e})") from None
+        if len(tokens) != self.seq + 1:
+            raise RecordError(f"{where} has {len(tokens)} tokens but seq+1={self.seq + 1} are needed; set 'seq' "
+                              "to match the data or re-run create_tfrecords.py with --seq")
+        return tokens
 
     def _verified(self, path: epath.Path, records: list[tuple[int, int]]) -> list[tuple[int, int]]:
         good = []
         with path.open("rb") as f:
             for offset, length in records:
                 try:
-                    read_record(f, path, offset, length)
+                    f.seek(offset)
+                    self._tokens(path, offset, length, f.read(length + 4))
                     good.append((offset, length))
                 except RecordError as e:
                     warnings.warn(f"skipping corrupt record: {e}")
@@ -108,6 +125,13 @@ class TFRecordSource:
 
     def __len__(self) -> int:
         return len(self.offsets)
+
+    def _handle(self, fid: int) -> IO[bytes]:
+        f = self._handles.pop(fid, None) or self.files[fid].open("rb")
+        self._handles[fid] = f  # now the most recently used
+        while len(self._handles) > self.max_open_files:
+            self._handles.pop(next(iter(self._handles))).close()
+        return f
 
     def _raw(self, indices: list[int]) -> list[bytes]:
         """Each record's data and CRC bytes: local files by seek and read, remote ones in one concurrent call."""
@@ -121,26 +145,15 @@ class TFRecordSource:
             out.update(zip(remote, fs.cat_ranges(paths, starts, ends)))
         for i in indices:
             if i not in out:
-                fid = int(self.file_ids[i])
-                if fid not in self._handles:
-                    self._handles[fid] = self.files[fid].open("rb")
-                f = self._handles[fid]
+                f = self._handle(int(self.file_ids[i]))
                 f.seek(int(self.offsets[i]))
                 out[i] = f.read(int(self.lengths[i]) + 4)
         return [out[i] for i in indices]
 
     def read(self, indices: np.ndarray) -> np.ndarray:
-        rows = []
-        for i, raw in zip(indices, self._raw([int(i) for i in indices])):
-            fid = int(self.file_ids[i])
-            path = self.files[fid]
-            tokens = decode_example(check_record(raw, path, int(self.offsets[i]), int(self.lengths[i])))
-            if len(tokens) != self.seq + 1:
-                record = int(i) - int(np.searchsorted(self.file_ids, fid))
-                raise RecordError(f"{path}: record {record} has {len(tokens)} tokens but seq+1={self.seq + 1} are "
-                                  "needed; set 'seq' to match the data or re-run create_tfrecords.py with --seq")
-            rows.append(tokens)
-        return np.stack(rows).astype(np.int32)
+        raws = self._raw([int(i) for i in indices])
+        return np.stack([self._tokens(self.files[int(self.file_ids[i])], int(self.offsets[i]), int(self.lengths[i]), raw)
+                         for i, raw in zip(indices, raws)]).astype(np.int32)
 
 
 def tfds_source(spec: str, seq: int, tokenizer: Tokenizer) -> ArraySource:

@@ -1,7 +1,9 @@
 """TFRecord data: format, round trip, sharding across processes, resume, corruption, inputs."""
 
+import hashlib
 import io
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -160,8 +162,69 @@ def test_bad_crc_names_file_and_offset(records):
     assert len(skipped) == 3 and skipped.read(np.array([1]))[0, 0] == 2
 
 
+def framed(data: bytes) -> bytes:
+    """One TFRecord with correct CRCs around `data`."""
+    header = struct.pack("<Q", len(data))
+    return header + struct.pack("<I", masked_crc32c(header)) + data + struct.pack("<I", masked_crc32c(data))
+
+
+def digests(folder) -> dict[str, bytes]:
+    return {p.name: hashlib.sha256(p.read_bytes()).digest() for p in sorted(folder.iterdir())}
+
+
+def test_a_malformed_example_with_right_crcs_names_file_and_offset(records):
+    good = records.read_bytes()
+    bad_at = len(good) // 2  # the third record's place
+    records.write_bytes(good[:bad_at] + framed(b"\x0a\x07garbage") + good[bad_at:])
+    before = digests(records.parent)
+    source = TFRecordSource(records.parent / "d.index", seq=8)  # framing and the first record are fine
+    with pytest.raises(RecordError, match=rf"{records}: the record at byte offset {bad_at} is not an Example"):
+        source.read(np.arange(len(source)))
+    with pytest.warns(UserWarning, match=rf"skipping corrupt record.*byte offset {bad_at} is not an Example"):
+        kept = TFRecordSource(records.parent / "d.index", seq=8, skip_corrupt=True)
+    np.testing.assert_array_equal(kept.read(np.arange(4))[:, 0], [0, 1, 2, 3])
+    assert digests(records.parent) == before
+
+
+def test_every_record_and_every_file_is_checked_against_seq(records):
+    good = records.read_bytes()
+    last_at = len(good) // 4 * 3
+    records.write_bytes(good[:last_at] + framed(encode_example(np.arange(5))))  # the last record is short
+    (records.parent / "other_2.tfrecords").write_bytes(framed(encode_example(np.arange(17))) * 2)
+    before = digests(records.parent)
+    source = TFRecordSource(records.parent / "d.index", seq=8)
+    source.read(np.arange(3))
+    with pytest.raises(RecordError, match=rf"{records}: the record at byte offset {last_at} has 5 tokens but seq\+1=9"):
+        source.read(np.array([3]))
+    # A second file written with another seq fails at opening, not mid-run.
+    (records.parent / "d.index").write_text("d_4.tfrecords\nother_2.tfrecords\n")
+    with pytest.raises(RecordError, match=r"other_2.tfrecords: the record at byte offset 0 has 17 tokens but seq\+1=9"):
+        TFRecordSource(records.parent / "d.index", seq=8)
+    assert {k: v for k, v in digests(records.parent).items() if k != "d.index"} == \
+        {k: v for k, v in before.items() if k != "d.index"}
+
+
+def test_open_files_are_bounded(tmp_path):
+    names = [f"part{i}_3.tfrecords" for i in range(10)]
+    for i, name in enumerate(names):
+        write_tfrecords(tmp_path / name, [np.arange(9) + 10 * i + j for j in range(3)])
+    (tmp_path / "parts.index").write_text("\n".join(names))
+    source = TFRecordSource(tmp_path / "parts.index", seq=8)
+    source.max_open_files = 4
+
+    def open_parts() -> int:
+        return sum(os.readlink(f"/proc/self/fd/{fd}").endswith(".tfrecords") for fd in os.listdir("/proc/self/fd")
+                   if os.path.exists(f"/proc/self/fd/{fd}"))
+
+    for i in np.random.RandomState(0).permutation(len(source)):
+        row = source.read(np.array([i]))[0]
+        assert row[0] == 10 * (i // 3) + i % 3
+        assert open_parts() <= 4
+    assert open_parts() == 4
+
+
 def test_wrong_length_and_empty_inputs(records, tmp_path):
-    with pytest.raises(RecordError, match=rf"{records.name}: record 0 has 9 tokens but seq\+1=17"):
+    with pytest.raises(RecordError, match=rf"{records.name}: the record at byte offset 0 has 9 tokens but seq\+1=17"):
         TFRecordSource(records.parent / "d.index", seq=16)
     (tmp_path / "empty.index").write_text("")
     with pytest.raises(ValueError, match="lists no TFRecord files"):
