@@ -20,8 +20,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from mtj.config import Config, ConfigError, from_dict
@@ -97,7 +99,8 @@ def manager(model_dir: PathLike, keep_last: int | None = None, keep_every: int |
         (directory / TRASH).rmtree()
     mngr = ocp.CheckpointManager(directory, options=options)
     # Orbax has no public hook for the deleter; this attribute is what its pruning calls.
-    assert hasattr(mngr, "_checkpoint_deleter"), "orbax changed: mtj.checkpoint cannot plug in its safe deleter"
+    if not hasattr(mngr, "_checkpoint_deleter"):
+        raise RuntimeError(f"orbax-checkpoint {ocp.__version__} has no _checkpoint_deleter: mtj's safe pruning needs updating")
     mngr._checkpoint_deleter = _StepDeleter(directory)
     return mngr
 
@@ -182,6 +185,22 @@ def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
 
 
+def _set_aside(bad_dirs: list[epath.Path], good: epath.Path) -> None:
+    """Rename unrestorable steps out of the way (process 0; the others wait) after every process
+    found the same step `good` to restore."""
+    if jax.process_count() > 1:
+        chosen = multihost_utils.process_allgather(np.array(step_number(good)))
+        if len(set(chosen.tolist())) > 1:
+            raise CheckpointError(f"the processes restored different steps of {good.parent}: {chosen.tolist()}")
+    if jax.process_index() == 0:
+        for bad in bad_dirs:
+            aside = bad.parent / f"{bad.name}.unrestorable-{time.strftime('%Y%m%d-%H%M%S')}"
+            bad.rename(aside)
+            warnings.warn(f"moved the unrestorable {bad} to {aside}; training continues from {good}")
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("mtj: unrestorable steps set aside")
+
+
 def restore_newest(ckpt: PathLike, restore: Callable[[epath.Path], T], set_aside: bool = False) -> tuple[T, epath.Path]:
     """`restore(step_dir)` for the newest step of `ckpt` that restores, and that step's directory.
 
@@ -203,10 +222,8 @@ def restore_newest(ckpt: PathLike, restore: Callable[[epath.Path], T], set_aside
             if len(candidates) > 1:
                 warnings.warn(f"checkpoint {step_dir} does not restore ({_reason(e)}); trying the step before it")
             continue
-        for bad, _ in failed if set_aside else []:
-            aside = bad.parent / f"{bad.name}.unrestorable-{time.strftime('%Y%m%d-%H%M%S')}"
-            bad.rename(aside)
-            warnings.warn(f"moved the unrestorable {bad} to {aside}; training continues from {step_dir}")
+        if set_aside and failed:
+            _set_aside([bad for bad, _ in failed], step_dir)
         return result, step_dir
     if len(candidates) == 1:
         raise CheckpointError(f"checkpoint {candidates[0]} does not restore: {_reason(failed[0][1])}") from failed[0][1]
