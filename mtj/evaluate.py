@@ -1,16 +1,14 @@
-"""Zero-shot evaluation, scored as lm-evaluation-harness scores it (eval_harness.py).
+"""Log-likelihood scoring as lm-evaluation-harness asks for it (mtj.harness's `loglikelihood`).
 
-A task is a list of (context, continuation) pairs. Each pair is scored by one
-forward pass over context+continuation: the summed log-probability of the
-continuation's tokens, and whether greedy decoding would produce all of them.
+Each (context, continuation) token pair is scored by one forward pass over
+context+continuation: the summed log-probability of the continuation's tokens,
+and whether greedy decoding would produce all of them.
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import math
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,45 +19,6 @@ from tqdm import tqdm
 from mtj.config import Config
 from mtj.generate import bucket
 from mtj.model import Params, forward
-from mtj.paths import PathLike, user_path
-from mtj.tokenizer import Tokenizer, assets_dir
-
-if TYPE_CHECKING:
-    from mtj.lm import LM
-
-Request = tuple[str, str]  # (context, continuation)
-
-
-def lambada(path: PathLike | None = None) -> list[Request]:
-    """LAMBADA (OpenAI's test set, as lm-eval's lambada_openai): predict each passage's last word."""
-    if path is None:
-        if assets_dir() is None:
-            raise FileNotFoundError("the LAMBADA task reads $MTJ_ASSETS/eval/lambada_test.jsonl; set MTJ_ASSETS")
-        path = assets_dir() / "eval" / "lambada_test.jsonl"
-    requests = []
-    with user_path(path).open() as f:
-        for line in f:
-            if line.strip():
-                context, word = json.loads(line)["text"].strip().rsplit(" ", 1)
-                requests.append((context, " " + word))
-    return requests
-
-
-TASKS: dict[str, Callable[[], list[Request]]] = {"lambada": lambada, "lambada_openai": lambada}
-KNOWN_TASKS = ", ".join(sorted(TASKS))  # for messages
-
-
-def encode(tok: Tokenizer, requests: Sequence[Request]) -> list[tuple[list[int], list[int]]]:
-    """(context ids, continuation ids) per request, split as lm-eval splits them: trailing
-    spaces move to the continuation, which is the whole text's tokens after the context's."""
-    pairs = []
-    for context, continuation in requests:
-        spaces = len(context) - len(context.rstrip())
-        if spaces:
-            context, continuation = context[:-spaces], context[-spaces:] + continuation
-        ctx = tok.encode(context)
-        pairs.append((ctx, tok.encode(context + continuation)[len(ctx):]))
-    return pairs
 
 
 def _token_scores(params: Params, tokens: jax.Array, targets: jax.Array, cfg: Config) -> tuple[jax.Array, jax.Array]:
@@ -101,19 +60,3 @@ class Scorer:
             for i, (w, (_, cont)) in enumerate(zip(windows, chunk)):
                 span = slice(len(w) - 1 - len(cont), len(w) - 1)
                 yield float(logp[i, span].sum()), bool(greedy[i, span].all())
-
-
-def summarize(scores: Iterable[tuple[float, bool]]) -> dict[str, float]:
-    """lm-eval's LAMBADA metrics: greedy accuracy, and perplexity as the exp of the mean
-    negative log-likelihood per example."""
-    lls, greedy = zip(*scores)
-    return {"acc": float(np.mean(greedy)), "ppl": math.exp(-float(np.mean(lls)))}
-
-
-def evaluate(lm: LM, task: str, limit: int | None = None, batch_size: int = 8, progress: bool = True) -> dict:
-    """{"task", "examples", "acc", "ppl"} of a loaded model on a task."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task '{task}'; known tasks: {KNOWN_TASKS}")
-    pairs = encode(lm.require_tokenizer(), TASKS[task]()[:limit])
-    scores = Scorer(lm.config, lm.mesh, batch_size).loglikelihoods(lm.params, pairs, progress)
-    return {"task": task, "examples": len(pairs), **summarize(scores)}

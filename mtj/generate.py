@@ -271,6 +271,11 @@ class Generator:
         self._sink: TokenSink | None = None
         self._screen_head: Params | None = None
 
+    def set_params(self, params: Params) -> None:
+        """New weights of the same shapes and shardings; what is compiled stays."""
+        with self._lock:
+            self.params, self._screen_head = params, None
+
     def _stream(self, step: np.ndarray, token: np.ndarray, taken: np.ndarray) -> None:
         if self._sink is not None and taken:
             self._sink(int(step), np.asarray(token))

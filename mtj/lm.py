@@ -29,6 +29,11 @@ class LM:
         self._forward = jax.jit(lambda p, t: forward(p, t, config))
         self.generator = Generator(config, params, mesh, tokenizer.eos_id if tokenizer else None)
 
+    def set_params(self, params: Params) -> None:
+        """New weights of the same shapes (training evaluates its current ones); compiled code is kept."""
+        self.params = params
+        self.generator.set_params(params)
+
     def logits(self, tokens: Any) -> np.ndarray:
         """float32 logits [B, T, n_vocab] for int tokens [B, T]."""
         tokens = np.asarray(tokens)

@@ -20,7 +20,6 @@ from mtj import checkpoint
 from mtj.checkpoint import CheckpointError
 from mtj.config import Config, ConfigError
 from mtj.data import Loader, open_source
-from mtj.evaluate import KNOWN_TASKS, TASKS, Scorer, encode, summarize
 from mtj.metrics import MetricsLog, flops_per_token, peak_flops, plot_loss_curve
 from mtj.loss import head_cross_entropy
 from mtj.model import Params, hidden, init_params, output_head, param_axes
@@ -179,13 +178,18 @@ def _restore_state(trainer: Trainer, ckpt: PathLike, with_opt: bool, resume: boo
     return {"params": restored["params"], "opt_state": opt_state, "step": step_arr}, restored["meta"]
 
 
-def _harness_tasks(cfg: Config, tokenizer: Tokenizer, lead: bool) -> dict[str, list]:
-    """The encoded eval_harness_tasks that mtj knows; the others (the original configs name
-    lm-eval tasks mtj does not have yet) are skipped with a warning, not an error."""
-    unknown = [t for t in cfg.eval_harness_tasks if t not in TASKS]
-    if unknown and lead:
-        print(f"eval_harness_tasks: skipping {', '.join(unknown)} (known tasks: {KNOWN_TASKS})")
-    return {t: encode(tokenizer, TASKS[t]()) for t in cfg.eval_harness_tasks if t in TASKS}
+def _harness(cfg: Config, trainer: Trainer, params: Params, tokenizer: Tokenizer, lead: bool) -> Any:
+    """The lm-evaluation-harness evaluator of eval_harness_tasks, or None (none set, no validation,
+    or the harness not installed: reported once)."""
+    if not (cfg.val_every and cfg.eval_harness_tasks):
+        return None
+    try:  # optional: the `eval` extra
+        from mtj.harness import TrainingEval
+    except ImportError as e:
+        if lead:
+            print(f"eval_harness_tasks needs lm-evaluation-harness ({e}): pip install 'mtj[eval]'; training goes on without it")
+        return None
+    return TrainingEval(cfg, params, trainer.mesh, tokenizer, report=lead)
 
 
 def train(cfg: Config, tune_model_path: str | None = None, fresh_opt: bool = False, mesh: Mesh | None = None,
@@ -198,8 +202,6 @@ def train(cfg: Config, tune_model_path: str | None = None, fresh_opt: bool = Fal
     loader = trainer.loader(cfg.train_set, tokenizer)
     val = {name: trainer.loader(spec, tokenizer, shuffle=False) for name, spec in cfg.val_set.items()} \
         if cfg.val_every and cfg.val_batches else {}
-    harness = _harness_tasks(cfg, tokenizer, lead) if cfg.val_every else {}
-    scorer = Scorer(cfg, trainer.mesh) if harness else None
 
     resumed = 0
     if checkpoint.complete_steps(out):
@@ -233,12 +235,13 @@ def train(cfg: Config, tune_model_path: str | None = None, fresh_opt: bool = Fal
         if step == kill_in_save:
             os.kill(os.getpid(), signal.SIGKILL)  # the async write is in flight
 
+    harness = _harness(cfg, trainer, state["params"], tokenizer, lead)
     start = int(state["step"])
     bar = tqdm(total=cfg.total_steps, initial=start, disable=not (lead and progress), unit="step", dynamic_ncols=True)
     t_last, step_last = time.perf_counter(), start
     for step in range(start + 1, cfg.total_steps + 1):
         state, metrics = trainer.step(state, next(loader))
-        validate = bool(val or harness) and step % cfg.val_every == 0
+        validate = (bool(val) or harness is not None) and step % cfg.val_every == 0
         if step % cfg.log_every == 0 or step == cfg.total_steps or validate:
             metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step
             now = time.perf_counter()
@@ -249,9 +252,8 @@ def train(cfg: Config, tune_model_path: str | None = None, fresh_opt: bool = Fal
             if validate:
                 row.update({f"val/{name}": trainer.evaluate(state["params"], vl, cfg.val_batches)
                             for name, vl in val.items()})
-                for task, pairs in harness.items():
-                    scores = summarize(scorer.loglikelihoods(state["params"], pairs, progress=False))
-                    row.update({f"eval/{task}/{name}": value for name, value in scores.items()})
+                if harness is not None:
+                    row.update(harness(state["params"]))
                 t_last = time.perf_counter()
             log.write(row)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tps:,.0f}")

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""Zero-shot evaluation of a checkpoint (ours or a Hugging Face directory), scored as lm-evaluation-harness does.
+"""Evaluate a checkpoint (ours or a Hugging Face directory) on lm-evaluation-harness tasks.
 
-Tasks: lambada (= lambada_openai; reads $MTJ_ASSETS/eval/lambada_test.jsonl): accuracy and perplexity.
+Any harness task by name, or a task YAML file; the harness's own definitions, prompts and metrics,
+with mtj as the model. LAMBADA (`lambada`, `lambada_openai`) reads $MTJ_ASSETS/eval/lambada_test.jsonl.
 """
 
 import argparse
@@ -11,37 +12,43 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import mtj  # noqa: E402
 from mtj import distributed  # noqa: E402
-from mtj.evaluate import KNOWN_TASKS, TASKS, evaluate  # noqa: E402
 from mtj.cli import run  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--ckpt", required=True, help="model_dir, step directory, or HF model directory")
-    ap.add_argument("--tasks", required=True, help=f"comma-separated, of: {KNOWN_TASKS}")
-    ap.add_argument("--limit", type=int, default=None, help="score only the first N examples of each task")
+    ap.add_argument("--tasks", required=True, help="comma-separated harness task names or task YAML files")
+    ap.add_argument("--limit", type=int, default=None, help="only the first N examples of each task")
+    ap.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's own)")
+    ap.add_argument("--include-path", action="append", default=[], help="a folder of task YAMLs (repeatable)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--mp", type=int, default=1, help="tensor-parallel devices")
-    ap.add_argument("--json", action="store_true", help="one JSON object per task and line")
+    ap.add_argument("--dtype", default=None, help="compute dtype override, e.g. float32")
+    ap.add_argument("--json", action="store_true", help="print the results as JSON instead of the harness's table")
     distributed.add_arguments(ap)
     args = ap.parse_args()
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    unknown = [t for t in tasks if t not in TASKS]
-    if not tasks or unknown:
-        ap.error(f"unknown task(s) {unknown or args.tasks!r}; known tasks: {KNOWN_TASKS}")
     if args.limit is not None and args.limit < 1:
         ap.error("--limit must be at least 1")
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not names:
+        ap.error("--tasks names no task")
+    from lm_eval.utils import make_table  # the harness loads slowly: after the arguments are checked
+
+    from mtj import harness
+
     distributed.initialize(args)
-    lm = mtj.load(args.ckpt, mp=args.mp)
-    for task in tasks:
-        result = evaluate(lm, task, args.limit, args.batch_size, progress=not args.json)
-        if args.json:
-            print(json.dumps(result), flush=True)
-        else:
-            print(f"{task}: acc {result['acc']:.4f}, ppl {result['ppl']:.3f} ({result['examples']} examples)",
-                  flush=True)
+    manager = harness.task_manager(args.include_path)
+    tasks = harness.resolve_tasks(names, manager)
+    model = harness.MTJLM(ckpt=args.ckpt, mp=args.mp, dtype=args.dtype, batch_size=args.batch_size)
+    results = harness.run(model, tasks, manager, args.limit, args.num_fewshot)
+    if results is None:  # processes other than 0 (the harness reports on process 0)
+        return
+    if args.json:
+        print(json.dumps({"results": results["results"], "n-samples": results.get("n-samples", {})}, default=str))
+    else:
+        print(make_table(results))
 
 
 if __name__ == "__main__":
