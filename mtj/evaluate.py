@@ -34,7 +34,8 @@ class Scorer:
 
     def __init__(self, cfg: Config, mesh: Mesh, batch_size: int = 8):
         self.cfg, self.mesh, self.batch_size = cfg, mesh, batch_size
-        self._score = jax.jit(functools.partial(_token_scores, cfg=cfg))
+        # Replicated out: on several processes each can read the scores of the whole batch.
+        self._score = jax.jit(functools.partial(_token_scores, cfg=cfg), out_shardings=NamedSharding(mesh, P()))
 
     def loglikelihoods(self, params: Params, pairs: Sequence[tuple[list[int], list[int]]],
                        progress: bool = True) -> Iterator[tuple[float, bool]]:

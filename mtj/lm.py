@@ -88,7 +88,8 @@ def load(path: PathLike, mp: int = 1, **overrides: Any) -> LM:
     `overrides` replace config keys, e.g. dtype="float32".
     """
     path = user_path(path)
-    mesh = make_mesh(mp=mp, dp=1)
+    # One replica; on several processes one per process, so that every process holds its part.
+    mesh = make_mesh(mp=mp, dp=jax.process_count())
     if convert.is_hf_dir(path):
         with local_copy(path) as local:  # safetensors are memory-mapped: a bucket's directory is downloaded
             cfg = convert.config_from_hf(convert.read_hf_config(local), cores_per_replica=mp, **overrides)

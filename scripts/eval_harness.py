@@ -12,6 +12,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import jax  # noqa: E402
+
 from mtj import distributed  # noqa: E402
 from mtj.cli import run  # noqa: E402
 
@@ -43,7 +45,7 @@ def main() -> None:
     tasks = harness.resolve_tasks(names, manager)
     model = harness.MTJLM(ckpt=args.ckpt, mp=args.mp, dtype=args.dtype, batch_size=args.batch_size)
     results = harness.run(model, tasks, manager, args.limit, args.num_fewshot)
-    if results is None:  # processes other than 0 (the harness reports on process 0)
+    if jax.process_index() != 0:  # every process ran the same requests in lockstep; process 0 reports
         return
     if args.json:
         print(json.dumps({"results": results["results"], "n-samples": results.get("n-samples", {})}, default=str))

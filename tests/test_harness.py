@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, assets, hf_gptj
+from test_serve import free_port
 from mtj.convert import export_hf, import_hf
 from mtj.harness import MTJLM, task_dir
 from mtj.tokenizer import load_tokenizer
@@ -61,16 +63,43 @@ def write_tasks(folder: Path) -> Path:
     return folder
 
 
+def random_hf(path: Path, family: str) -> Path:
+    """A random transformers model of `family` with the GPT-2 tokenizer."""
+    import torch
+    import transformers
+
+    if family == "gptj":
+        hf_gptj(path, vocab_size=50257, n_positions=SEQ, n_embd=32, n_head=4, rotary_dim=4, bos_token_id=50256,
+                eos_token_id=50256)
+    else:
+        torch.manual_seed(0)
+        config = transformers.GPTNeoXConfig(vocab_size=50257, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                            intermediate_size=128, max_position_embeddings=SEQ, rotary_pct=0.25,
+                                            bos_token_id=50256, eos_token_id=50256)
+        model = transformers.GPTNeoXForCausalLM(config).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.ndim == 1:
+                    p.add_(0.1 * torch.randn_like(p))
+        model.save_pretrained(path)
+    load_tokenizer("gpt2").save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """An mtj checkpoint of a random GPT-J and its export by to_hf."""
-    root = tmp_path_factory.mktemp("harness")
-    hf = hf_gptj(root / "hf", vocab_size=50257, n_positions=SEQ, n_embd=32, n_head=4, rotary_dim=4,
-                 bos_token_id=50256, eos_token_id=50256)
-    load_tokenizer("gpt2").save_pretrained(hf)
-    import_hf(hf, root / "ckpt")
-    export_hf(root / "ckpt", root / "export")
-    return root / "ckpt", root / "export"
+    """family -> (an mtj checkpoint of a random model, its export by to_hf), made once."""
+    made = {}
+
+    def get(family: str) -> tuple[Path, Path]:
+        if family not in made:
+            root = tmp_path_factory.mktemp(family)
+            import_hf(random_hf(root / "hf", family), root / "ckpt")
+            export_hf(root / "ckpt", root / "export")
+            made[family] = root / "ckpt", root / "export"
+        return made[family]
+
+    return get
 
 
 def evaluate(model, model_args: str, tasks: list[str], include: list[str], limit: int = 12) -> dict:
@@ -80,8 +109,9 @@ def evaluate(model, model_args: str, tasks: list[str], include: list[str], limit
                                    fewshot_random_seed=0)
 
 
-def test_mtj_gives_the_harness_numbers_of_its_hf_model(models, tmp_path):
-    ckpt, export = models
+@pytest.mark.parametrize("family", ["gptj", "gpt_neox"])
+def test_mtj_gives_the_harness_numbers_of_its_hf_model(models, family, tmp_path):
+    ckpt, export = models(family)
     include = [task_dir(), str(write_tasks(tmp_path / "tasks"))]
     tasks = ["lambada_openai", *TASKS]
     ours = evaluate("mtj", f"ckpt={ckpt},dtype=float32", tasks, include)
@@ -116,7 +146,7 @@ def eval_script(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_eval_harness_script_prints_the_harness_table_and_json(models, tmp_path):
-    ckpt, _ = models
+    ckpt, _ = models("gptj")
     tasks = write_tasks(tmp_path / "tasks")
     common = ["--ckpt", str(ckpt), "--tasks", "lambada,mtj_mc", "--include-path", str(tasks), "--limit", "6",
               "--dtype", "float32"]
@@ -152,3 +182,28 @@ def test_training_logs_harness_metrics_equal_to_the_script_on_that_step(tmp_path
         results = json.loads(run.stdout.strip().splitlines()[-1])["results"]["mtj_mc"]
         assert rows[step]["eval/mtj_mc/acc"] == results["acc,none"]
         assert rows[step]["eval/mtj_mc/acc_norm"] == results["acc_norm,none"]
+
+
+def test_two_processes_score_like_one(models, tmp_path):
+    ckpt, _ = models("gptj")
+    tasks = write_tasks(tmp_path / "tasks")
+    args = ["--ckpt", str(ckpt), "--tasks", "lambada,mtj_mc,mtj_rolling", "--include-path", str(tasks), "--limit", "6",
+            "--dtype", "float32", "--mp", "4", "--json"]
+    port = free_port()
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}  # dp=2 x mp=4 over two processes
+    procs = [subprocess.Popen([sys.executable, str(REPO / "scripts" / "eval_harness.py"), *args, "--coordinator",
+                               f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert not [line for line in outs[1][0].splitlines() if line.startswith("{")]  # process 0 reports
+    two = json.loads(outs[0][0].strip().splitlines()[-1])["results"]
+    one_run = eval_script(*args)  # one process, mp=4 on 4 of its 8 devices
+    assert one_run.returncode == 0, one_run.stderr[-3000:]
+    one = json.loads(one_run.stdout.strip().splitlines()[-1])["results"]
+    for task in ("lambada_openai", "mtj_mc", "mtj_rolling"):
+        for key, value in one[task].items():
+            if "," in key and "stderr" not in key:
+                assert math.isclose(two[task][key], value, rel_tol=1e-5), (task, key, two[task][key], value)
