@@ -1,28 +1,47 @@
-"""HTTP serving (SPEC §6): the original /complete, OpenAI-style /v1/completions with SSE, /health.
+"""HTTP serving (SPEC §6): the original /complete, OpenAI completions (/v1/completions, /v1/models), /health.
 
-Requests wait in a bounded queue; one worker thread takes everything that
-arrived together (up to max_batch) and decodes it as one batch on the device.
+The HTTP front is uvicorn + Starlette: framing, keep-alive, timeouts and the connection limit are
+theirs. Every field is validated (types, finite numbers, ranges, unknown fields refused) before
+anything is tokenized or queued. Requests wait in a bounded queue; one engine thread takes what
+arrived together (up to max_batch rows) and decodes it as one batch on the device.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import queue
+import secrets
+import signal
 import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, AsyncIterator
 
 import numpy as np
+import uvicorn
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
 
 from mtj.lm import LM, truncate_at_stop
 
+MAX_LOGPROBS = 20
+SEED_LIMIT = 2**32
+
 
 class BadRequest(ValueError):
-    """A client error: answered with 400 and this message."""
+    """A client error: answered with `status` and this message."""
 
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+# --- the engine ------------------------------------------------------------------
 
 @dataclasses.dataclass
 class Job:
@@ -37,6 +56,7 @@ class Job:
     stream: bool = False
     events: queue.Queue = dataclasses.field(default_factory=queue.Queue)
     tokens: list[int] = dataclasses.field(default_factory=list)
+    cancelled: bool = False  # the client went away: nothing more is sent
 
 
 class Batcher:
@@ -46,12 +66,20 @@ class Batcher:
         self.lm, self.max_batch, self.wait_s = lm, max_batch, wait_s
         self.jobs: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self.stopping = threading.Event()
+        self.failure: BaseException | None = None  # what stopped the engine thread, if anything did
         self.thread = threading.Thread(target=self._run, name="mtj-batcher", daemon=True)
         self.thread.start()
 
+    @property
+    def alive(self) -> bool:
+        return self.thread.is_alive() and not self.stopping.is_set()
+
+    def room(self) -> int:
+        return self.jobs.maxsize - self.jobs.qsize()
+
     def submit(self, jobs: list[Job]) -> None:
         """Queue jobs; raises queue.Full when the server is overloaded."""
-        if self.jobs.maxsize and self.jobs.qsize() + len(jobs) > self.jobs.maxsize:
+        if len(jobs) > self.room():
             raise queue.Full
         for job in jobs:
             self.jobs.put_nowait(job)
@@ -67,259 +95,390 @@ class Batcher:
                 batch.append(self.jobs.get(timeout=max(0.0, deadline - time.monotonic())))
             except queue.Empty:
                 break
-        return batch
+        return [job for job in batch if not job.cancelled]
 
     def _run(self) -> None:
-        while not (self.stopping.is_set() and self.jobs.empty()):
-            batch = self._take()
-            if not batch:
-                continue
-            eos = self.lm.tokenizer.eos_id if self.lm.tokenizer else None
+        try:
+            while not (self.stopping.is_set() and self.jobs.empty()):
+                batch = self._take()
+                if batch:
+                    self._decode(batch)
+        except BaseException as e:  # noqa: BLE001 -- recorded for /health
+            self.failure = e
+            raise
 
-            def on_tokens(step: int, tokens: np.ndarray) -> None:
-                for job, token in zip(batch, tokens.tolist()):
-                    finished = len(job.tokens) >= job.max_new or (job.tokens and job.tokens[-1] == eos)
-                    if not finished:
-                        job.tokens.append(token)
-                        if job.stream:
-                            job.events.put(("tokens", [token]))
+    def _decode(self, batch: list[Job]) -> None:
+        eos = self.lm.tokenizer.eos_id if self.lm.tokenizer else None
 
-            try:
-                outs = self.lm.generate_tokens([j.ids for j in batch], max(j.max_new for j in batch),
-                                               [j.temperature for j in batch], [j.top_k for j in batch],
-                                               [j.top_p for j in batch], [j.seed for j in batch], on_tokens)
-                for job, out in zip(batch, outs):
-                    job.tokens = out[: job.max_new]
-                    job.events.put(("done", None))
-            except Exception as e:  # the batch fails, the server keeps serving
-                for job in batch:
-                    job.events.put(("done", e))
+        def on_tokens(step: int, tokens: np.ndarray) -> None:
+            for job, token in zip(batch, tokens.tolist()):
+                finished = len(job.tokens) >= job.max_new or (job.tokens and job.tokens[-1] == eos)
+                if not (finished or job.cancelled):
+                    job.tokens.append(token)
+                    if job.stream:
+                        job.events.put(("tokens", [token]))
+
+        try:
+            outs = self.lm.generate_tokens([j.ids for j in batch], max(j.max_new for j in batch),
+                                           [j.temperature for j in batch], [j.top_k for j in batch],
+                                           [j.top_p for j in batch], [j.seed for j in batch], on_tokens)
+            for job, out in zip(batch, outs):
+                job.tokens = out[: job.max_new]
+                job.events.put(("done", None))
+        except Exception as e:  # noqa: BLE001 -- the batch fails, the server keeps serving
+            for job in batch:
+                job.events.put(("done", e))
 
     def stop(self) -> None:
         self.stopping.set()
         self.thread.join(timeout=60)
 
 
-# --- request parsing ---------------------------------------------------------------
+# --- requests --------------------------------------------------------------------
 
-def _number(body: dict, key: str, default: Any, kind: type, lo: float | None = None, hi: float | None = None) -> Any:
-    value = body.get(key, default)
-    if value is None:
-        value = default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
-        raise BadRequest(f"'{key}' must be a {'integer' if kind is int else 'number'}, got {value!r}")
-    value = kind(value)
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise BadRequest(f"'{key}' must be in [{lo}, {hi}], got {value}")
-    return value
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
 
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+
+
+class CompletionRequest(Strict):
+    """The OpenAI completions fields mtj implements (SPEC §6); any other field is refused."""
+
+    model: str | None = None
+    prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=0)
+    temperature: FiniteFloat = Field(1.0, ge=0, le=2)
+    top_p: FiniteFloat = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=-1)  # vLLM's extension; 0 or -1: off
+    n: int = Field(1, ge=1, le=16)
+    stop: str | list[str] | None = Field(None, max_length=16)
+    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    user: str | None = None  # accepted as OpenAI accepts it: an end-user id, no effect on the output
+
+
+class CompleteRequest(Strict):
+    """The original mtj /complete request."""
+
+    context: str
+    top_p: FiniteFloat = Field(0.9, gt=0, le=1)
+    temp: FiniteFloat = Field(1.0, ge=0, le=2)
+    length: int | None = Field(None, ge=1)
+    top_k: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT)
+
+
+def _describe(error: ValidationError) -> str:
+    """The problems, by field, without echoing the values (which may be huge)."""
+    parts = []
+    for e in error.errors(include_input=False, include_url=False):
+        where = ".".join(str(x) for x in e["loc"] if not str(x).startswith(("list[", "str", "int")))
+        parts.append(f"'{where}': {e['msg']}" if e["type"] != "extra_forbidden" else
+                     f"'{where}' is not implemented by mtj")
+    return "; ".join(dict.fromkeys(parts))
+
+
+def parse(model: type[BaseModel], body: bytes) -> Any:
+    try:
+        data = json.loads(body, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(f"{c} is not a number")))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadRequest(f"the body is not valid JSON: {str(e)[:200]}") from None
+    if not isinstance(data, dict):
+        raise BadRequest("the body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise BadRequest(_describe(e)) from None
+
+
+# --- logprobs --------------------------------------------------------------------
+
+def token_logprobs(lm: LM, ids: list[int], top: int) -> tuple[list[float | None], list[dict[str, float] | None]]:
+    """Each token's log-probability given the ones before it (None for the first) and the `top` most
+    likely tokens at each position (by text), from one forward pass."""
+    logits = lm.logits(np.asarray([ids]))[0].astype(np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    chosen: list[float | None] = [None] + [float(logp[i - 1, t]) for i, t in enumerate(ids) if i > 0]
+    tops: list[dict[str, float] | None] = [None]
+    for i in range(1, len(ids)):
+        best = np.argsort(-logp[i - 1])[:top] if top else []
+        tops.append({lm.tokenizer.decode([int(t)]): float(logp[i - 1, t]) for t in best})
+    return chosen, tops
+
+
+# --- the app ---------------------------------------------------------------------
 
 class Server:
+    """serve.py's server: `run()` serves until SIGTERM/SIGINT, then finishes the work in flight."""
+
     def __init__(self, lm: LM, host: str = "127.0.0.1", port: int = 5000, max_batch: int = 8, max_queue: int = 64,
-                 max_tokens: int | None = None, model_name: str = "mtj"):
+                 max_tokens: int | None = None, model_name: str = "mtj", max_body_bytes: int = 4 << 20,
+                 max_connections: int = 256, body_timeout_s: float = 30.0):
         if lm.tokenizer is None:
             raise ValueError("serving needs a tokenizer: this checkpoint has none")
         self.lm, self.model_name = lm, model_name
         self.max_tokens = max_tokens or lm.config.seq
+        self.max_body, self.body_timeout = max_body_bytes, body_timeout_s
         self.batcher = Batcher(lm, max_batch, max_queue)
-        ThreadingHTTPServer.request_queue_size = 256  # listen backlog: bursts of clients must not be reset
-        self.httpd = ThreadingHTTPServer((host, port), _handler(self))
-        self.httpd.daemon_threads = True  # idle keep-alive connections must not hold up shutdown...
-        self.in_flight = 0  # ...but requests being answered do
-        self.answered = threading.Condition()
+        self.created = int(time.time())
+        app = Starlette(routes=[
+            Route("/health", self.health, methods=["GET"]),
+            Route("/v1/models", self.models, methods=["GET"]),
+            Route("/complete", self.complete, methods=["POST"]),
+            Route("/v1/completions", self.completions, methods=["POST"]),
+        ], exception_handlers={404: self._not_found, 405: self._not_found})
+        self.uvicorn = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                                     limit_concurrency=max_connections, timeout_keep_alive=5,
+                                                     timeout_graceful_shutdown=120, access_log=False))
 
-    @property
-    def port(self) -> int:
-        return self.httpd.server_address[1]
-
-    def serve_forever(self) -> None:
-        self.httpd.serve_forever()
-
-    def shutdown(self) -> None:
-        """Stop accepting, finish queued work, deliver its answers, close."""
-        self.httpd.shutdown()
+    def run(self) -> None:
+        """Serve until SIGTERM/SIGINT, answer the requests in flight, stop the engine, return."""
+        # uvicorn re-raises the signal it shut down for into the handler it found: this one, not the default (exit)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: setattr(self.uvicorn, "should_exit", True))
+        self.uvicorn.run()
         self.batcher.stop()
-        with self.answered:
-            self.answered.wait_for(lambda: self.in_flight == 0, timeout=60)
-        self.httpd.server_close()
 
-    def jobs_for(self, prompt: str, max_new: int | None, temperature: float, top_k: int, top_p: float, seed: int,
-                 n: int = 1, stream: bool = False) -> list[Job]:
-        """Jobs for one prompt; max_new None: up to 256 tokens, as many as fit the context."""
-        ids = self.lm.tokenizer.encode(prompt)
+    # --- plumbing -------------------------------------------------------------------
+    @staticmethod
+    def error(status: int, message: str) -> JSONResponse:
+        kind = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error",
+                408: "timeout", 503: "overloaded"}.get(status, "server_error")
+        return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": None}}, status)
+
+    async def _not_found(self, request: Request, exc: Exception) -> JSONResponse:
+        return self.error(404, f"no route {request.method} {request.url.path}")
+
+    async def body(self, request: Request) -> bytes:
+        """The request body, refused beyond max_body bytes (413) or when it does not arrive in time."""
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
+            raise BadRequest(f"the body has {declared} bytes; this server takes at most {self.max_body}", 413)
+        chunks, size = [], 0
+
+        async def read() -> None:
+            nonlocal size
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > self.max_body:
+                    raise BadRequest(f"the body exceeds this server's limit of {self.max_body} bytes", 413)
+                chunks.append(chunk)
+
+        try:
+            await asyncio.wait_for(read(), self.body_timeout)
+        except asyncio.TimeoutError:
+            raise BadRequest(f"the body did not arrive within {self.body_timeout:g} s", 408) from None
+        return b"".join(chunks)
+
+    async def answer(self, request: Request, handle) -> Response:
+        try:
+            if not self.batcher.alive:
+                raise BadRequest("the engine has stopped; see /health", 503)
+            return await handle(await self.body(request))
+        except BadRequest as e:
+            return self.error(e.status, str(e))
+        except queue.Full:
+            return self.error(503, "the server is overloaded: too many queued requests, retry later")
+
+    def check_room(self, rows: int) -> None:
+        """Before tokenizing: 503 when the queue cannot take `rows` now, 400 when it never could."""
+        if rows > self.batcher.jobs.maxsize:
+            raise BadRequest(f"the request needs {rows} rows (prompts x n); this server queues at most "
+                             f"{self.batcher.jobs.maxsize}")
+        if rows > self.batcher.room():
+            raise queue.Full
+
+    def jobs_for(self, ids: list[int], max_new: int | None, temperature: float, top_k: int, top_p: float,
+                 seed: int, n: int = 1, stream: bool = False) -> list[Job]:
+        """Jobs for one tokenized prompt; max_new None: up to 256 tokens, as many as fit the context."""
+        seq = self.lm.config.seq
         if not ids:
             raise BadRequest("the prompt is empty")
         if max_new is None:
-            max_new = max(1, min(256, self.max_tokens, self.lm.config.seq - len(ids)))
+            max_new = max(1, min(256, self.max_tokens, seq - len(ids)))
         if max_new > self.max_tokens:
             raise BadRequest(f"max tokens {max_new} exceeds this server's limit of {self.max_tokens}")
-        if len(ids) + max_new > self.lm.config.seq:
+        if len(ids) + max_new > seq:
             raise BadRequest(f"the prompt has {len(ids)} tokens; with {max_new} new tokens that exceeds the "
-                             f"context of {self.lm.config.seq} tokens")
-        return [Job(ids, max_new, temperature, top_k, top_p, seed + i, stream) for i in range(n)]
+                             f"context of {seq} tokens")
+        return [Job(ids, max_new, temperature, max(top_k, 0), top_p, seed + i, stream) for i in range(n)]
 
-
-def _handler(server: Server) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, fmt: str, *args: Any) -> None:  # quiet; errors are answered to the client
-            pass
-
-        def _send(self, code: int, body: dict) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def _error(self, code: int, message: str) -> None:
-            kind = {400: "invalid_request_error", 503: "overloaded", 404: "not_found"}.get(code, "server_error")
-            self._send(code, {"error": {"message": message, "type": kind}})
-
-        def do_GET(self) -> None:
-            try:
-                if self.path == "/health":
-                    self._send(200, {"status": "ok", "model": server.model_name, "queued": server.batcher.jobs.qsize()})
-                else:
-                    self._error(404, f"no route {self.path}")
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the client gave up
-
-        def do_POST(self) -> None:
-            with server.answered:
-                server.in_flight += 1
-            try:
-                self._post()
-            finally:
-                with server.answered:
-                    server.in_flight -= 1
-                    server.answered.notify_all()
-
-        def _post(self) -> None:
-            try:
-                length = int(self.headers.get("Content-Length") or 0)
-                try:
-                    body = json.loads(self.rfile.read(length) or b"null")
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    raise BadRequest(f"the body is not valid JSON: {e}") from None
-                if not isinstance(body, dict):
-                    raise BadRequest("the body must be a JSON object")
-                if self.path == "/complete":
-                    self._complete(body)
-                elif self.path == "/v1/completions":
-                    self._openai(body)
-                else:
-                    self._error(404, f"no route {self.path}")
-            except BadRequest as e:
-                self._error(400, str(e))
-            except queue.Full:
-                self._error(503, "the server is overloaded: too many queued requests, retry later")
-            except (BrokenPipeError, ConnectionResetError):
-                pass
-            except Exception as e:  # noqa: BLE001 - a bug must not take the server down
-                self._error(500, f"{type(e).__name__}: {e}")
-
-        def _wait(self, jobs: list[Job]) -> None:
-            for job in jobs:
-                kind, err = job.events.get()
-                while kind != "done":
-                    kind, err = job.events.get()
-                if err is not None:
-                    raise err
-
-        def _complete(self, body: dict) -> None:
-            context = body.get("context")
-            if not isinstance(context, str):
-                raise BadRequest("'context' must be a string")
-            length = None if body.get("length") is None else _number(body, "length", 256, int, 1)
-            jobs = server.jobs_for(context, length, _number(body, "temp", 1.0, float, 0),
-                                   _number(body, "top_k", 0, int, 0), _number(body, "top_p", 0.9, float, 0, 1),
-                                   _number(body, "seed", 0, int, 0))
-            server.batcher.submit(jobs)
-            self._wait(jobs)
-            self._send(200, {"completion": server.lm.decode_new(jobs[0].tokens)})
-
-        def _openai(self, body: dict) -> None:
-            prompts = body.get("prompt")
-            prompts = [prompts] if isinstance(prompts, str) else prompts
-            if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-                raise BadRequest("'prompt' must be a string or a non-empty list of strings")
-            stop = body.get("stop")
-            stop = [stop] if isinstance(stop, str) else (stop or [])
-            if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-                raise BadRequest("'stop' must be a string or a list of strings")
-            n = _number(body, "n", 1, int, 1, 16)
-            stream = body.get("stream", False)
-            if not isinstance(stream, bool):
-                raise BadRequest("'stream' must be true or false")
-            params = dict(max_new=_number(body, "max_tokens", 16, int, 1), temperature=_number(body, "temperature", 1.0, float, 0, 2),
-                          top_k=_number(body, "top_k", 0, int, 0), top_p=_number(body, "top_p", 1.0, float, 0, 1),
-                          seed=_number(body, "seed", 0, int, 0))
-            jobs = [job for p in prompts for job in server.jobs_for(p, n=n, stream=stream, **params)]
-            server.batcher.submit(jobs)
-            meta = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
-                    "model": server.model_name}
-            if stream:
-                self._stream(jobs, stop, meta)
+    async def finished(self, job: Job) -> None:
+        """Wait (off the event loop) until a job is done; re-raise its error."""
+        while True:
+            kind, value = await asyncio.to_thread(job.events.get)
+            if kind == "done":
+                if value is not None:
+                    raise value
                 return
-            self._wait(jobs)
-            choices = []
-            for i, job in enumerate(jobs):
-                full = server.lm.decode_new(job.tokens)
-                text = truncate_at_stop(full, stop)
-                eos = server.lm.tokenizer.eos_id
-                finished = text != full or (job.tokens and job.tokens[-1] == eos)
-                choices.append({"text": text, "index": i, "logprobs": None, "finish_reason": "stop" if finished else "length"})
-            completion = sum(len(j.tokens) for j in jobs)
-            prompt_tokens = sum(len(j.ids) for j in jobs[::n])
-            self._send(200, {**meta, "choices": choices, "usage": {
-                "prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}})
 
-        def _stream(self, jobs: list[Job], stop: list[str], meta: dict) -> None:
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Cache-Control", "no-cache")
-            self.send_header("Connection", "close")
-            self.end_headers()
-            self.close_connection = True
-            hold = max((len(s) for s in stop), default=1) - 1  # text that might start a stop string
+    # --- endpoints ------------------------------------------------------------------
+    async def health(self, request: Request) -> JSONResponse:
+        if not self.batcher.alive:
+            reason = f"{type(self.batcher.failure).__name__}: {self.batcher.failure}" if self.batcher.failure else "stopped"
+            return JSONResponse({"status": "dead", "model": self.model_name, "error": reason}, 503)
+        return JSONResponse({"status": "ok", "model": self.model_name, "queued": self.batcher.jobs.qsize()})
 
-            def event(payload: Any) -> None:
-                self.wfile.write(b"data: " + (payload if isinstance(payload, bytes) else json.dumps(payload).encode()) + b"\n\n")
-                self.wfile.flush()
+    async def models(self, request: Request) -> JSONResponse:
+        return JSONResponse({"object": "list", "data": [
+            {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "mtj"}]})
 
-            for i, job in enumerate(jobs):  # rows decode together; their events are sent in order
+    async def complete(self, request: Request) -> Response:
+        async def handle(body: bytes) -> Response:
+            req = parse(CompleteRequest, body)
+            self.check_room(1)
+            jobs = self.jobs_for(self.lm.tokenizer.encode(req.context), req.length, req.temp, req.top_k, req.top_p,
+                                 req.seed)
+            self.batcher.submit(jobs)
+            await self.finished(jobs[0])
+            return JSONResponse({"completion": self.lm.decode_new(jobs[0].tokens)})
+
+        return await self.answer(request, handle)
+
+    async def completions(self, request: Request) -> Response:
+        return await self.answer(request, self._completions)
+
+    async def _completions(self, body: bytes) -> Response:
+        req = parse(CompletionRequest, body)
+        if req.model is not None and req.model != self.model_name:
+            raise BadRequest(f"the model '{req.model[:100]}' is not served here; this server serves '{self.model_name}'", 404)
+        vocab = self.lm.config.n_vocab
+        if req.top_k > vocab:
+            raise BadRequest(f"'top_k' must be at most the vocabulary size {vocab}")
+        if req.seed is not None and req.seed + req.n > SEED_LIMIT:
+            raise BadRequest("'seed' + n must be below 2^32")
+        if req.logprobs is not None and req.stream:
+            raise BadRequest("'logprobs' with 'stream' is not implemented by mtj")
+        if req.max_tokens == 0 and not req.echo:
+            raise BadRequest("'max_tokens': 0 needs 'echo': true (there is nothing else to return)")
+        if req.stream and req.max_tokens == 0:
+            raise BadRequest("'stream' with 'max_tokens': 0 has nothing to stream")
+        if req.stream_options is not None and not req.stream:
+            raise BadRequest("'stream_options' needs 'stream': true")
+        prompts = [req.prompt] if isinstance(req.prompt, str) or (req.prompt and isinstance(req.prompt[0], int)) \
+            else list(req.prompt)
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise BadRequest("'prompt' must not be empty")
+        self.check_room(len(prompts) * req.n if req.max_tokens else 0)
+        ids = []
+        for p in prompts:
+            if isinstance(p, str):
+                ids.append(self.lm.tokenizer.encode(p))
+            elif any(t < 0 or t >= vocab for t in p):
+                raise BadRequest(f"token ids must be in [0, {vocab})")
+            else:
+                ids.append(list(p))
+        stop = [req.stop] if isinstance(req.stop, str) else [s for s in (req.stop or []) if s]
+        seed = req.seed if req.seed is not None else secrets.randbelow(SEED_LIMIT - 16)
+        rows = [(i, p) for i, p in enumerate(ids) for _ in range(req.n)]  # choice index order: prompt-major
+        jobs: list[Job | None] = []
+        for k, (i, p) in enumerate(rows):
+            if req.max_tokens == 0:
+                if len(p) > self.lm.config.seq:
+                    raise BadRequest(f"the prompt has {len(p)} tokens; the context is {self.lm.config.seq}")
+                jobs.append(None)
+            else:
+                jobs += self.jobs_for(p, req.max_tokens, req.temperature, req.top_k, req.top_p, seed + k % req.n,
+                                      stream=req.stream)
+        self.batcher.submit([j for j in jobs if j is not None])
+        meta = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+                "model": self.model_name}
+        if req.stream:
+            return StreamingResponse(self._stream(jobs, stop, meta, rows, req), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        for job in jobs:
+            if job is not None:
+                await self.finished(job)
+        choices = [await asyncio.to_thread(self._choice, k, p, job, stop, req) for k, ((_, p), job) in
+                   enumerate(zip(rows, jobs))]
+        completion = sum(c.pop("_generated") for c in choices)
+        prompt_tokens = sum(len(p) for p in ids)
+        return JSONResponse({**meta, "choices": choices, "usage": {
+            "prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}})
+
+    def _cut(self, tokens: list[int], stop: list[str]) -> tuple[list[int], str, str]:
+        """(the generated tokens that make the returned text, that text, the finish reason)."""
+        full = self.lm.decode_new(tokens)
+        text = truncate_at_stop(full, stop)
+        eos = self.lm.tokenizer.eos_id
+        if text == full:
+            return [t for t in tokens if t != eos], text, "stop" if tokens and tokens[-1] == eos else "length"
+        kept = []
+        for t in tokens:  # tokens up to the one that completes the text before the stop string
+            if len(self.lm.decode_new(kept)) >= len(text):
+                break
+            kept.append(t)
+        return kept, text, "stop"
+
+    def _choice(self, index: int, prompt: list[int], job: Job | None, stop: list[str], req: CompletionRequest) -> dict:
+        generated, text, reason = self._cut(job.tokens, stop) if job is not None else ([], "", "length")
+        prompt_text = self.lm.tokenizer.decode(prompt) if req.echo else ""
+        logprobs = None
+        if req.logprobs is not None:
+            ids = (prompt if req.echo else []) + generated
+            start = 0 if req.echo else len(prompt)
+            chosen, tops = token_logprobs(self.lm, prompt + generated, req.logprobs)
+            pieces = [self.lm.tokenizer.decode([t]) for t in ids]
+            offsets, at = [], 0
+            for piece in pieces:
+                offsets.append(at)
+                at += len(piece)
+            logprobs = {"tokens": pieces, "token_logprobs": chosen[start:], "top_logprobs": tops[start:],
+                        "text_offset": offsets}
+        return {"text": prompt_text + text, "index": index, "logprobs": logprobs, "finish_reason": reason,
+                "_generated": len(generated)}
+
+    async def _stream(self, jobs: list[Job | None], stop: list[str], meta: dict, rows: list, req: CompletionRequest
+                      ) -> AsyncIterator[bytes]:
+        def event(payload: Any) -> bytes:
+            return b"data: " + (payload if isinstance(payload, bytes) else json.dumps(payload).encode()) + b"\n\n"
+
+        hold = max((len(s) for s in stop), default=1) - 1  # text that might start a stop string
+        completion = 0
+        try:
+            for index, job in enumerate(jobs):  # rows decode together; their events are sent in order
                 tokens, sent, reason = [], 0, "length"
                 while True:
-                    kind, value = job.events.get()
+                    kind, value = await asyncio.to_thread(job.events.get)
                     if kind == "done":
                         if value is not None:
-                            event({"error": {"message": str(value), "type": "server_error"}})
-                            event(b"[DONE]")
+                            yield event({"error": {"message": str(value)[:500], "type": "server_error"}})
+                            yield event(b"[DONE]")
                             return
                         tokens = job.tokens
                     else:
                         tokens = tokens + value
-                    full = server.lm.decode_new(tokens)
+                    full = self.lm.decode_new(tokens)
                     text = truncate_at_stop(full, stop)
                     stopped = text != full
                     ready = len(text) if (kind == "done" or stopped) else max(sent, len(text) - hold)
                     if text.endswith("\ufffd") and kind != "done":
                         ready = min(ready, len(text) - 1)  # an unfinished multi-byte character
                     if ready > sent:
-                        event({**meta, "choices": [{"text": text[sent:ready], "index": i, "logprobs": None,
-                                                    "finish_reason": None}]})
+                        yield event({**meta, "choices": [{"text": text[sent:ready], "index": index, "logprobs": None,
+                                                          "finish_reason": None}]})
                         sent = ready
-                    if stopped or (tokens and tokens[-1] == server.lm.tokenizer.eos_id):
+                    if stopped or (tokens and tokens[-1] == self.lm.tokenizer.eos_id):
                         reason = "stop"
                     if kind == "done" or stopped:
                         if kind != "done":
-                            while job.events.get()[0] != "done":
-                                pass
+                            await self.finished(job)
                         break
-                event({**meta, "choices": [{"text": "", "index": i, "logprobs": None, "finish_reason": reason}]})
-            event(b"[DONE]")
-
-    return Handler
+                completion += len(self._cut(job.tokens, stop)[0])
+                yield event({**meta, "choices": [{"text": "", "index": index, "logprobs": None, "finish_reason": reason}]})
+            if req.stream_options is not None and req.stream_options.include_usage:
+                prompt_tokens = sum(len(p) for i, (_, p) in enumerate(rows) if i % req.n == 0)
+                yield event({**meta, "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                                                              "total_tokens": prompt_tokens + completion}})
+            yield event(b"[DONE]")
+        finally:  # also when the client went away (the response task is cancelled)
+            for job in jobs:
+                if job is not None:
+                    job.cancelled = True

@@ -1,10 +1,9 @@
 #!/usr/bin/env python
-"""Serve a checkpoint over HTTP: POST /complete, POST /v1/completions (OpenAI-style, SSE streaming), GET /health."""
+"""Serve a checkpoint over HTTP: POST /complete, the OpenAI completions API (POST /v1/completions with SSE
+streaming, GET /v1/models), GET /health."""
 
 import argparse
-import signal
 import sys
-import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -22,31 +21,22 @@ def main() -> None:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=5000)
     ap.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
-    ap.add_argument("--max-queue", type=int, default=64, help="queued requests before answering 503")
+    ap.add_argument("--max-queue", type=int, default=64, help="queued rows (prompts x n) before answering 503")
     ap.add_argument("--max-tokens", type=int, default=None, help="largest max_tokens a request may ask for")
+    ap.add_argument("--max-connections", type=int, default=256, help="open connections before answering 503")
+    ap.add_argument("--max-body-bytes", type=int, default=4 << 20, help="larger request bodies get 413")
+    ap.add_argument("--served-model-name", default=None, help="the model name of the OpenAI API (default: the checkpoint's)")
     ap.add_argument("--mp", type=int, default=1, help="tensor-parallel devices")
     distributed.add_arguments(ap)
     args = ap.parse_args()
     distributed.initialize(args)
     lm = mtj.load(args.ckpt, mp=args.mp)
     server = Server(lm, args.host, args.port, args.max_batch, args.max_queue, args.max_tokens,
-                    model_name=user_path(args.ckpt).name)
+                    model_name=args.served_model_name or user_path(args.ckpt).name, max_body_bytes=args.max_body_bytes,
+                    max_connections=args.max_connections)
     lm.generate_tokens([[0]], max_new_tokens=1, temperature=0)  # compile the common shapes before taking traffic
-
-    # Graceful: stop accepting, finish queued work, then exit. shutdown() runs in a thread
-    # (it waits for serve_forever, which runs in this one), and the interpreter must not
-    # exit before it is done: tearing JAX down under a running batcher aborts the process.
-    stopper = threading.Thread(target=server.shutdown)
-
-    def stop(signum, frame):
-        if stopper.ident is None:  # a second signal changes nothing
-            stopper.start()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    print(f"serving {args.ckpt} on http://{args.host}:{server.port}", flush=True)
-    server.serve_forever()
-    stopper.join()
+    print(f"serving {args.ckpt} as '{server.model_name}' on http://{args.host}:{args.port}", flush=True)
+    server.run()  # until SIGTERM/SIGINT; the requests in flight are answered first
     print("stopped", flush=True)
 
 
