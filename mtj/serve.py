@@ -23,7 +23,7 @@ import numpy as np
 import uvicorn
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -43,6 +43,23 @@ class BadRequest(ValueError):
 
 # --- the engine ------------------------------------------------------------------
 
+class Events:
+    """What the engine thread tells one request's coroutine, delivered on that coroutine's event loop."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def put(self, item: tuple) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+    async def get(self) -> tuple:
+        return await self.queue.get()
+
+
 @dataclasses.dataclass
 class Job:
     """One sequence to generate; `events` receives ("tokens", list) while streaming and ("done", None|error)."""
@@ -54,7 +71,7 @@ class Job:
     top_p: float
     seed: int
     stream: bool = False
-    events: queue.Queue = dataclasses.field(default_factory=queue.Queue)
+    events: Events = dataclasses.field(default_factory=Events)
     tokens: list[int] = dataclasses.field(default_factory=list)
     cancelled: bool = False  # the client went away: nothing more is sent
 
@@ -95,6 +112,9 @@ class Batcher:
                 batch.append(self.jobs.get(timeout=max(0.0, deadline - time.monotonic())))
             except queue.Empty:
                 break
+        for job in batch:
+            if job.cancelled:
+                job.events.put(("done", None))
         return [job for job in batch if not job.cancelled]
 
     def _run(self) -> None:
@@ -282,10 +302,14 @@ class Server:
             if not self.batcher.alive:
                 raise BadRequest("the engine has stopped; see /health", 503)
             return await handle(await self.body(request))
+        except ClientDisconnect:
+            return Response(status_code=499)  # nobody to answer: the connection is gone
         except BadRequest as e:
             return self.error(e.status, str(e))
         except queue.Full:
             return self.error(503, "the server is overloaded: too many queued requests, retry later")
+        except Exception as e:  # noqa: BLE001 -- a bug answers 500; the server keeps serving
+            return self.error(500, f"{type(e).__name__}: {str(e)[:300]}")
 
     def check_room(self, rows: int) -> None:
         """Before tokenizing: 503 when the queue cannot take `rows` now, 400 when it never could."""
@@ -311,9 +335,9 @@ class Server:
         return [Job(ids, max_new, temperature, max(top_k, 0), top_p, seed + i, stream) for i in range(n)]
 
     async def finished(self, job: Job) -> None:
-        """Wait (off the event loop) until a job is done; re-raise its error."""
+        """Wait until a job is done; re-raise its error."""
         while True:
-            kind, value = await asyncio.to_thread(job.events.get)
+            kind, value = await job.events.get()
             if kind == "done":
                 if value is not None:
                     raise value
@@ -446,7 +470,7 @@ class Server:
             for index, job in enumerate(jobs):  # rows decode together; their events are sent in order
                 tokens, sent, reason = [], 0, "length"
                 while True:
-                    kind, value = await asyncio.to_thread(job.events.get)
+                    kind, value = await job.events.get()
                     if kind == "done":
                         if value is not None:
                             yield event({"error": {"message": str(value)[:500], "type": "server_error"}})

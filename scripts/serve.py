@@ -25,6 +25,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=None, help="largest max_tokens a request may ask for")
     ap.add_argument("--max-connections", type=int, default=256, help="open connections before answering 503")
     ap.add_argument("--max-body-bytes", type=int, default=4 << 20, help="larger request bodies get 413")
+    ap.add_argument("--body-timeout", type=float, default=30.0, help="seconds a request body may take to arrive (408)")
     ap.add_argument("--served-model-name", default=None, help="the model name of the OpenAI API (default: the checkpoint's)")
     ap.add_argument("--mp", type=int, default=1, help="tensor-parallel devices")
     distributed.add_arguments(ap)
@@ -33,7 +34,7 @@ def main() -> None:
     lm = mtj.load(args.ckpt, mp=args.mp)
     server = Server(lm, args.host, args.port, args.max_batch, args.max_queue, args.max_tokens,
                     model_name=args.served_model_name or user_path(args.ckpt).name, max_body_bytes=args.max_body_bytes,
-                    max_connections=args.max_connections)
+                    max_connections=args.max_connections, body_timeout_s=args.body_timeout)
     lm.generate_tokens([[0]], max_new_tokens=1, temperature=0)  # compile the common shapes before taking traffic
     print(f"serving {args.ckpt} as '{server.model_name}' on http://{args.host}:{args.port}", flush=True)
     server.run()  # until SIGTERM/SIGINT; the requests in flight are answered first

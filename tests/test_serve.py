@@ -149,3 +149,134 @@ def test_sigterm_finishes_the_work_in_flight(ckpt):
             status, text = reply.result()
             assert status == 200 and len(json.loads(text)["choices"][0]["text"]) > 0
     assert "stopped" in srv.proc.stdout.read()
+
+
+# --- the audit of the HTTP front: each finding, reproduced ------------------------------------
+
+def raw_http(port: int, data: bytes, timeout: float = 30, shutdown_write: bool = False) -> bytes:
+    """Send raw bytes, return what the server answers until it closes or goes quiet."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        if shutdown_write:
+            s.shutdown(socket.SHUT_WR)
+        out = b""
+        try:
+            while chunk := s.recv(65536):
+                out += chunk
+                if b"\r\n\r\n" in out and _complete(out):
+                    break
+        except socket.timeout:
+            pass
+        return out
+
+
+def _complete(response: bytes) -> bool:
+    head, _, body = response.partition(b"\r\n\r\n")
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return len(body) >= int(line.split(b":")[1])
+    return False
+
+
+def status_of(response: bytes) -> int:
+    return int(response.split(b" ", 2)[1]) if response.startswith(b"HTTP/1.1 ") else 0
+
+
+def post(path: str, body: bytes, headers: str = "") -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{headers}\r\n").encode() + body
+
+
+def test_bad_values_in_one_request_do_not_fail_its_neighbours(server):
+    good = {"prompt": "A neighbour", "max_tokens": 6, "temperature": 0}
+    expected = json.loads(request(server.port, "/v1/completions", good)[1])["choices"][0]["text"]
+    bad = [{"prompt": "x", "seed": 2**32}, {"prompt": "x", "top_k": 2**31}, {"prompt": "x", "top_p": 0},
+           {"prompt": "x", "seed": 2**32 - 1, "n": 2}, {"prompt": "x", "logprobs": 99}, {"prompt": "x", "n": 1000}]
+    for _ in range(3):  # rounds in which the bad requests arrive together with a good one
+        with concurrent.futures.ThreadPoolExecutor(len(bad) + 1) as pool:
+            replies = list(pool.map(lambda b: request(server.port, "/v1/completions", b), [good, *bad]))
+        assert replies[0][0] == 200 and json.loads(replies[0][1])["choices"][0]["text"] == expected
+        for body, (status, text) in zip(bad, replies[1:]):
+            assert status == 400, (body, status, text)
+            assert len(text) < 1000  # the message does not echo huge values
+    for raw in [b'{"prompt": "x", "temperature": NaN}', b'{"prompt": "x", "top_p": Infinity}']:
+        status, text = request(server.port, "/v1/completions", raw=raw)
+        assert status == 400 and "not a number" in text
+    assert request(server.port, "/complete", {"context": "x", "temp": 5})[0] == 400
+    assert request(server.port, "/complete", {"context": "x", "length": 2, "temp": 0, "tempo": 1})[0] == 400
+
+
+def test_a_huge_list_of_prompts_is_refused_before_tokenizing(server):
+    start = time.monotonic()
+    status, text = request(server.port, "/v1/completions", {"prompt": ["one more prompt"] * 200_000, "max_tokens": 1})
+    assert status == 400 and "rows" in text and time.monotonic() - start < 5
+
+
+def test_http_framing_faults_get_clean_answers(ckpt):
+    srv = Running(ckpt, "--max-body-bytes", "2000", "--body-timeout", "2", "--max-connections", "48")
+    try:
+        body = json.dumps({"prompt": "Framing", "max_tokens": 2, "temperature": 0}).encode()
+        assert status_of(raw_http(srv.port, post("/v1/completions", body, f"Content-Length: {len(body)}\r\n"))) == 200
+        # Content-Length absent, negative, not a number, larger than the body
+        assert status_of(raw_http(srv.port, post("/v1/completions", b""))) == 400
+        assert status_of(raw_http(srv.port, post("/v1/completions", body, "Content-Length: -5\r\n"))) == 400
+        assert status_of(raw_http(srv.port, post("/v1/completions", body, "Content-Length: ten\r\n"))) == 400
+        start = time.monotonic()
+        assert status_of(raw_http(srv.port, post("/v1/completions", body, f"Content-Length: {len(body) + 50}\r\n"))) == 408
+        assert time.monotonic() - start < 10
+        # a chunked body, then a second request on the same connection: no desync
+        chunked = post("/v1/completions", f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n",
+                       "Transfer-Encoding: chunked\r\n")
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=60) as s:
+            for _ in range(2):
+                s.sendall(chunked)
+                out = b""
+                while not (b"\r\n\r\n" in out and _complete(out)):
+                    out += s.recv(65536)
+                assert status_of(out) == 200 and b'"choices"' in out
+        # bodies over the limit: declared or streamed
+        big = json.dumps({"prompt": "x" * 5000}).encode()
+        assert status_of(raw_http(srv.port, post("/v1/completions", big, f"Content-Length: {len(big)}\r\n"))) == 413
+        streamed = post("/v1/completions", f"{len(big):x}\r\n".encode() + big + b"\r\n0\r\n\r\n", "Transfer-Encoding: chunked\r\n")
+        assert status_of(raw_http(srv.port, streamed)) == 413
+        # half-sent requests hold no threads; past the connection limit new ones get 503, not a hang
+        held = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(40)]
+        for s in held:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        time.sleep(0.5)
+        assert request(srv.port, "/v1/completions", {"prompt": "Still", "max_tokens": 2, "temperature": 0})[0] == 200
+        held += [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(20)]
+        status, _ = request(srv.port, "/v1/completions", {"prompt": "Full", "max_tokens": 2}, timeout=10)
+        assert status == 503
+        for s in held:
+            s.close()
+        time.sleep(3)  # the server notices the closed connections
+        assert request(srv.port, "/v1/completions", {"prompt": "After", "max_tokens": 2, "temperature": 0})[0] == 200
+        # a client that goes away mid-stream: the server keeps serving
+        stream = json.dumps({"prompt": "Gone", "max_tokens": 60, "stream": True}).encode()
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=60) as s:
+            s.sendall(post("/v1/completions", stream, f"Content-Length: {len(stream)}\r\n"))
+            seen = b""
+            for _ in range(100):
+                seen += s.recv(65536)
+                if b"data: " in seen:
+                    break
+            assert b"data: " in seen
+        assert request(srv.port, "/health")[0] == 200
+        assert request(srv.port, "/v1/completions", {"prompt": "Next", "max_tokens": 2, "temperature": 0})[0] == 200
+    finally:
+        assert srv.stop() == 0
+
+
+def test_health_reports_a_stopped_engine(ckpt):
+    from starlette.testclient import TestClient
+
+    import mtj
+    from mtj.serve import Server
+
+    server = Server(mtj.load(ckpt), port=0)
+    client = TestClient(server.uvicorn.config.app)
+    assert client.get("/health").status_code == 200
+    server.batcher.stop()  # the engine thread is gone
+    health = client.get("/health")
+    assert health.status_code == 503 and health.json()["status"] == "dead"
+    assert client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}).status_code == 503

@@ -1,0 +1,110 @@
+"""serve.py judged by real clients: the `openai` Python client, and lm-eval's `local-completions` model."""
+
+import math
+
+import numpy as np
+import openai
+import pytest
+
+import mtj
+from conftest import hf_gptj
+from mtj.convert import import_hf
+from mtj.tokenizer import load_tokenizer
+from test_serve import Running
+
+PROMPTS = ["Hello there", "The king said", "Once upon a time, in a land"]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """serve.py on an fp32 checkpoint of a random GPT-J, and the same model loaded here."""
+    root = tmp_path_factory.mktemp("openai")
+    hf = hf_gptj(root / "hf", vocab_size=50257, n_positions=128, n_embd=32, n_head=4, rotary_dim=4,
+                 bos_token_id=50256, eos_token_id=50256)
+    load_tokenizer("gpt2").save_pretrained(hf)
+    import_hf(hf, root / "ckpt", dtype="float32")
+    srv = Running(root / "ckpt", "--served-model-name", "tiny")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{srv.port}/v1", api_key="unused", max_retries=0, timeout=120)
+    yield client, mtj.load(root / "ckpt")
+    assert srv.stop() == 0
+
+
+def log_softmax(lm, ids):
+    logits = lm.logits(np.asarray([ids]))[0].astype(np.float64)
+    return logits - logits.max(-1, keepdims=True) - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+
+
+def test_models_and_greedy_completions_equal_generate_tokens(served):
+    client, lm = served
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    for prompt in PROMPTS:
+        ids = lm.tokenizer.encode(prompt)
+        want = lm.generate_tokens([ids], 10, temperature=0)[0]
+        got = client.completions.create(model="tiny", prompt=prompt, max_tokens=10, temperature=0, logprobs=0)
+        choice = got.choices[0]
+        assert choice.text == lm.decode_new(want)
+        assert choice.logprobs.tokens == [lm.tokenizer.decode([t]) for t in want if t != lm.tokenizer.eos_id]
+        assert got.usage.prompt_tokens == len(ids) and got.usage.completion_tokens == len(choice.logprobs.tokens)
+        by_ids = client.completions.create(model="tiny", prompt=ids, max_tokens=10, temperature=0)  # token ids
+        assert by_ids.choices[0].text == choice.text
+
+
+def test_echo_and_logprobs_equal_the_model(served):
+    client, lm = served
+    got = client.completions.create(model="tiny", prompt=PROMPTS[:2], max_tokens=5, temperature=0, logprobs=3, echo=True)
+    assert [c.index for c in got.choices] == [0, 1]
+    for prompt, choice in zip(PROMPTS, got.choices):
+        ids = lm.tokenizer.encode(prompt)
+        ids += [t for t in lm.generate_tokens([ids], 5, temperature=0)[0] if t != lm.tokenizer.eos_id]
+        lp = choice.logprobs
+        assert choice.text.startswith(prompt) and lp.tokens == [lm.tokenizer.decode([t]) for t in ids]
+        ref = log_softmax(lm, ids)
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        for i in range(1, len(ids)):
+            assert math.isclose(lp.token_logprobs[i], ref[i - 1, ids[i]], abs_tol=1e-4)
+            top = sorted(ref[i - 1], reverse=True)[:3]
+            assert len(lp.top_logprobs[i]) <= 3
+            assert math.isclose(max(lp.top_logprobs[i].values()), top[0], abs_tol=1e-4)
+        assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+        # generated tokens are greedy: each is its position's best
+        for i in range(len(lm.tokenizer.encode(prompt)), len(ids)):
+            assert lp.token_logprobs[i] == max(lp.top_logprobs[i].values())
+    # max_tokens 0 with echo: the prompt's log-probabilities only
+    only = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=0, echo=True, logprobs=1).choices[0]
+    ids = lm.tokenizer.encode(PROMPTS[0])
+    assert only.text == PROMPTS[0] and len(only.logprobs.token_logprobs) == len(ids)
+
+
+def test_sampling_streams_n_and_usage(served):
+    client, lm = served
+    args = dict(model="tiny", prompt=PROMPTS[2], max_tokens=12, temperature=1.0, top_p=0.9, seed=7, n=2)
+    plain = client.completions.create(**args)
+    assert len(plain.choices) == 2 and plain.choices[0].text != plain.choices[1].text
+    again = client.completions.create(**args)
+    assert [c.text for c in again.choices] == [c.text for c in plain.choices]  # seeded
+    texts, usage = ["", ""], None
+    for chunk in client.completions.create(**args, stream=True, stream_options={"include_usage": True}):
+        for c in chunk.choices:
+            texts[c.index] += c.text
+        usage = chunk.usage or usage
+    assert texts == [c.text for c in plain.choices]
+    assert usage is not None and usage.completion_tokens == plain.usage.completion_tokens
+    assert usage.prompt_tokens == plain.usage.prompt_tokens == len(lm.tokenizer.encode(PROMPTS[2]))
+
+
+def test_stop_ends_the_text(served):
+    client, lm = served
+    full = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=16, temperature=0).choices[0].text
+    stop = full[3:5]
+    cut = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=16, temperature=0, stop=[stop]).choices[0]
+    assert cut.text == full[: full.index(stop)] and cut.finish_reason == "stop"
+
+
+def test_client_errors_name_the_problem(served):
+    client, _ = served
+    with pytest.raises(openai.NotFoundError, match="serves 'tiny'"):
+        client.completions.create(model="other", prompt="x", max_tokens=1)
+    with pytest.raises(openai.BadRequestError, match="frequency_penalty' is not implemented"):
+        client.completions.create(model="tiny", prompt="x", max_tokens=1, frequency_penalty=0.5)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model="tiny", prompt="x", max_tokens=1, temperature=2.5)
