@@ -8,7 +8,7 @@ import pytest
 
 import mtj
 from conftest import hf_gptj
-from mtj.convert import import_hf
+from mtj.convert import export_hf, import_hf
 from mtj.tokenizer import load_tokenizer
 from test_serve import Running
 
@@ -23,8 +23,10 @@ def served(tmp_path_factory):
                  bos_token_id=50256, eos_token_id=50256)
     load_tokenizer("gpt2").save_pretrained(hf)
     import_hf(hf, root / "ckpt", dtype="float32")
+    export_hf(root / "ckpt", root / "export")
     srv = Running(root / "ckpt", "--served-model-name", "tiny")
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{srv.port}/v1", api_key="unused", max_retries=0, timeout=120)
+    client.export, client.port = root / "export", srv.port  # for lm-eval's hf model and its local-completions
     yield client, mtj.load(root / "ckpt")
     assert srv.stop() == 0
 
@@ -108,3 +110,24 @@ def test_client_errors_name_the_problem(served):
         client.completions.create(model="tiny", prompt="x", max_tokens=1, frequency_penalty=0.5)
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.completions.create(model="tiny", prompt="x", max_tokens=1, temperature=2.5)
+
+
+def test_lm_eval_local_completions_equals_its_hf_model(served, tmp_path):
+    lm_eval = pytest.importorskip("lm_eval")
+    from mtj.harness import task_dir
+    from test_harness import evaluate, write_tasks
+
+    client, _ = served
+    include = [task_dir(), str(write_tasks(tmp_path / "tasks"))]
+    tasks = ["lambada_openai", "mtj_generate"]
+    api = (f"model=tiny,base_url=http://127.0.0.1:{client.port}/v1/completions,tokenizer={client.export},"
+           "tokenizer_backend=huggingface,tokenized_requests=True,num_concurrent=1,max_retries=1,max_length=128")
+    ours = evaluate("local-completions", api, tasks, include, limit=8)
+    theirs = evaluate("hf", f"pretrained={client.export},dtype=float32", tasks, include, limit=8)
+    assert ours["results"]["lambada_openai"]["acc,none"] == theirs["results"]["lambada_openai"]["acc,none"]
+    assert math.isclose(ours["results"]["lambada_openai"]["perplexity,none"],
+                        theirs["results"]["lambada_openai"]["perplexity,none"], rel_tol=1e-4)
+    for x, y in zip(ours["samples"]["lambada_openai"], theirs["samples"]["lambada_openai"]):
+        (a, greedy_a), (b, greedy_b) = x["resps"][0][0], y["resps"][0][0]
+        assert math.isclose(a, b, rel_tol=1e-4) and greedy_a == greedy_b
+    assert [x["resps"] for x in ours["samples"]["mtj_generate"]] == [y["resps"] for y in theirs["samples"]["mtj_generate"]]
