@@ -20,7 +20,8 @@ from mtj.config import Config
 from mtj.model import Params, logits_of, output_head, run_layers, unstack_layers
 from mtj.sharding import constrain
 
-TokenSink = Callable[[int, np.ndarray], None]  # (step, new token per row)
+# (step, new token per row) -> None, or a bool per row: True ends that row (a stop string, a client gone)
+TokenSink = Callable[[int, np.ndarray], "np.ndarray | None"]
 UNROLL_LAYERS = 16  # decode loops of models up to this depth are unrolled over layers
 
 
@@ -203,13 +204,14 @@ def _generate(params: Params, head: Params | None, tokens: jax.Array, valid: jax
     def commit(state: Decoding, token: jax.Array, taken: jax.Array | bool = True) -> Decoding:
         """The state after this step's token where `taken` (else unchanged, to be retried)."""
         token, taken = jnp.where(state.done, eos, token), jnp.asarray(taken, bool)
-        if sink is not None:
-            io_callback(sink, None, state.step, token, taken, ordered=True)
+        ended = token == eos
+        if sink is not None:  # the host sees the token and may end rows
+            ended |= io_callback(sink, jax.ShapeDtypeStruct((B,), jnp.bool_), state.step, token, taken, ordered=True)
         keep = lambda new, old: jnp.where(taken, new, old)  # noqa: E731
         return state._replace(step=keep(state.step + 1, state.step), token=keep(token, state.token),
                               pos=keep(state.pos + 1, state.pos),
                               out=state.out.at[:, state.step].set(keep(token, state.out[:, state.step])),
-                              done=keep(state.done | (token == eos), state.done))
+                              done=keep(state.done | ended, state.done))
 
     def take(state: Decoding) -> Decoding:
         """The state after the token of state.x, or, where the screen cannot decide it, marked to retry."""
@@ -269,6 +271,7 @@ class Generator:
         self._compiled: dict[tuple, Any] = {}
         self._lock = threading.Lock()
         self._sink: TokenSink | None = None
+        self._rows = 0  # real (not filler) rows of the batch being decoded
         self._screen_head: Params | None = None
 
     def set_params(self, params: Params) -> None:
@@ -276,9 +279,14 @@ class Generator:
         with self._lock:
             self.params, self._screen_head = params, None
 
-    def _stream(self, step: np.ndarray, token: np.ndarray, taken: np.ndarray) -> None:
+    def _stream(self, step: np.ndarray, token: np.ndarray, taken: np.ndarray) -> np.ndarray:
+        ended = np.zeros(token.shape, bool)
         if self._sink is not None and taken:
-            self._sink(int(step), np.asarray(token))
+            ended[self._rows:] = True  # filler rows: nobody waits for them
+            rows = self._sink(int(step), np.asarray(token)[: self._rows])
+            if rows is not None:
+                ended[: self._rows] = rows
+        return ended
 
     def _head(self, greedy: bool) -> Params | None:
         if not (greedy and screens(self.cfg, self.mesh)):
@@ -331,7 +339,7 @@ class Generator:
                 jnp.asarray(per_row(top_k, np.int32)), jnp.asarray(per_row(top_p, np.float32)),
                 jnp.asarray(per_row(seed, np.uint32)), jnp.int32(self.eos_id))
         with self._lock, jax.set_mesh(self.mesh):
-            self._sink = (lambda step, tok: on_tokens(step, tok[:n])) if on_tokens else None
+            self._sink, self._rows = on_tokens, n
             try:
                 greedy = not (temps > 0).any()
                 fn = self._fn(N, on_tokens is not None, greedy)

@@ -71,9 +71,11 @@ class Job:
     top_p: float
     seed: int
     stream: bool = False
+    stop: list[str] = dataclasses.field(default_factory=list)  # strings that end the row's decoding
     events: Events = dataclasses.field(default_factory=Events)
     tokens: list[int] = dataclasses.field(default_factory=list)
-    cancelled: bool = False  # the client went away: nothing more is sent
+    cancelled: bool = False  # the client went away: its row ends at the next step
+    ended: bool = False
 
 
 class Batcher:
@@ -128,22 +130,33 @@ class Batcher:
             raise
 
     def _decode(self, batch: list[Job]) -> None:
+        """One generate call for the batch. With a stream, a stop string or a cancellation in it, the
+        tokens come back step by step and a row ends as soon as its request is answered."""
         eos = self.lm.tokenizer.eos_id if self.lm.tokenizer else None
 
-        def on_tokens(step: int, tokens: np.ndarray) -> None:
+        def on_tokens(step: int, tokens: np.ndarray) -> np.ndarray:
             for job, token in zip(batch, tokens.tolist()):
-                finished = len(job.tokens) >= job.max_new or (job.tokens and job.tokens[-1] == eos)
-                if not (finished or job.cancelled):
-                    job.tokens.append(token)
-                    if job.stream:
-                        job.events.put(("tokens", [token]))
+                if job.ended:
+                    continue
+                if job.cancelled:
+                    job.ended = True
+                    continue
+                job.tokens.append(token)
+                if job.stream:
+                    job.events.put(("tokens", [token]))
+                job.ended = token == eos or len(job.tokens) >= job.max_new or \
+                    (bool(job.stop) and any(s in self.lm.decode_new(job.tokens) for s in job.stop))
+            return np.array([job.ended for job in batch])
 
+        stepwise = any(job.stream or job.stop for job in batch)
         try:
             outs = self.lm.generate_tokens([j.ids for j in batch], max(j.max_new for j in batch),
                                            [j.temperature for j in batch], [j.top_k for j in batch],
-                                           [j.top_p for j in batch], [j.seed for j in batch], on_tokens)
+                                           [j.top_p for j in batch], [j.seed for j in batch],
+                                           on_tokens if stepwise else None)
             for job, out in zip(batch, outs):
-                job.tokens = out[: job.max_new]
+                if not stepwise:
+                    job.tokens = out[: job.max_new]
                 job.events.put(("done", None))
         except Exception as e:  # noqa: BLE001 -- the batch fails, the server keeps serving
             for job in batch:
@@ -320,7 +333,7 @@ class Server:
             raise queue.Full
 
     def jobs_for(self, ids: list[int], max_new: int | None, temperature: float, top_k: int, top_p: float,
-                 seed: int, n: int = 1, stream: bool = False) -> list[Job]:
+                 seed: int, n: int = 1, stream: bool = False, stop: list[str] | None = None) -> list[Job]:
         """Jobs for one tokenized prompt; max_new None: up to 256 tokens, as many as fit the context."""
         seq = self.lm.config.seq
         if not ids:
@@ -332,7 +345,8 @@ class Server:
         if len(ids) + max_new > seq:
             raise BadRequest(f"the prompt has {len(ids)} tokens; with {max_new} new tokens that exceeds the "
                              f"context of {seq} tokens")
-        return [Job(ids, max_new, temperature, max(top_k, 0), top_p, seed + i, stream) for i in range(n)]
+        return [Job(ids, max_new, temperature, max(top_k, 0), top_p, seed + i, stream, list(stop or []))
+                for i in range(n)]
 
     async def finished(self, job: Job) -> None:
         """Wait until a job is done; re-raise its error."""
@@ -410,7 +424,7 @@ class Server:
                 jobs.append(None)
             else:
                 jobs += self.jobs_for(p, req.max_tokens, req.temperature, req.top_k, req.top_p, seed + k % req.n,
-                                      stream=req.stream)
+                                      stream=req.stream, stop=stop)
         self.batcher.submit([j for j in jobs if j is not None])
         meta = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
                 "model": self.model_name}

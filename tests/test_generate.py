@@ -84,6 +84,26 @@ def test_streaming_callback_sees_every_token(gptj):
     assert [[t[i] for _, t in seen] for i in range(2)] == out
 
 
+def test_the_token_callback_ends_rows(gptj):
+    lm = mtj.load(gptj[0], dtype="float32")
+    eos = lm.generator.eos_id
+    full = lm.generate_tokens(PROMPTS[:3], 40, temperature=0)
+    steps = []
+
+    def end_row_0_at_3_and_row_2_at_5(step: int, tokens: np.ndarray) -> np.ndarray:
+        steps.append(step)
+        return np.array([step >= 3, False, step >= 5])
+
+    out = lm.generate_tokens(PROMPTS[:3], 40, temperature=0, on_tokens=end_row_0_at_3_and_row_2_at_5)
+    assert out[1] == full[1]  # a row nobody ends decodes as before
+    assert out[0] == full[0][:4] + [eos] and out[2] == full[2][:6] + [eos]  # ended rows stop there
+    assert len(steps) == 40
+    ended_all = []
+    lm.generate_tokens(PROMPTS[:3], 40, temperature=0,
+                       on_tokens=lambda step, t: (ended_all.append(step), np.full(3, step >= 2))[1])
+    assert ended_all == [0, 1, 2]  # every row ended: the decode loop stops
+
+
 def test_top_k_top_p_filters():
     logits = jnp.log(jnp.array([[0.4, 0.3, 0.2, 0.1]] * 4))
     out = filter_logits(logits, jnp.array([0, 2, 0, 3]), jnp.array([1.0, 1.0, 0.75, 0.55]))
