@@ -19,7 +19,7 @@ from etils import epath
 
 from mtj.corpus import expand_inputs, iter_documents, tokenize_documents, windows
 from mtj.paths import PathLike, is_remote, user_path
-from mtj.tfrecord import RecordError, check_record, decode_example, read_record, scan_offsets
+from mtj.tfrecord import RecordError, check_record, decode_example, scan_offsets
 from mtj.tokenizer import Tokenizer
 
 

@@ -11,17 +11,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lm_eval
 import numpy as np
 import pytest
+from lm_eval.tasks import TaskManager
 
 from conftest import REPO, assets, hf_gptj
-from test_serve import free_port
 from mtj.convert import export_hf, import_hf
-from mtj.harness import MTJLM, task_dir
+from mtj.harness import task_dir
 from mtj.tokenizer import load_tokenizer
-
-lm_eval = pytest.importorskip("lm_eval")
-from lm_eval.tasks import TaskManager  # noqa: E402
+from test_serve import free_port
 
 SEQ = 64  # shorter than many documents: contexts are cut and rolling windows used
 

@@ -113,7 +113,6 @@ def test_client_errors_name_the_problem(served):
 
 
 def test_lm_eval_local_completions_equals_its_hf_model(served, tmp_path):
-    lm_eval = pytest.importorskip("lm_eval")
     from mtj.harness import task_dir
     from test_harness import evaluate, write_tasks
 
