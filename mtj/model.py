@@ -215,7 +215,12 @@ def attention(h: jax.Array, p: Params, positions: jax.Array, mask: jax.Array, cf
         interleaved = cfg.model_type == "gptj"
         q = rotary(q, positions, cfg.rotary_dims, cfg.rotary_base, interleaved)
         k = rotary(k, positions, cfg.rotary_dims, cfg.rotary_base, interleaved)
-    if kv is not None:  # the cache is heads-major, [B, H, S, Dh], so attention reads it without a transpose
+    if kv is not None and jnp.ndim(index) == 1:  # one slot per row (T == 1): rows of a decode engine
+        rows = jnp.arange(B)
+        k = kv[0].at[rows, :, index].set(k[:, 0].astype(kv[0].dtype))
+        v = kv[1].at[rows, :, index].set(v[:, 0].astype(kv[1].dtype))
+        kv = (k, v)
+    elif kv is not None:  # the cache is heads-major, [B, H, S, Dh], so attention reads it without a transpose
         k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.transpose(0, 2, 1, 3).astype(kv[0].dtype), index, axis=2)
         v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.transpose(0, 2, 1, 3).astype(kv[1].dtype), index, axis=2)
         kv = (k, v)
@@ -270,7 +275,7 @@ def run_layers(params: Params, tokens: jax.Array, cfg: Config, positions: jax.Ar
                index: jax.Array | int = 0) -> tuple[jax.Array, KV | None]:
     """Final hidden states [B, T, d_model] (after ln_f) and the updated cache.
 
-    Query i sits in slot index+i of S key slots (S = T without a cache; with a
+    Query i sits in slot index+i of S key slots (`index` [B]: a slot per row, for T = 1) (S = T without a cache; with a
     cache, S is its length: stacked (k, v) of [layers, B, H, S, Dh], or a list
     of per-layer (k, v) of [B, H, S, Dh]). params["layers"] may also be a list
     of per-layer trees (see `unstack_layers`).
@@ -282,9 +287,12 @@ def run_layers(params: Params, tokens: jax.Array, cfg: Config, positions: jax.Ar
     dtype = jnp.dtype(cfg.dtype)
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(T), (B, T))
-    query_slot = index + jnp.arange(T)[:, None]
-    distance = query_slot - jnp.arange(S)[None, :]
-    causal = (distance >= 0)[None]
+    if jnp.ndim(index) == 1:  # a slot per row: [B, T, S]
+        distance = jnp.asarray(index)[:, None, None] + jnp.arange(T)[:, None] - jnp.arange(S)
+        causal = distance >= 0
+    else:  # [1, T, S]
+        distance = index + jnp.arange(T)[:, None] - jnp.arange(S)[None, :]
+        causal = (distance >= 0)[None]
     if key_valid is not None:
         causal = causal & key_valid[:, None, :]
     window = distance < cfg.window_size

@@ -2,8 +2,8 @@
 
 The HTTP front is uvicorn + Starlette: framing, keep-alive, timeouts and the connection limit are
 theirs. Every field is validated (types, finite numbers, ranges, unknown fields refused) before
-anything is tokenized or queued. Requests wait in a bounded queue; one engine thread takes what
-arrived together (up to max_batch rows) and decodes it as one batch on the device.
+anything is tokenized or queued. Requests wait in a bounded queue for one of max_batch decode
+slots of the engine (mtj.engine: continuous batching), which streams each slot's tokens back.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import json
 import queue
 import secrets
 import signal
-import threading
 import time
 import uuid
 from typing import Any, AsyncIterator
@@ -27,6 +26,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from mtj.engine import SlotEngine
 from mtj.lm import LM, truncate_at_stop
 
 MAX_LOGPROBS = 20
@@ -41,7 +41,7 @@ class BadRequest(ValueError):
         self.status = status
 
 
-# --- the engine ------------------------------------------------------------------
+# --- jobs ------------------------------------------------------------------------
 
 class Events:
     """What the engine thread tells one request's coroutine, delivered on that coroutine's event loop."""
@@ -76,95 +76,6 @@ class Job:
     tokens: list[int] = dataclasses.field(default_factory=list)
     cancelled: bool = False  # the client went away: its row ends at the next step
     ended: bool = False
-
-
-class Batcher:
-    """Collects jobs that arrive together and runs them as one generate call."""
-
-    def __init__(self, lm: LM, max_batch: int = 8, max_queue: int = 64, wait_s: float = 0.01):
-        self.lm, self.max_batch, self.wait_s = lm, max_batch, wait_s
-        self.jobs: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
-        self.stopping = threading.Event()
-        self.failure: BaseException | None = None  # what stopped the engine thread, if anything did
-        self.thread = threading.Thread(target=self._run, name="mtj-batcher", daemon=True)
-        self.thread.start()
-
-    @property
-    def alive(self) -> bool:
-        return self.thread.is_alive() and not self.stopping.is_set()
-
-    def room(self) -> int:
-        return self.jobs.maxsize - self.jobs.qsize()
-
-    def submit(self, jobs: list[Job]) -> None:
-        """Queue jobs; raises queue.Full when the server is overloaded."""
-        if len(jobs) > self.room():
-            raise queue.Full
-        for job in jobs:
-            self.jobs.put_nowait(job)
-
-    def _take(self) -> list[Job]:
-        try:
-            batch = [self.jobs.get(timeout=0.1)]
-        except queue.Empty:
-            return []
-        deadline = time.monotonic() + self.wait_s
-        while len(batch) < self.max_batch:
-            try:
-                batch.append(self.jobs.get(timeout=max(0.0, deadline - time.monotonic())))
-            except queue.Empty:
-                break
-        for job in batch:
-            if job.cancelled:
-                job.events.put(("done", None))
-        return [job for job in batch if not job.cancelled]
-
-    def _run(self) -> None:
-        try:
-            while not (self.stopping.is_set() and self.jobs.empty()):
-                batch = self._take()
-                if batch:
-                    self._decode(batch)
-        except BaseException as e:  # noqa: BLE001 -- recorded for /health
-            self.failure = e
-            raise
-
-    def _decode(self, batch: list[Job]) -> None:
-        """One generate call for the batch. With a stream, a stop string or a cancellation in it, the
-        tokens come back step by step and a row ends as soon as its request is answered."""
-        eos = self.lm.tokenizer.eos_id if self.lm.tokenizer else None
-
-        def on_tokens(step: int, tokens: np.ndarray) -> np.ndarray:
-            for job, token in zip(batch, tokens.tolist()):
-                if job.ended:
-                    continue
-                if job.cancelled:
-                    job.ended = True
-                    continue
-                job.tokens.append(token)
-                if job.stream:
-                    job.events.put(("tokens", [token]))
-                job.ended = token == eos or len(job.tokens) >= job.max_new or \
-                    (bool(job.stop) and any(s in self.lm.decode_new(job.tokens) for s in job.stop))
-            return np.array([job.ended for job in batch])
-
-        stepwise = any(job.stream or job.stop for job in batch)
-        try:
-            outs = self.lm.generate_tokens([j.ids for j in batch], max(j.max_new for j in batch),
-                                           [j.temperature for j in batch], [j.top_k for j in batch],
-                                           [j.top_p for j in batch], [j.seed for j in batch],
-                                           on_tokens if stepwise else None)
-            for job, out in zip(batch, outs):
-                if not stepwise:
-                    job.tokens = out[: job.max_new]
-                job.events.put(("done", None))
-        except Exception as e:  # noqa: BLE001 -- the batch fails, the server keeps serving
-            for job in batch:
-                job.events.put(("done", e))
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.thread.join(timeout=60)
 
 
 # --- requests --------------------------------------------------------------------
@@ -259,7 +170,7 @@ class Server:
         self.lm, self.model_name = lm, model_name
         self.max_tokens = max_tokens or lm.config.seq
         self.max_body, self.body_timeout = max_body_bytes, body_timeout_s
-        self.batcher = Batcher(lm, max_batch, max_queue)
+        self.engine = SlotEngine(lm, slots=max_batch, max_queue=max_queue)
         self.created = int(time.time())
         app = Starlette(routes=[
             Route("/health", self.health, methods=["GET"]),
@@ -277,7 +188,7 @@ class Server:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: setattr(self.uvicorn, "should_exit", True))
         self.uvicorn.run()
-        self.batcher.stop()
+        self.engine.stop()
 
     # --- plumbing -------------------------------------------------------------------
     @staticmethod
@@ -312,7 +223,7 @@ class Server:
 
     async def answer(self, request: Request, handle) -> Response:
         try:
-            if not self.batcher.alive:
+            if not self.engine.alive:
                 raise BadRequest("the engine has stopped; see /health", 503)
             return await handle(await self.body(request))
         except ClientDisconnect:
@@ -326,10 +237,10 @@ class Server:
 
     def check_room(self, rows: int) -> None:
         """Before tokenizing: 503 when the queue cannot take `rows` now, 400 when it never could."""
-        if rows > self.batcher.jobs.maxsize:
+        if rows > self.engine.jobs.maxsize:
             raise BadRequest(f"the request needs {rows} rows (prompts x n); this server queues at most "
-                             f"{self.batcher.jobs.maxsize}")
-        if rows > self.batcher.room():
+                             f"{self.engine.jobs.maxsize}")
+        if rows > self.engine.room():
             raise queue.Full
 
     def jobs_for(self, ids: list[int], max_new: int | None, temperature: float, top_k: int, top_p: float,
@@ -359,10 +270,10 @@ class Server:
 
     # --- endpoints ------------------------------------------------------------------
     async def health(self, request: Request) -> JSONResponse:
-        if not self.batcher.alive:
-            reason = f"{type(self.batcher.failure).__name__}: {self.batcher.failure}" if self.batcher.failure else "stopped"
+        if not self.engine.alive:
+            reason = f"{type(self.engine.failure).__name__}: {self.engine.failure}" if self.engine.failure else "stopped"
             return JSONResponse({"status": "dead", "model": self.model_name, "error": reason}, 503)
-        return JSONResponse({"status": "ok", "model": self.model_name, "queued": self.batcher.jobs.qsize()})
+        return JSONResponse({"status": "ok", "model": self.model_name, "queued": self.engine.jobs.qsize()})
 
     async def models(self, request: Request) -> JSONResponse:
         return JSONResponse({"object": "list", "data": [
@@ -374,7 +285,7 @@ class Server:
             self.check_room(1)
             jobs = self.jobs_for(self.lm.tokenizer.encode(req.context), req.length, req.temp, req.top_k, req.top_p,
                                  req.seed)
-            self.batcher.submit(jobs)
+            self.engine.submit(jobs)
             await self.finished(jobs[0])
             return JSONResponse({"completion": self.lm.decode_new(jobs[0].tokens)})
 
@@ -425,7 +336,7 @@ class Server:
             else:
                 jobs += self.jobs_for(p, req.max_tokens, req.temperature, req.top_k, req.top_p, seed + k % req.n,
                                       stream=req.stream, stop=stop)
-        self.batcher.submit([j for j in jobs if j is not None])
+        self.engine.submit([j for j in jobs if j is not None])
         meta = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
                 "model": self.model_name}
         if req.stream:

@@ -35,7 +35,7 @@ def main() -> None:
     server = Server(lm, args.host, args.port, args.max_batch, args.max_queue, args.max_tokens,
                     model_name=args.served_model_name or user_path(args.ckpt).name, max_body_bytes=args.max_body_bytes,
                     max_connections=args.max_connections, body_timeout_s=args.body_timeout)
-    lm.generate_tokens([[0]], max_new_tokens=1, temperature=0)  # compile the common shapes before taking traffic
+    server.engine.warm()  # compile the prefill buckets and the decode step before taking traffic
     print(f"serving {args.ckpt} as '{server.model_name}' on http://{args.host}:{args.port}", flush=True)
     server.run()  # until SIGTERM/SIGINT; the requests in flight are answered first
     print("stopped", flush=True)

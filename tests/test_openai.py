@@ -130,3 +130,40 @@ def test_lm_eval_local_completions_equals_its_hf_model(served, tmp_path):
         (a, greedy_a), (b, greedy_b) = x["resps"][0][0], y["resps"][0][0]
         assert math.isclose(a, b, rel_tol=1e-4) and greedy_a == greedy_b
     assert [x["resps"] for x in ours["samples"]["mtj_generate"]] == [y["resps"] for y in theirs["samples"]["mtj_generate"]]
+
+
+def test_a_mix_in_flight_is_token_identical_to_generate_tokens(served):
+    """Different prompt lengths and max_tokens at once, some streaming, some cancelled midway."""
+    import concurrent.futures
+    import json
+    import socket
+
+    client, lm = served
+    rng = np.random.RandomState(3)
+    jobs = [(rng.randint(0, 50000, rng.randint(1, 80)).tolist(), int(rng.randint(1, 40)), i % 2 == 0) for i in range(12)]
+
+    def ask(job):
+        ids, max_tokens, stream = job
+        if not stream:
+            return client.completions.create(model="tiny", prompt=ids, max_tokens=max_tokens, temperature=0).choices[0].text
+        return "".join(c.choices[0].text for c in client.completions.create(
+            model="tiny", prompt=ids, max_tokens=max_tokens, temperature=0, stream=True) if c.choices)
+
+    def cancel(_):  # a streaming request whose client leaves after its first event
+        body = json.dumps({"prompt": "Leaving early", "max_tokens": 100, "temperature": 0, "stream": True}).encode()
+        with socket.create_connection(("127.0.0.1", client.port), timeout=60) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            seen = b""
+            for _ in range(100):
+                seen += s.recv(65536)
+                if b"data: " in seen:
+                    return True
+        return False
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        left = [pool.submit(cancel, i) for i in range(3)]
+        texts = list(pool.map(ask, jobs))
+        assert all(f.result() for f in left)
+    for (ids, max_tokens, _), text in zip(jobs, texts):
+        assert text == lm.decode_new(lm.generate_tokens([ids], max_tokens, temperature=0)[0])

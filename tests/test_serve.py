@@ -276,7 +276,7 @@ def test_health_reports_a_stopped_engine(ckpt):
     server = Server(mtj.load(ckpt), port=0)
     client = TestClient(server.uvicorn.config.app)
     assert client.get("/health").status_code == 200
-    server.batcher.stop()  # the engine thread is gone
+    server.engine.stop()  # the engine thread is gone
     health = client.get("/health")
     assert health.status_code == 503 and health.json()["status"] == "dead"
     assert client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}).status_code == 503
