@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Serving under load: serve.py of this checkout vs serve.py of a baseline revision, in one run.
+"""Serving under load: serve.py of this checkout (default: its continuous engine) vs serve.py of a
+baseline revision (default: the commit before; its static batcher), in one run.
 
 64 streaming requests (prompt lengths 8-200 tokens and max_tokens 8-256 drawn from a fixed seed)
 arrive at Poisson times against each server in turn, on the same random GPT-J (the benchmark
@@ -65,9 +66,9 @@ def workload(n: int, rate: float, seed: int) -> list[dict]:
     return out
 
 
-def start_server(serve_py: Path, ckpt: Path, port: int, max_batch: int) -> subprocess.Popen:
+def start_server(serve_py: Path, ckpt: Path, port: int, max_batch: int, extra: list[str]) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, str(serve_py), "--ckpt", str(ckpt), "--port", str(port),
-                             "--max-batch", str(max_batch), "--max-queue", "256"],
+                             "--max-batch", str(max_batch), "--max-queue", "256", *extra],
                             cwd=serve_py.parent.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -125,9 +126,9 @@ def run_load(port: int, requests: list[dict]) -> dict:
             "latency_p50": np.percentile(latency, 50), "latency_p99": np.percentile(latency, 99), "tokens": tokens}
 
 
-def measure(serve_py: Path, ckpt: Path, requests: list[dict], max_batch: int) -> dict:
+def measure(serve_py: Path, ckpt: Path, requests: list[dict], max_batch: int, extra: list[str]) -> dict:
     port = free_port()
-    proc = start_server(serve_py, ckpt, port, max_batch)
+    proc = start_server(serve_py, ckpt, port, max_batch, extra)
     try:
         warm = [dict(r, at=0.0) for r in requests[:max_batch]]  # compile the shapes the load will use
         run_load(port, warm)
@@ -147,6 +148,8 @@ def cpu_name() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--baseline", default="HEAD~1", help="git revision whose serve.py is the baseline")
+    ap.add_argument("--args", default="--engine continuous", help="serve.py options of this checkout's side")
+    ap.add_argument("--baseline-args", default="", help="serve.py options of the baseline's side")
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--rate", type=float, default=4.0, help="mean arrivals per second (Poisson)")
     ap.add_argument("--max-batch", type=int, default=8)
@@ -163,14 +166,16 @@ def main() -> None:
         subprocess.run(["git", "worktree", "add", "--detach", str(base), args.baseline], cwd=REPO, check=True,
                        capture_output=True)
         try:
-            sides = {f"baseline ({args.baseline})": measure(base / "scripts" / "serve.py", ckpt, requests, args.max_batch),
-                     "this checkout": measure(REPO / "scripts" / "serve.py", ckpt, requests, args.max_batch)}
+            sides = {f"baseline ({args.baseline})": measure(base / "scripts" / "serve.py", ckpt, requests, args.max_batch,
+                                                            args.baseline_args.split()),
+                     f"this checkout {args.args}": measure(REPO / "scripts" / "serve.py", ckpt, requests, args.max_batch,
+                                                           args.args.split())}
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=REPO, check=False)
     print(f"{cpu_name()}, {os.cpu_count()} cores; {args.requests} requests at {args.rate}/s, max_batch {args.max_batch}")
-    print(f"{'server':<28} {'tokens/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} {'lat p50':>8} {'lat p99':>8}")
+    print(f"{'server':<40} {'tokens/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} {'lat p50':>8} {'lat p99':>8}")
     for name, r in sides.items():
-        print(f"{name:<28} {r['tokens_per_s']:9.1f} {r['ttft_p50']:8.2f}s {r['ttft_p99']:8.2f}s "
+        print(f"{name:<40} {r['tokens_per_s']:9.1f} {r['ttft_p50']:8.2f}s {r['ttft_p99']:8.2f}s "
               f"{r['latency_p50']:7.2f}s {r['latency_p99']:7.2f}s")
     (b, base_r), (_, new) = sides.items()
     print(f"ratios (this / baseline): tokens/s {new['tokens_per_s'] / base_r['tokens_per_s']:.2f}x, "

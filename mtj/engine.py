@@ -1,4 +1,6 @@
-"""Continuous batching: a fixed set of decode slots kept busy.
+"""The server's decode engines: continuous batching (SlotEngine) and the static batcher (StaticBatcher).
+
+Continuous batching keeps a fixed set of decode slots busy.
 
 Each slot owns a row of the KV cache (the model's whole context). A request is prefilled alone
 (its prompt right-padded to a bucket, so few shapes compile) and its keys and values copied into
@@ -14,6 +16,7 @@ from __future__ import annotations
 import functools
 import queue
 import threading
+import time
 from typing import Any, Protocol
 
 import jax
@@ -69,15 +72,124 @@ def _step(params: Params, cache: list, tokens: jax.Array, lengths: jax.Array, te
     return sample(logits, step_keys, temperature, top_k, top_p), cache
 
 
-class SlotEngine:
-    """Decodes queued requests in `slots` slots; the server's engine (same interface as its static batcher)."""
+class Engine:
+    """What the server uses: a bounded queue of requests and a thread that decodes them."""
 
-    def __init__(self, lm: LM, slots: int = 8, max_queue: int = 64):
-        self.lm, self.cfg, self.slots = lm, lm.config, slots
+    def __init__(self, lm: LM, max_queue: int, name: str):
+        self.lm = lm
         self.eos = lm.tokenizer.eos_id if lm.tokenizer else -1
         self.jobs: queue.Queue = queue.Queue(maxsize=max_queue)
         self.stopping = threading.Event()
-        self.failure: BaseException | None = None
+        self.failure: BaseException | None = None  # what stopped the thread, if anything did (for /health)
+        self.thread = threading.Thread(target=self._guarded, name=name, daemon=True)
+
+    @property
+    def alive(self) -> bool:
+        return self.thread.is_alive() and not self.stopping.is_set()
+
+    def room(self) -> int:
+        return self.jobs.maxsize - self.jobs.qsize()
+
+    def submit(self, jobs: list[Request]) -> None:
+        """Queue jobs; raises queue.Full when the server is overloaded."""
+        if len(jobs) > self.room():
+            raise queue.Full
+        for job in jobs:
+            self.jobs.put_nowait(job)
+
+    def stop(self) -> None:
+        """Finish what is queued, then end the thread."""
+        self.stopping.set()
+        self.thread.join(timeout=120)
+
+    def _guarded(self) -> None:
+        try:
+            self._run()
+        except BaseException as e:  # noqa: BLE001 -- recorded for /health
+            self.failure = e
+            raise
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def _finished(self, job: Request) -> bool:
+        """Whether a row that just took a token has ended (EOS, max_tokens, a stop string)."""
+        return job.tokens[-1] == self.eos or len(job.tokens) >= job.max_new or \
+            (bool(job.stop) and any(s in self.lm.decode_new(job.tokens) for s in job.stop))
+
+
+class StaticBatcher(Engine):
+    """Takes the requests that arrived together (up to max_batch) and decodes them as one
+    generate call: every row waits for the batch's longest. Fastest for one request at a time
+    on CPU (the generator's compiled decode loop); `--engine static`."""
+
+    def __init__(self, lm: LM, max_batch: int = 8, max_queue: int = 64, wait_s: float = 0.01):
+        super().__init__(lm, max_queue, "mtj-static-batcher")
+        self.max_batch, self.wait_s = max_batch, wait_s
+        self.thread.start()
+
+    def warm(self) -> None:
+        self.lm.generate_tokens([[0]], max_new_tokens=1, temperature=0)
+
+    def _take(self) -> list[Request]:
+        try:
+            batch = [self.jobs.get(timeout=0.1)]
+        except queue.Empty:
+            return []
+        deadline = time.monotonic() + self.wait_s
+        while len(batch) < self.max_batch:
+            try:
+                batch.append(self.jobs.get(timeout=max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                break
+        for job in batch:
+            if job.cancelled:
+                job.events.put(("done", None))
+        return [job for job in batch if not job.cancelled]
+
+    def _run(self) -> None:
+        while not (self.stopping.is_set() and self.jobs.empty()):
+            batch = self._take()
+            if batch:
+                self._decode(batch)
+
+    def _decode(self, batch: list[Request]) -> None:
+        """With a stream, a stop string or a cancellation in the batch, tokens come back step by
+        step and a row ends as soon as its request is answered."""
+        def on_tokens(step: int, tokens: np.ndarray) -> np.ndarray:
+            for job, token in zip(batch, tokens.tolist()):
+                if job.ended:
+                    continue
+                if job.cancelled:
+                    job.ended = True
+                    continue
+                job.tokens.append(token)
+                if job.stream:
+                    job.events.put(("tokens", [token]))
+                job.ended = self._finished(job)
+            return np.array([job.ended for job in batch])
+
+        stepwise = any(job.stream or job.stop for job in batch)
+        try:
+            outs = self.lm.generate_tokens([j.ids for j in batch], max(j.max_new for j in batch),
+                                           [j.temperature for j in batch], [j.top_k for j in batch],
+                                           [j.top_p for j in batch], [j.seed for j in batch],
+                                           on_tokens if stepwise else None)
+            for job, out in zip(batch, outs):
+                if not stepwise:
+                    job.tokens = out[: job.max_new]
+                job.events.put(("done", None))
+        except Exception as e:  # noqa: BLE001 -- the batch fails, the server keeps serving
+            for job in batch:
+                job.events.put(("done", e))
+
+
+class SlotEngine(Engine):
+    """Decodes queued requests in `slots` slots (continuous batching); `--engine continuous`."""
+
+    def __init__(self, lm: LM, slots: int = 8, max_queue: int = 64):
+        super().__init__(lm, max_queue, "mtj-slot-engine")
+        self.cfg, self.slots = lm.config, slots
         cfg, mesh = self.cfg, lm.mesh
         with jax.set_mesh(mesh):
             shape = (slots, cfg.n_heads, cfg.seq, cfg.head_dim)
@@ -95,26 +207,7 @@ class SlotEngine:
         self.top_k = np.zeros(slots, np.int32)
         self.top_p = np.ones(slots, np.float32)
         self.keys = np.zeros((slots, 2), np.uint32)  # each slot's RNG key (raw threefry data)
-        self.thread = threading.Thread(target=self._run, name="mtj-engine", daemon=True)
         self.thread.start()
-
-    # --- the server's interface ------------------------------------------------------
-    @property
-    def alive(self) -> bool:
-        return self.thread.is_alive() and not self.stopping.is_set()
-
-    def room(self) -> int:
-        return self.jobs.maxsize - self.jobs.qsize()
-
-    def submit(self, jobs: list[Request]) -> None:
-        if len(jobs) > self.room():
-            raise queue.Full
-        for job in jobs:
-            self.jobs.put_nowait(job)
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.thread.join(timeout=120)
 
     def warm(self) -> None:
         """Compile every prefill bucket and the decode step before traffic arrives (call before submitting)."""
@@ -136,8 +229,7 @@ class SlotEngine:
                     self._admit()
                     if any(self.active):
                         self._decode()
-        except BaseException as e:  # noqa: BLE001 -- recorded for /health
-            self.failure = e
+        except BaseException as e:  # noqa: BLE001 -- the requests in the slots fail with it
             for job in self.active:
                 if job is not None:
                     job.events.put(("done", e))
@@ -194,9 +286,7 @@ class SlotEngine:
             job.tokens.append(token)
             if job.stream:
                 job.events.put(("tokens", [token]))
-        ended = job.cancelled or token == self.eos or len(job.tokens) >= job.max_new or \
-            self.lengths[slot] >= self.cfg.seq or \
-            (bool(job.stop) and any(s in self.lm.decode_new(job.tokens) for s in job.stop))
+        ended = job.cancelled or self._finished(job) or self.lengths[slot] >= self.cfg.seq
         if ended:
             job.ended = True
             self.active[slot] = None

@@ -2,8 +2,9 @@
 
 The HTTP front is uvicorn + Starlette: framing, keep-alive, timeouts and the connection limit are
 theirs. Every field is validated (types, finite numbers, ranges, unknown fields refused) before
-anything is tokenized or queued. Requests wait in a bounded queue for one of max_batch decode
-slots of the engine (mtj.engine: continuous batching), which streams each slot's tokens back.
+anything is tokenized or queued. Requests wait in a bounded queue for the engine (mtj.engine):
+the static batcher (decodes what arrived together as one batch) or continuous batching
+(max_batch decode slots, each freed as soon as its row ends).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from mtj.engine import SlotEngine
+from mtj.engine import SlotEngine, StaticBatcher
 from mtj.lm import LM, truncate_at_stop
 
 MAX_LOGPROBS = 20
@@ -164,13 +165,15 @@ class Server:
 
     def __init__(self, lm: LM, host: str = "127.0.0.1", port: int = 5000, max_batch: int = 8, max_queue: int = 64,
                  max_tokens: int | None = None, model_name: str = "mtj", max_body_bytes: int = 4 << 20,
-                 max_connections: int = 256, body_timeout_s: float = 30.0):
+                 max_connections: int = 256, body_timeout_s: float = 30.0, engine: str = "static"):
         if lm.tokenizer is None:
             raise ValueError("serving needs a tokenizer: this checkpoint has none")
         self.lm, self.model_name = lm, model_name
         self.max_tokens = max_tokens or lm.config.seq
         self.max_body, self.body_timeout = max_body_bytes, body_timeout_s
-        self.engine = SlotEngine(lm, slots=max_batch, max_queue=max_queue)
+        if engine not in ("static", "continuous"):
+            raise ValueError(f"--engine must be 'static' or 'continuous', got '{engine}'")
+        self.engine = SlotEngine(lm, max_batch, max_queue) if engine == "continuous" else StaticBatcher(lm, max_batch, max_queue)
         self.created = int(time.time())
         app = Starlette(routes=[
             Route("/health", self.health, methods=["GET"]),

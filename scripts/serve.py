@@ -20,7 +20,10 @@ def main() -> None:
     ap.add_argument("--ckpt", required=True, help="model_dir, step directory, or HF model directory")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=5000)
-    ap.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
+    ap.add_argument("--max-batch", type=int, default=8, help="requests decoded together (the continuous engine's slots)")
+    ap.add_argument("--engine", choices=["static", "continuous"], default="static",
+                    help="static: what arrived together decodes as one batch (fastest per step on CPU today); "
+                         "continuous: decode slots that a new request joins at the next step")
     ap.add_argument("--max-queue", type=int, default=64, help="queued rows (prompts x n) before answering 503")
     ap.add_argument("--max-tokens", type=int, default=None, help="largest max_tokens a request may ask for")
     ap.add_argument("--max-connections", type=int, default=256, help="open connections before answering 503")
@@ -34,7 +37,8 @@ def main() -> None:
     lm = mtj.load(args.ckpt, mp=args.mp)
     server = Server(lm, args.host, args.port, args.max_batch, args.max_queue, args.max_tokens,
                     model_name=args.served_model_name or user_path(args.ckpt).name, max_body_bytes=args.max_body_bytes,
-                    max_connections=args.max_connections, body_timeout_s=args.body_timeout)
+                    max_connections=args.max_connections, body_timeout_s=args.body_timeout,
+                    engine=args.engine)
     server.engine.warm()  # compile the prefill buckets and the decode step before taking traffic
     print(f"serving {args.ckpt} as '{server.model_name}' on http://{args.host}:{args.port}", flush=True)
     server.run()  # until SIGTERM/SIGINT; the requests in flight are answered first
