@@ -46,6 +46,17 @@ class Request(Protocol):
     events: Any  # .put(("tokens", [t])) while streaming, .put(("done", None | error)) at the end
 
 
+COMPUTE_CAST = {"q", "k", "v", "o", "fc_in", "fc_out", "wte", "wpe", "kernel"}  # cast to the compute dtype at every use
+
+
+def compute_weights(params: Params, cfg: Any) -> Params:
+    """The matmul kernels and embeddings in the compute dtype, once. The model casts them at every
+    use (to the same values), so a decode step would otherwise re-cast the whole head each token;
+    biases and LayerNorm parameters stay as they are (they enter fp32 arithmetic)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, a: a.astype(cfg.dtype) if path[-1].key in COMPUTE_CAST else a, params)
+
+
 def _prefill(params: Params, tokens: jax.Array, length: jax.Array, cfg: Any) -> tuple[list, jax.Array]:
     """The prompt's per-layer (k, v) [1, H, P, Dh] and the logits after its last real token."""
     P = tokens.shape[1]
@@ -195,6 +206,7 @@ class SlotEngine(Engine):
             shape = (slots, cfg.n_heads, cfg.seq, cfg.head_dim)
             zeros = jax.jit(lambda: constrain(jnp.zeros(shape, jnp.dtype(cfg.dtype)), "batch", "heads", None, None))
             self.cache = [(zeros(), zeros()) for _ in range(cfg.layers)]
+            self.params = jax.jit(functools.partial(compute_weights, cfg=cfg))(lm.params)
         self._prefill = jax.jit(functools.partial(_prefill, cfg=cfg))
         self._insert = jax.jit(_insert, donate_argnums=0)
         self._step = jax.jit(functools.partial(_step, cfg=cfg), donate_argnums=1)
@@ -217,7 +229,7 @@ class SlotEngine(Engine):
             n = sizes[-1] + 1
         with jax.set_mesh(self.lm.mesh):
             for size in sizes:
-                prompt_cache, _ = self._prefill(self.lm.params, jnp.zeros((1, size), jnp.int32), jnp.int32(1))
+                prompt_cache, _ = self._prefill(self.params, jnp.zeros((1, size), jnp.int32), jnp.int32(1))
             self.cache = self._insert(self.cache, prompt_cache, jnp.int32(0))
             self._decode_all()
 
@@ -251,7 +263,7 @@ class SlotEngine(Engine):
         padded = np.zeros((1, min(bucket(n), self.cfg.seq)), np.int32)
         padded[0, :n] = job.ids
         try:
-            prompt_cache, logits = self._prefill(self.lm.params, jnp.asarray(padded), jnp.int32(n))
+            prompt_cache, logits = self._prefill(self.params, jnp.asarray(padded), jnp.int32(n))
             self.cache = self._insert(self.cache, prompt_cache, jnp.int32(slot))
             key = jax.random.key(np.uint32(job.seed))
             token = int(self._first(logits, jax.random.fold_in(key, 0),
@@ -274,7 +286,7 @@ class SlotEngine(Engine):
 
     def _decode_all(self) -> np.ndarray:
         """One decode step of every slot (free ones too: their rows are overwritten when taken)."""
-        tokens, self.cache = self._step(self.lm.params, self.cache, jnp.asarray(self.tokens), jnp.asarray(self.lengths),
+        tokens, self.cache = self._step(self.params, self.cache, jnp.asarray(self.tokens), jnp.asarray(self.lengths),
                                         jnp.asarray(self.temperature), jnp.asarray(self.top_k), jnp.asarray(self.top_p),
                                         jax.random.wrap_key_data(jnp.asarray(self.keys)), jnp.asarray(self.counts))
         return np.asarray(tokens)
