@@ -13,11 +13,12 @@ delays the decoding rows by one prefill, not by a whole batch.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import queue
 import threading
 import time
-from typing import Any, Protocol
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,8 +30,10 @@ from mtj.model import Params, logits_of, run_layers, unstack_layers
 from mtj.sharding import constrain
 
 
-class Request(Protocol):
-    """What the engine needs of a request (mtj.serve.Job is one)."""
+@dataclasses.dataclass
+class Job:
+    """One sequence to generate. `events` gets ("tokens", [t]) while streaming and ("done", None | error)
+    at the end; the server's are delivered on its event loop."""
 
     ids: list[int]
     max_new: int
@@ -38,12 +41,12 @@ class Request(Protocol):
     top_k: int
     top_p: float
     seed: int
-    stream: bool
-    stop: list[str]
-    tokens: list[int]
-    cancelled: bool
-    ended: bool
-    events: Any  # .put(("tokens", [t])) while streaming, .put(("done", None | error)) at the end
+    events: Any
+    stream: bool = False
+    stop: list[str] = dataclasses.field(default_factory=list)  # strings that end the row's decoding
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    cancelled: bool = False  # the client went away: its row ends at the next step
+    ended: bool = False
 
 
 COMPUTE_CAST = {"q", "k", "v", "o", "fc_in", "fc_out", "wte", "wpe", "kernel"}  # cast to the compute dtype at every use
@@ -101,7 +104,7 @@ class Engine:
     def room(self) -> int:
         return self.jobs.maxsize - self.jobs.qsize()
 
-    def submit(self, jobs: list[Request]) -> None:
+    def submit(self, jobs: list[Job]) -> None:
         """Queue jobs; raises queue.Full when the server is overloaded."""
         if len(jobs) > self.room():
             raise queue.Full
@@ -123,7 +126,7 @@ class Engine:
     def _run(self) -> None:
         raise NotImplementedError
 
-    def _finished(self, job: Request) -> bool:
+    def _finished(self, job: Job) -> bool:
         """Whether a row that just took a token has ended (EOS, max_tokens, a stop string)."""
         return job.tokens[-1] == self.eos or len(job.tokens) >= job.max_new or \
             (bool(job.stop) and any(s in self.lm.decode_new(job.tokens) for s in job.stop))
@@ -142,7 +145,7 @@ class StaticBatcher(Engine):
     def warm(self) -> None:
         self.lm.generate_tokens([[0]], max_new_tokens=1, temperature=0)
 
-    def _take(self) -> list[Request]:
+    def _take(self) -> list[Job]:
         try:
             batch = [self.jobs.get(timeout=0.1)]
         except queue.Empty:
@@ -164,7 +167,7 @@ class StaticBatcher(Engine):
             if batch:
                 self._decode(batch)
 
-    def _decode(self, batch: list[Request]) -> None:
+    def _decode(self, batch: list[Job]) -> None:
         """With a stream, a stop string or a cancellation in the batch, tokens come back step by
         step and a row ends as soon as its request is answered."""
         def on_tokens(step: int, tokens: np.ndarray) -> np.ndarray:
@@ -211,7 +214,7 @@ class SlotEngine(Engine):
         self._insert = jax.jit(_insert, donate_argnums=0)
         self._step = jax.jit(functools.partial(_step, cfg=cfg), donate_argnums=1)
         self._first = jax.jit(lambda logits, key, t, k, p: sample(logits[None], key[None], t[None], k[None], p[None])[0])
-        self.active: list[Request | None] = [None] * slots
+        self.active: list[Job | None] = [None] * slots
         self.tokens = np.zeros(slots, np.int32)  # each slot's last token, decoded next
         self.lengths = np.zeros(slots, np.int32)  # tokens in each slot's cache
         self.counts = np.zeros(slots, np.int32)  # tokens each slot has generated

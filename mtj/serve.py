@@ -10,7 +10,6 @@ the static batcher (decodes what arrived together as one batch) or continuous ba
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import queue
 import secrets
@@ -27,7 +26,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from mtj.engine import SlotEngine, StaticBatcher
+from mtj.engine import Job, SlotEngine, StaticBatcher
 from mtj.lm import LM, truncate_at_stop
 
 MAX_LOGPROBS = 20
@@ -59,24 +58,6 @@ class Events:
 
     async def get(self) -> tuple:
         return await self.queue.get()
-
-
-@dataclasses.dataclass
-class Job:
-    """One sequence to generate; `events` receives ("tokens", list) while streaming and ("done", None|error)."""
-
-    ids: list[int]
-    max_new: int
-    temperature: float
-    top_k: int
-    top_p: float
-    seed: int
-    stream: bool = False
-    stop: list[str] = dataclasses.field(default_factory=list)  # strings that end the row's decoding
-    events: Events = dataclasses.field(default_factory=Events)
-    tokens: list[int] = dataclasses.field(default_factory=list)
-    cancelled: bool = False  # the client went away: its row ends at the next step
-    ended: bool = False
 
 
 # --- requests --------------------------------------------------------------------
@@ -259,7 +240,7 @@ class Server:
         if len(ids) + max_new > seq:
             raise BadRequest(f"the prompt has {len(ids)} tokens; with {max_new} new tokens that exceeds the "
                              f"context of {seq} tokens")
-        return [Job(ids, max_new, temperature, max(top_k, 0), top_p, seed + i, stream, list(stop or []))
+        return [Job(ids, max_new, temperature, max(top_k, 0), top_p, seed + i, Events(), stream, list(stop or []))
                 for i in range(n)]
 
     async def finished(self, job: Job) -> None:
