@@ -1,6 +1,8 @@
 #!/usr/bin/env python
-"""Serving under load: serve.py of this checkout (default: its continuous engine) vs serve.py of a
-baseline revision (default: the commit before; its static batcher), in one run.
+"""Serving under load: serve.py of this checkout (its continuous engine) vs serve.py of a baseline
+revision (default: the commit before continuous batching, whose only engine is the static batcher;
+`--baseline HEAD --baseline-args "--engine static"` compares with this checkout's static batcher),
+in one run.
 
 64 streaming requests (prompt lengths 8-200 tokens and max_tokens 8-256 drawn from a fixed seed)
 arrive at Poisson times against each server in turn, on the same random GPT-J (the benchmark
@@ -147,7 +149,8 @@ def cpu_name() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--baseline", default="HEAD~1", help="git revision whose serve.py is the baseline")
+    ap.add_argument("--baseline", default="dd37239~1", help="git revision whose serve.py is the baseline "
+                    "(default: the commit before continuous batching)")
     ap.add_argument("--args", default="--engine continuous", help="serve.py options of this checkout's side")
     ap.add_argument("--baseline-args", default="", help="serve.py options of the baseline's side")
     ap.add_argument("--requests", type=int, default=64)

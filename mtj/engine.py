@@ -1,14 +1,18 @@
-"""The server's decode engines: continuous batching (SlotEngine) and the static batcher (StaticBatcher).
+"""The server's decode engines: continuous batching (SlotEngine, the default) and the static batcher.
 
 Continuous batching keeps a fixed set of decode slots busy.
 
-Each slot owns a row of the KV cache (the model's whole context). A request is prefilled alone
-(its prompt right-padded to a bucket, so few shapes compile) and its keys and values copied into
-a free slot between two decode steps; one compiled step then decodes every slot, each at its own
-position with its own sampling parameters and RNG. A row that ends (EOS, a stop string,
-max_tokens, a client gone) frees its slot at once, so a short request never waits for a long one
-and a new one starts at the next step. At most one prefill runs between two steps: a long prompt
-delays the decoding rows by one prefill, not by a whole batch.
+Each slot owns a row of the KV cache (the model's whole context). A request's prompt, but its last
+token, is prefilled alone (right-padded to a power-of-two bucket, so few shapes compile) and its
+keys and values copied into a free slot between two decode calls; its last prompt token is then
+decoded with the other slots, so its first new token comes from the same compiled step as every
+other token. That step decodes every slot, each at its own position with its own sampling
+parameters and RNG, attending to the shortest power-of-two prefix of the cache that holds the
+longest row (one compilation per prefix). A call runs up to MAX_STEPS steps on the device and
+returns early after a step in which a row ended (EOS, max_tokens), so its slot is free at once; a
+stop string or a client gone ends a row at the end of the call. While a request waits for a free
+slot, calls take one step: a new request starts at the next step, and one prefill at a time runs
+between steps, so a long prompt delays the decoding rows by one prefill, not by a whole batch.
 """
 
 from __future__ import annotations
@@ -18,15 +22,15 @@ import functools
 import queue
 import threading
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtj.generate import bucket, sample
+from mtj.generate import argmax, bucket, sample
 from mtj.lm import LM
-from mtj.model import Params, logits_of, run_layers, unstack_layers
+from mtj.model import Params, logits_of, output_head, run_layers, unstack_layers
 from mtj.sharding import constrain
 
 
@@ -49,41 +53,88 @@ class Job:
     ended: bool = False
 
 
-COMPUTE_CAST = {"q", "k", "v", "o", "fc_in", "fc_out", "wte", "wpe", "kernel"}  # cast to the compute dtype at every use
+COMPUTE_CAST = {"q", "k", "v", "o", "fc_in", "fc_out", "kernel"}  # matmul kernels: cast to the compute dtype at every use
+SPAN_MIN = 64  # the shortest cache prefix a decode call attends to (spans are powers of two up to seq)
+MAX_STEPS = 8  # decode steps one call may take before the host looks at the slots again
 
 
-def compute_weights(params: Params, cfg: Any) -> Params:
-    """The matmul kernels and embeddings in the compute dtype, once. The model casts them at every
-    use (to the same values), so a decode step would otherwise re-cast the whole head each token;
-    biases and LayerNorm parameters stay as they are (they enter fp32 arithmetic)."""
-    return jax.tree_util.tree_map_with_path(
+def decode_weights(params: Params, cfg: Any) -> Params:
+    """The weights as the decode step reads them, made once: the matmul kernels in the compute
+    dtype (the model casts them at every use, to the same values, so a step would otherwise re-cast
+    the whole head each token), a tied head as its own kernel, and the layers unstacked (see
+    `unstack_layers`: no slice or q/k/v join per step). Biases and LayerNorm parameters enter fp32
+    arithmetic and stay; so do the embedding tables, which are gathered from (XLA:CPU gathers from a
+    bf16 table by converting all of it to fp32 first: 50k x 256 took ~10 ms a call)."""
+    cast = jax.tree_util.tree_map_with_path(
         lambda path, a: a.astype(cfg.dtype) if path[-1].key in COMPUTE_CAST else a, params)
+    if "lm_head" not in cast:
+        cast["lm_head"] = {"kernel": output_head(params, cfg)[0].astype(cfg.dtype)}
+    return unstack_layers(cast, cfg)
 
 
-def _prefill(params: Params, tokens: jax.Array, length: jax.Array, cfg: Any) -> tuple[list, jax.Array]:
-    """The prompt's per-layer (k, v) [1, H, P, Dh] and the logits after its last real token."""
+def cache_dtype(cfg: Any) -> jnp.dtype:
+    """What the slots' KV cache holds. XLA:CPU updates a bf16 array by converting all of it to fp32
+    and back (measured: a per-row write into 8 layers' 2 MB bf16 caches cost 2-4 ms a step, in fp32
+    0.05 ms), so on CPU the cache is fp32; the values written are those of the compute dtype and
+    attention reads them back in it, so the result is the same."""
+    return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else cfg.dtype)
+
+
+def _prefill(params: Params, tokens: jax.Array, cfg: Any) -> list:
+    """The per-layer (k, v) [1, H, P, Dh] of a prompt's tokens but its last (which the slot's first
+    decode step reads, so the first new token comes from the decode step like every other)."""
     P = tokens.shape[1]
     zeros = lambda: jnp.zeros((1, cfg.n_heads, P, cfg.head_dim), jnp.dtype(cfg.dtype))  # noqa: E731
     cache = [(zeros(), zeros()) for _ in range(cfg.layers)]
-    x, cache = run_layers(unstack_layers(params, cfg), tokens, cfg, cache=cache, index=0)
-    return cache, logits_of(params, x[0, length - 1], cfg)
+    return run_layers(params, tokens, cfg, cache=cache, index=0)[1]
 
 
 def _insert(cache: list, prompt_cache: list, slot: jax.Array) -> list:
     """The slot's cache row starts with the prompt's keys and values."""
-    put = lambda big, small: jax.lax.dynamic_update_slice(big, small, (slot, 0, 0, 0))  # noqa: E731
+    put = lambda big, small: jax.lax.dynamic_update_slice(big, small.astype(big.dtype), (slot, 0, 0, 0))  # noqa: E731
     return [(put(k, pk), put(v, pv)) for (k, v), (pk, pv) in zip(cache, prompt_cache)]
 
 
-def _step(params: Params, cache: list, tokens: jax.Array, lengths: jax.Array, temperature: jax.Array,
-          top_k: jax.Array, top_p: jax.Array, keys: jax.Array, counts: jax.Array, cfg: Any) -> tuple[jax.Array, list]:
-    """One token for every slot: slot s holds lengths[s] tokens and decodes tokens[s] at that position."""
-    L = cache[0][0].shape[2]
-    valid = jnp.arange(L)[None, :] <= lengths[:, None]
-    x, cache = run_layers(unstack_layers(params, cfg), tokens[:, None], cfg, lengths[:, None], valid, cache, lengths)
-    logits = logits_of(params, x[:, 0], cfg)
-    step_keys = jax.vmap(jax.random.fold_in)(keys, counts)
-    return sample(logits, step_keys, temperature, top_k, top_p), cache
+class Slots(NamedTuple):
+    """What a decode call needs to know of every slot (free ones included)."""
+    tokens: jax.Array  # [S] the last token, decoded next
+    lengths: jax.Array  # [S] tokens in the slot's cache: the next one goes at this position
+    budget: jax.Array  # [S] tokens the slot may still take (max_tokens, room in the context)
+    live: jax.Array  # [S] holds a request
+    counts: jax.Array  # [S] tokens the slot has generated: its next RNG stream
+    keys: jax.Array  # [S] RNG keys
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+
+
+def _decode(params: Params, cache: list, slots: Slots, steps: jax.Array, eos: jax.Array, *, cfg: Any,
+            span: int, greedy: bool) -> tuple[jax.Array, jax.Array, list]:
+    """Up to `steps` (<= MAX_STEPS) tokens for every slot, [MAX_STEPS, S], how many steps ran, and the
+    cache. The loop stops early after a step in which a live slot ended (EOS or its budget), so its
+    slot is free at once. Every slot's tokens stay within the cache's first `span` positions."""
+    S = slots.tokens.shape[0]
+
+    def running(carry: tuple) -> jax.Array:
+        i, _, _, _, _, ended = carry
+        return (i < steps) & ~jnp.any(ended)
+
+    def step(carry: tuple) -> tuple:
+        i, tokens, lengths, cache, out, ended = carry
+        valid = jnp.arange(span)[None, :] <= lengths[:, None]
+        x, cache = run_layers(params, tokens[:, None], cfg, lengths[:, None], valid, cache, lengths)
+        logits = logits_of(params, x[:, 0], cfg)
+        if greedy:  # known on the host: no sampling at all
+            tokens = argmax(logits)
+        else:
+            keys = jax.vmap(jax.random.fold_in)(slots.keys, slots.counts + i)
+            tokens = sample(logits, keys, slots.temperature, slots.top_k, slots.top_p)
+        ended = slots.live & ((tokens == eos) | (i + 1 >= slots.budget))
+        return i + 1, tokens, lengths + 1, cache, out.at[i].set(tokens), ended
+
+    start = (jnp.int32(0), slots.tokens, slots.lengths, cache, jnp.zeros((MAX_STEPS, S), jnp.int32), jnp.zeros(S, bool))
+    ran, _, _, cache, out, _ = jax.lax.while_loop(running, step, start)
+    return out, ran, cache
 
 
 class Engine:
@@ -134,8 +185,8 @@ class Engine:
 
 class StaticBatcher(Engine):
     """Takes the requests that arrived together (up to max_batch) and decodes them as one
-    generate call: every row waits for the batch's longest. Fastest for one request at a time
-    on CPU (the generator's compiled decode loop); `--engine static`."""
+    generate call (the generator's compiled loop): every row waits for the batch's longest and
+    a new request for the whole batch; `--engine static`."""
 
     def __init__(self, lm: LM, max_batch: int = 8, max_queue: int = 64, wait_s: float = 0.01):
         super().__init__(lm, max_queue, "mtj-static-batcher")
@@ -207,13 +258,12 @@ class SlotEngine(Engine):
         cfg, mesh = self.cfg, lm.mesh
         with jax.set_mesh(mesh):
             shape = (slots, cfg.n_heads, cfg.seq, cfg.head_dim)
-            zeros = jax.jit(lambda: constrain(jnp.zeros(shape, jnp.dtype(cfg.dtype)), "batch", "heads", None, None))
+            zeros = jax.jit(lambda: constrain(jnp.zeros(shape, cache_dtype(cfg)), "batch", "heads", None, None))
             self.cache = [(zeros(), zeros()) for _ in range(cfg.layers)]
-            self.params = jax.jit(functools.partial(compute_weights, cfg=cfg))(lm.params)
+            self.params = jax.jit(functools.partial(decode_weights, cfg=cfg))(lm.params)
         self._prefill = jax.jit(functools.partial(_prefill, cfg=cfg))
         self._insert = jax.jit(_insert, donate_argnums=0)
-        self._step = jax.jit(functools.partial(_step, cfg=cfg), donate_argnums=1)
-        self._first = jax.jit(lambda logits, key, t, k, p: sample(logits[None], key[None], t[None], k[None], p[None])[0])
+        self._decoders: dict[tuple[int, bool], Any] = {}
         self.active: list[Job | None] = [None] * slots
         self.tokens = np.zeros(slots, np.int32)  # each slot's last token, decoded next
         self.lengths = np.zeros(slots, np.int32)  # tokens in each slot's cache
@@ -224,17 +274,20 @@ class SlotEngine(Engine):
         self.keys = np.zeros((slots, 2), np.uint32)  # each slot's RNG key (raw threefry data)
         self.thread.start()
 
+    def spans(self) -> list[int]:
+        """The cache prefixes a decode call may attend to: powers of two from SPAN_MIN, and seq."""
+        return sorted({min(bucket(n, SPAN_MIN), self.cfg.seq) for n in (2 ** i for i in range(self.cfg.seq.bit_length() + 1))})
+
     def warm(self) -> None:
-        """Compile every prefill bucket and the decode step before traffic arrives (call before submitting)."""
-        sizes, n = [], 1
-        while not sizes or sizes[-1] < self.cfg.seq:
-            sizes.append(min(bucket(n), self.cfg.seq))
-            n = sizes[-1] + 1
+        """Compile every prefill bucket and decode span before traffic arrives (call before submitting)."""
+        sizes = sorted({min(bucket(n), self.cfg.seq) for n in (2 ** i for i in range(self.cfg.seq.bit_length() + 1))})
         with jax.set_mesh(self.lm.mesh):
             for size in sizes:
-                prompt_cache, _ = self._prefill(self.params, jnp.zeros((1, size), jnp.int32), jnp.int32(1))
+                prompt_cache = self._prefill(self.params, jnp.zeros((1, size), jnp.int32))
             self.cache = self._insert(self.cache, prompt_cache, jnp.int32(0))
-            self._decode_all()
+            for span in self.spans():
+                for greedy in (True, False):
+                    self._decode_call(span, greedy, 1)
 
     # --- the loop ----------------------------------------------------------------------
     def _run(self) -> None:
@@ -263,36 +316,47 @@ class SlotEngine(Engine):
             return
         slot = self.active.index(None)
         n = len(job.ids)
-        padded = np.zeros((1, min(bucket(n), self.cfg.seq)), np.int32)
-        padded[0, :n] = job.ids
-        try:
-            prompt_cache, logits = self._prefill(self.params, jnp.asarray(padded), jnp.int32(n))
-            self.cache = self._insert(self.cache, prompt_cache, jnp.int32(slot))
-            key = jax.random.key(np.uint32(job.seed))
-            token = int(self._first(logits, jax.random.fold_in(key, 0),
-                                    jnp.float32(job.temperature), jnp.int32(job.top_k), jnp.float32(job.top_p)))
-        except Exception as e:  # noqa: BLE001 -- this request fails, the others go on
-            job.events.put(("done", e))
-            return
+        if n > 1:
+            padded = np.zeros((1, min(bucket(n - 1), self.cfg.seq)), np.int32)
+            padded[0, :n - 1] = job.ids[:-1]
+            try:
+                self.cache = self._insert(self.cache, self._prefill(self.params, jnp.asarray(padded)), jnp.int32(slot))
+            except Exception as e:  # noqa: BLE001 -- this request fails, the others go on
+                job.events.put(("done", e))
+                return
         self.active[slot] = job
-        self.lengths[slot], self.counts[slot], self.keys[slot] = n, 1, np.array(jax.random.key_data(key))
+        self.tokens[slot], self.lengths[slot], self.counts[slot] = job.ids[-1], n - 1, 0
+        self.keys[slot] = np.array(jax.random.key_data(jax.random.key(np.uint32(job.seed))))
         self.temperature[slot], self.top_k[slot], self.top_p[slot] = job.temperature, job.top_k, job.top_p
-        self._take(slot, token)
 
     def _decode(self) -> None:
-        tokens = self._decode_all()
-        for slot, job in enumerate(self.active):
-            if job is not None:
-                self.lengths[slot] += 1
-                self.counts[slot] += 1
-                self._take(slot, int(tokens[slot]))
+        """Decode steps of every slot: one while a request waits for a free slot, else up to MAX_STEPS."""
+        live = np.array([job is not None for job in self.active])
+        steps = 1 if (not live.all() and not self.jobs.empty()) else MAX_STEPS
+        span = min(bucket(int(self.lengths[live].max()) + steps, SPAN_MIN), self.cfg.seq)
+        out, ran = self._decode_call(span, bool((self.temperature[live] == 0).all()), steps)
+        for i in range(ran):
+            for slot, job in enumerate(self.active):
+                if job is not None:  # (a slot freed earlier in this call ignores the rest)
+                    self.lengths[slot] += 1
+                    self.counts[slot] += 1
+                    self._take(slot, int(out[i, slot]))
 
-    def _decode_all(self) -> np.ndarray:
-        """One decode step of every slot (free ones too: their rows are overwritten when taken)."""
-        tokens, self.cache = self._step(self.params, self.cache, jnp.asarray(self.tokens), jnp.asarray(self.lengths),
-                                        jnp.asarray(self.temperature), jnp.asarray(self.top_k), jnp.asarray(self.top_p),
-                                        jax.random.wrap_key_data(jnp.asarray(self.keys)), jnp.asarray(self.counts))
-        return np.asarray(tokens)
+    def _decode_call(self, span: int, greedy: bool, steps: int) -> tuple[np.ndarray, int]:
+        """Run the compiled decode of this span over every slot (free ones too: their rows are
+        overwritten when taken)."""
+        if (span, greedy) not in self._decoders:
+            self._decoders[span, greedy] = jax.jit(functools.partial(_decode, cfg=self.cfg, span=span, greedy=greedy),
+                                                   donate_argnums=1)
+        live = np.array([job is not None for job in self.active])
+        left = [job.max_new - len(job.tokens) if job else 0 for job in self.active]
+        budget = np.where(live, np.minimum(left, self.cfg.seq - self.lengths), 1 << 30).astype(np.int32)
+        slots = Slots(jnp.asarray(self.tokens), jnp.asarray(np.where(live, self.lengths, 0)), jnp.asarray(budget),
+                      jnp.asarray(live), jnp.asarray(self.counts), jax.random.wrap_key_data(jnp.asarray(self.keys)),
+                      jnp.asarray(self.temperature), jnp.asarray(self.top_k), jnp.asarray(self.top_p))
+        out, ran, self.cache = self._decoders[span, greedy](self.params, self.cache, slots, jnp.int32(steps),
+                                                            jnp.int32(self.eos))
+        return np.asarray(out), int(ran)
 
     def _take(self, slot: int, token: int) -> None:
         """A slot's new token: deliver it, and free the slot when its request has ended."""

@@ -217,9 +217,10 @@ def attention(h: jax.Array, p: Params, positions: jax.Array, mask: jax.Array, cf
         k = rotary(k, positions, cfg.rotary_dims, cfg.rotary_base, interleaved)
     if kv is not None and jnp.ndim(index) == 1:  # one slot per row (T == 1): rows of a decode engine
         rows = jnp.arange(B)
-        k = kv[0].at[rows, :, index].set(k[:, 0].astype(kv[0].dtype))
-        v = kv[1].at[rows, :, index].set(v[:, 0].astype(kv[1].dtype))
-        kv = (k, v)
+        kv = (kv[0].at[rows, :, index].set(k[:, 0].astype(kv[0].dtype)),
+              kv[1].at[rows, :, index].set(v[:, 0].astype(kv[1].dtype)))
+        span = mask.shape[-1]  # the rows attend to the cache's first `span` slots only
+        k, v = kv[0][:, :, :span].astype(q.dtype), kv[1][:, :, :span].astype(q.dtype)  # (the cache may be wider)
     elif kv is not None:  # the cache is heads-major, [B, H, S, Dh], so attention reads it without a transpose
         k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.transpose(0, 2, 1, 3).astype(kv[0].dtype), index, axis=2)
         v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.transpose(0, 2, 1, 3).astype(kv[1].dtype), index, axis=2)
@@ -277,13 +278,15 @@ def run_layers(params: Params, tokens: jax.Array, cfg: Config, positions: jax.Ar
 
     Query i sits in slot index+i of S key slots (`index` [B]: a slot per row, for T = 1) (S = T without a cache; with a
     cache, S is its length: stacked (k, v) of [layers, B, H, S, Dh], or a list
-    of per-layer (k, v) of [B, H, S, Dh]). params["layers"] may also be a list
+    of per-layer (k, v) of [B, H, S, Dh]; with a slot per row, key_valid may cover a prefix of it). params["layers"] may also be a list
     of per-layer trees (see `unstack_layers`).
     `positions` default to 0..T-1; `key_valid` [B, S] marks slots holding real
     (not left-padding) tokens.
     """
     B, T = tokens.shape
     S = T if cache is None else cache[0][0].shape[-2]
+    if key_valid is not None:  # a decode engine's rows may attend to a prefix of the cache
+        S = key_valid.shape[-1]
     dtype = jnp.dtype(cfg.dtype)
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(T), (B, T))

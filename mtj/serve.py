@@ -3,8 +3,8 @@
 The HTTP front is uvicorn + Starlette: framing, keep-alive, timeouts and the connection limit are
 theirs. Every field is validated (types, finite numbers, ranges, unknown fields refused) before
 anything is tokenized or queued. Requests wait in a bounded queue for the engine (mtj.engine):
-the static batcher (decodes what arrived together as one batch) or continuous batching
-(max_batch decode slots, each freed as soon as its row ends).
+continuous batching (max_batch decode slots, each freed as soon as its row ends; the default) or
+the static batcher (decodes what arrived together as one batch).
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ class Server:
 
     def __init__(self, lm: LM, host: str = "127.0.0.1", port: int = 5000, max_batch: int = 8, max_queue: int = 64,
                  max_tokens: int | None = None, model_name: str = "mtj", max_body_bytes: int = 4 << 20,
-                 max_connections: int = 256, body_timeout_s: float = 30.0, engine: str = "static"):
+                 max_connections: int = 256, body_timeout_s: float = 30.0, engine: str = "continuous"):
         if lm.tokenizer is None:
             raise ValueError("serving needs a tokenizer: this checkpoint has none")
         self.lm, self.model_name = lm, model_name

@@ -21,9 +21,9 @@ def main() -> None:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=5000)
     ap.add_argument("--max-batch", type=int, default=8, help="requests decoded together (the continuous engine's slots)")
-    ap.add_argument("--engine", choices=["static", "continuous"], default="static",
-                    help="static: what arrived together decodes as one batch (fastest per step on CPU today); "
-                         "continuous: decode slots that a new request joins at the next step")
+    ap.add_argument("--engine", choices=["continuous", "static"], default="continuous",
+                    help="continuous: --max-batch decode slots that a new request joins at the next step; "
+                         "static: what arrived together decodes as one batch, held until its longest row ends")
     ap.add_argument("--max-queue", type=int, default=64, help="queued rows (prompts x n) before answering 503")
     ap.add_argument("--max-tokens", type=int, default=None, help="largest max_tokens a request may ask for")
     ap.add_argument("--max-connections", type=int, default=256, help="open connections before answering 503")

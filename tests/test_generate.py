@@ -115,6 +115,29 @@ def test_top_k_top_p_filters():
     np.testing.assert_allclose(probs[3], [4 / 7, 3 / 7, 0, 0], atol=1e-6)  # top-3, then 0.4 < 0.55: add 0.3
 
 
+def test_top_k_top_p_thresholds_equal_a_sorted_reference():
+    """filter_logits finds its cuts by bisection; a plain sort per row (numpy) must agree, ties included."""
+    rng = np.random.RandomState(0)
+    V = 5000
+    logits = (rng.randn(8, V) * np.array([0.01, 0.5, 1, 2, 4, 8, 1, 3])[:, None]).astype(np.float32)
+    logits[6, :100] = 2.0  # a tie at the top_k edge
+    logits[:, -7:] = -np.inf  # padded vocabulary
+    top_k = np.array([0, 10, 4000, 0, 1, 100, 50, 0])
+    top_p = np.array([0.9, 1.0, 0.5, 0.99, 1.0, 0.3, 1.0, 0.05], np.float32)
+    got = np.isfinite(np.asarray(filter_logits(jnp.asarray(logits), jnp.asarray(top_k), jnp.asarray(top_p))))
+    for row in range(8):
+        x = logits[row].astype(np.float64)
+        order = np.sort(x)[::-1]
+        kept = x >= (order[top_k[row] - 1] if top_k[row] else -np.inf)  # ties at the edge are kept
+        p = np.exp(np.where(kept, x, -np.inf) - x.max())
+        p /= p.sum()
+        if top_p[row] < 1:
+            desc = np.sort(p)[::-1]
+            last = np.searchsorted(np.cumsum(desc), top_p[row])  # the first rank whose mass reaches top_p
+            kept &= p >= desc[last]
+        np.testing.assert_array_equal(got[row], kept, err_msg=f"row {row}")
+
+
 @pytest.mark.parametrize("width", [50432, 4096, 97])
 def test_blocked_argmax_is_the_first_largest(width):
     rng = np.random.RandomState(width)

@@ -25,7 +25,7 @@ def served(tmp_path_factory):
     load_tokenizer("gpt2").save_pretrained(hf)
     import_hf(hf, root / "ckpt", dtype="float32")
     export_hf(root / "ckpt", root / "export")
-    srv = Running(root / "ckpt", "--served-model-name", "tiny", "--engine", "continuous")  # the static one: test_serve
+    srv = Running(root / "ckpt", "--served-model-name", "tiny", "--engine", "continuous")  # (the default; the static one: test_serve)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{srv.port}/v1", api_key="unused", max_retries=0, timeout=120)
     client.export, client.port = root / "export", srv.port  # for lm-eval's hf model and its local-completions
     yield client, mtj.load(root / "ckpt")

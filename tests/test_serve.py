@@ -68,7 +68,7 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(ckpt):
-    srv = Running(ckpt, "--max-batch", "8", "--max-queue", "64")
+    srv = Running(ckpt, "--max-batch", "8", "--max-queue", "64", "--engine", "static")  # continuous: test_openai
     yield srv
     assert srv.stop() == 0  # SIGTERM: a graceful exit
     assert "stopped" in srv.proc.stdout.read()
