@@ -3,7 +3,7 @@
 Continuous batching keeps a fixed set of decode slots busy.
 
 Each slot owns a row of the KV cache (the model's whole context). A request's prompt, but its last
-token, is prefilled alone (right-padded to a power-of-two bucket, so few shapes compile) and its
+token, is prefilled alone (right-padded to a bucket, by default a power of two, so few shapes compile) and its
 keys and values copied into a free slot between two decode calls; its last prompt token is then
 decoded with the other slots, so its first new token comes from the same compiled step as every
 other token. That step decodes every slot, each at its own position with its own sampling
@@ -252,9 +252,18 @@ class StaticBatcher(Engine):
 class SlotEngine(Engine):
     """Decodes queued requests in `slots` slots (continuous batching); `--engine continuous`."""
 
-    def __init__(self, lm: LM, slots: int = 8, max_queue: int = 64):
+    def __init__(self, lm: LM, slots: int = 8, max_queue: int = 64, prefill_buckets: list[int] | None = None):
+        """`prefill_buckets`: the prompt lengths prefill compiles for (a prompt is padded to the next
+        one; the context length is always the last); default: powers of two from 16."""
         super().__init__(lm, max_queue, "mtj-slot-engine")
         self.cfg, self.slots = lm.config, slots
+        if slots < 1:
+            raise ValueError(f"the engine needs at least one slot, got {slots}")
+        if prefill_buckets is None:
+            prefill_buckets = [bucket(2 ** i) for i in range(self.cfg.seq.bit_length())]
+        if any(b < 1 for b in prefill_buckets):
+            raise ValueError(f"prefill buckets must be positive, got {prefill_buckets}")
+        self.prefill_buckets = sorted({min(b, self.cfg.seq) for b in prefill_buckets} | {self.cfg.seq})
         cfg, mesh = self.cfg, lm.mesh
         with jax.set_mesh(mesh):
             shape = (slots, cfg.n_heads, cfg.seq, cfg.head_dim)
@@ -280,9 +289,8 @@ class SlotEngine(Engine):
 
     def warm(self) -> None:
         """Compile every prefill bucket and decode span before traffic arrives (call before submitting)."""
-        sizes = sorted({min(bucket(n), self.cfg.seq) for n in (2 ** i for i in range(self.cfg.seq.bit_length() + 1))})
         with jax.set_mesh(self.lm.mesh):
-            for size in sizes:
+            for size in self.prefill_buckets:
                 prompt_cache = self._prefill(self.params, jnp.zeros((1, size), jnp.int32))
             self.cache = self._insert(self.cache, prompt_cache, jnp.int32(0))
             for span in self.spans():
@@ -317,7 +325,7 @@ class SlotEngine(Engine):
         slot = self.active.index(None)
         n = len(job.ids)
         if n > 1:
-            padded = np.zeros((1, min(bucket(n - 1), self.cfg.seq)), np.int32)
+            padded = np.zeros((1, next(b for b in self.prefill_buckets if b >= n - 1)), np.int32)
             padded[0, :n - 1] = job.ids[:-1]
             try:
                 self.cache = self._insert(self.cache, self._prefill(self.params, jnp.asarray(padded)), jnp.int32(slot))

@@ -146,7 +146,8 @@ class Server:
 
     def __init__(self, lm: LM, host: str = "127.0.0.1", port: int = 5000, max_batch: int = 8, max_queue: int = 64,
                  max_tokens: int | None = None, model_name: str = "mtj", max_body_bytes: int = 4 << 20,
-                 max_connections: int = 256, body_timeout_s: float = 30.0, engine: str = "continuous"):
+                 max_connections: int = 256, body_timeout_s: float = 30.0, engine: str = "continuous",
+                 prefill_buckets: list[int] | None = None):
         if lm.tokenizer is None:
             raise ValueError("serving needs a tokenizer: this checkpoint has none")
         self.lm, self.model_name = lm, model_name
@@ -154,7 +155,8 @@ class Server:
         self.max_body, self.body_timeout = max_body_bytes, body_timeout_s
         if engine not in ("static", "continuous"):
             raise ValueError(f"--engine must be 'static' or 'continuous', got '{engine}'")
-        self.engine = SlotEngine(lm, max_batch, max_queue) if engine == "continuous" else StaticBatcher(lm, max_batch, max_queue)
+        self.engine = (SlotEngine(lm, max_batch, max_queue, prefill_buckets) if engine == "continuous"
+                       else StaticBatcher(lm, max_batch, max_queue))
         self.created = int(time.time())
         app = Starlette(routes=[
             Route("/health", self.health, methods=["GET"]),

@@ -15,6 +15,13 @@ from mtj.serve import Server  # noqa: E402
 from mtj.cli import run  # noqa: E402
 
 
+def int_list(text: str) -> list[int]:
+    try:
+        return [int(n) for n in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got '{text}'") from None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--ckpt", required=True, help="model_dir, step directory, or HF model directory")
@@ -24,6 +31,9 @@ def main() -> None:
     ap.add_argument("--engine", choices=["continuous", "static"], default="continuous",
                     help="continuous: --max-batch decode slots that a new request joins at the next step; "
                          "static: what arrived together decodes as one batch, held until its longest row ends")
+    ap.add_argument("--prefill-buckets", type=int_list, default=None,
+                    metavar="N,N,...", help="prompt lengths the continuous engine compiles prefill for (a prompt is "
+                    "padded to the next; the context is always the last); default: powers of two from 16")
     ap.add_argument("--max-queue", type=int, default=64, help="queued rows (prompts x n) before answering 503")
     ap.add_argument("--max-tokens", type=int, default=None, help="largest max_tokens a request may ask for")
     ap.add_argument("--max-connections", type=int, default=256, help="open connections before answering 503")
@@ -38,7 +48,7 @@ def main() -> None:
     server = Server(lm, args.host, args.port, args.max_batch, args.max_queue, args.max_tokens,
                     model_name=args.served_model_name or user_path(args.ckpt).name, max_body_bytes=args.max_body_bytes,
                     max_connections=args.max_connections, body_timeout_s=args.body_timeout,
-                    engine=args.engine)
+                    engine=args.engine, prefill_buckets=args.prefill_buckets)
     server.engine.warm()  # compile the prefill buckets and the decode step before taking traffic
     print(f"serving {args.ckpt} as '{server.model_name}' on http://{args.host}:{args.port}", flush=True)
     server.run()  # until SIGTERM/SIGINT; the requests in flight are answered first

@@ -66,6 +66,21 @@ def test_any_mix_of_requests_decodes_as_generate_tokens(lm):
     assert [r.tokens for r in reqs] == want
 
 
+def test_prefill_buckets_are_an_option(lm):
+    reqs = [Request(list(range(100, 100 + n)), 5) for n in (1, 6, 30, 120)]  # past the last bucket: the context
+    engine = SlotEngine(lm, slots=2, prefill_buckets=[8, 50])
+    try:
+        assert engine.prefill_buckets == [8, 50, lm.config.seq]
+        engine.submit(reqs)
+        for r in reqs:
+            r.wait()
+    finally:
+        engine.stop()
+    assert [r.tokens for r in reqs] == [lm.generate_tokens([r.ids], 5, temperature=0)[0] for r in reqs]
+    with pytest.raises(ValueError, match="prefill buckets must be positive"):
+        SlotEngine(lm, prefill_buckets=[0, 16])
+
+
 def test_seeded_sampling_is_the_same_alone_and_among_others(lm):
     engine = SlotEngine(lm, slots=4)
     try:
