@@ -71,7 +71,8 @@ def workload(n: int, rate: float, seed: int) -> list[dict]:
 def start_server(serve_py: Path, ckpt: Path, port: int, max_batch: int, extra: list[str]) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, str(serve_py), "--ckpt", str(ckpt), "--port", str(port),
                              "--max-batch", str(max_batch), "--max-queue", "256", *extra],
-                            cwd=serve_py.parent.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            cwd=serve_py.parent.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONPATH": str(serve_py.parent.parent)})  # that revision's mtj
     deadline = time.time() + 300
     while time.time() < deadline:
         try:

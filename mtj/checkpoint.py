@@ -28,8 +28,8 @@ from jax.sharding import Mesh
 
 from mtj.config import Config, ConfigError, from_dict
 from mtj.model import Params, param_axes, param_specs
-from mtj.paths import PathLike, is_remote, refuse_overwrite, user_path
-from mtj.sharding import make_mesh, tree_shardings
+from mtj.paths import PathLike, is_remote, user_path
+from mtj.sharding import tree_shardings
 from mtj.tokenizer import Tokenizer
 
 STEP_RE = re.compile(r"^step_(\d+)$")
@@ -283,14 +283,3 @@ def restore_model(ckpt: PathLike, mesh: Mesh, **overrides: Any) -> Model:
         return Model(cfg, restore_params(step_dir, cfg, mesh), read_tokenizer(step_dir), step_dir)
 
     return restore_newest(ckpt, restore)[0]
-
-
-def slim(ckpt: PathLike, out: PathLike, dtype: str = "bf16") -> epath.Path:
-    """A params-only copy of a checkpoint in a smaller dtype (no optimizer state): for sampling and serving."""
-    names = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-    if dtype not in names:
-        raise ValueError(f"--dtype must be one of {sorted(names)}, got '{dtype}'")
-    refuse_overwrite(out)
-    model = restore_model(ckpt, make_mesh(mp=1, dp=1))
-    small = jax.tree.map(lambda a: a.astype(names[dtype]), model.params)
-    return save(out, step_number(model.step_dir), small, model.cfg.replace(param_dtype=names[dtype]), model.tokenizer)

@@ -20,6 +20,7 @@ import numpy as np
 
 from mtj.checkpoint import abstract_params
 from mtj.config import Config
+from mtj.generate import Generator
 from mtj.metrics import flops_per_token
 from mtj.sharding import make_mesh
 from mtj.train import Trainer
@@ -207,8 +208,6 @@ def check(cfg: Config, topology: str, advise: bool = True, decode: bool = True) 
 def check_decode(cfg: Config, mesh: jax.sharding.Mesh, params: Any, hbm: float | None, batch: int = 8,
                  prompt: int = 512, new_tokens: int = 512) -> dict[str, Any]:
     """Compile generation (prefill + KV-cache decode loop) for `batch` prompts on the same mesh."""
-    from mtj.generate import Generator
-
     inference = cfg.replace(remat=False)
     gen = Generator(inference, params, mesh, eos_id=0)
     sds = jax.ShapeDtypeStruct

@@ -14,6 +14,7 @@ import types
 import typing
 from typing import Any
 
+from mtj.families import FAMILIES, Family
 from mtj.paths import PathLike, user_path, write_atomic
 
 
@@ -21,7 +22,7 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names the offending keys."""
 
 
-MODEL_TYPES = ("gptj", "gpt_neo", "gpt_neox")
+MODEL_TYPES = tuple(FAMILIES)
 DTYPES = ("float32", "bfloat16", "float16")
 ACTIVATIONS = ("gelu_new", "gelu", "gelu_fast", "relu", "silu")
 VOCAB_ALIGN = 128  # padded vocabulary rows are a multiple of this (and of mp)
@@ -87,6 +88,11 @@ class Config:
     def __post_init__(self) -> None:
         _check_types(self)
         _check_consistency(self)
+
+    @property
+    def family(self) -> Family:
+        """What the model_type's architecture is (mtj.families)."""
+        return FAMILIES[self.model_type]
 
     # --- derived sizes ---
     @property
@@ -237,8 +243,7 @@ def _check_consistency(c: Config) -> None:
              "(keys 'n_heads', 'cores_per_replica'): tensor parallelism splits whole heads")
     _require(c.ff_dim % c.cores_per_replica == 0,
              f"d_ff={c.ff_dim} is not divisible by cores_per_replica={c.cores_per_replica} (keys 'd_ff', 'cores_per_replica')")
-    rotary = c.model_type in ("gptj", "gpt_neox")
-    if rotary:
+    if c.family.rotary:
         _require(c.pe == "rotary", f"config key 'pe' must be 'rotary' for model_type '{c.model_type}', got '{c.pe}'")
         _require(0 < c.rotary_dims <= c.head_dim,
                  f"pe_rotary_dims={c.rotary_dims} must be in 1..d_head={c.head_dim} (keys 'pe_rotary_dims', 'd_head')")

@@ -1,172 +1,39 @@
-"""Hugging Face <-> mtj conversion as tables of names, not code.
-
-`CONFIG_KEYS` maps our config keys to the HF config.json keys of each family;
-`WEIGHTS` maps each HF tensor to our parameter path. `{i}` in an HF key is the
-layer index: those tensors are stacked along our leading 'layers' axis.
-torch Linear weights are [out, in]; ours are [in, out], hence `transpose`.
+"""Hugging Face <-> mtj conversion, driven by the families' tables (mtj.families): config keys
+and weight names are data; this module applies them to configs, arrays and files.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import math
+import re
+import struct
 from typing import Any, Callable, Iterator
 
 import ml_dtypes
 import numpy as np
+import safetensors
+import safetensors.numpy
 from etils import epath
 
 from mtj.config import Config, from_dict
-from mtj.model import Params, local_layers, param_specs
-from mtj.paths import PathLike, local_copy, published_dir, refuse_overwrite, user_path
-from mtj.safetensors_io import SafetensorsFile, write_safetensors
-from mtj.tokenizer import Tokenizer, find_tokenizer_files
-
-CONFIG_KEYS: dict[str, dict[str, str]] = {
-    "gptj": {
-        "layers": "n_layer", "d_model": "n_embd", "n_heads": "n_head", "n_vocab": "vocab_size",
-        "pe_rotary_dims": "rotary_dim", "d_ff": "n_inner", "seq": "n_positions",
-        "layer_norm_eps": "layer_norm_epsilon", "activation": "activation_function",
-        "tie_embeddings": "tie_word_embeddings",
-    },
-    "gpt_neo": {
-        "layers": "num_layers", "d_model": "hidden_size", "n_heads": "num_heads", "n_vocab": "vocab_size",
-        "d_ff": "intermediate_size", "seq": "max_position_embeddings", "window_size": "window_size",
-        "attention_layers": "attention_layers", "layer_norm_eps": "layer_norm_epsilon",
-        "activation": "activation_function", "tie_embeddings": "tie_word_embeddings",
-    },
-    "gpt_neox": {
-        "layers": "num_hidden_layers", "d_model": "hidden_size", "n_heads": "num_attention_heads",
-        "n_vocab": "vocab_size", "d_ff": "intermediate_size", "seq": "max_position_embeddings",
-        "parallel_residual": "use_parallel_residual", "layer_norm_eps": "layer_norm_eps",
-        "activation": "hidden_act", "tie_embeddings": "tie_word_embeddings",
-    },
-}
-
-HF_ARCHITECTURES = {"gptj": "GPTJForCausalLM", "gpt_neo": "GPTNeoForCausalLM", "gpt_neox": "GPTNeoXForCausalLM"}
-
-
-@dataclasses.dataclass(frozen=True)
-class Weight:
-    hf: str  # HF state-dict key; "{i}" marks a per-layer tensor
-    ours: str  # our parameter path, dot-separated
-    transpose: bool = False
-    fused: tuple[int, int] | None = None  # (part, parts): one of `parts` per-head slices of the HF output dim
-
-
-def _neox_qkv(kind: str) -> list[Weight]:
-    # query_key_value packs [q_h, k_h, v_h] per head h along its output dimension.
-    hf = f"gpt_neox.layers.{{i}}.attention.query_key_value.{kind}"
-    suffix = "" if kind == "weight" else "_bias"
-    return [Weight(hf, f"layers.attn.{n}{suffix}", transpose=kind == "weight", fused=(j, 3)) for j, n in enumerate("qkv")]
-
-
-WEIGHTS: dict[str, list[Weight]] = {
-    "gptj": [
-        Weight("transformer.wte.weight", "wte"),
-        Weight("transformer.h.{i}.ln_1.weight", "layers.ln_1.scale"),
-        Weight("transformer.h.{i}.ln_1.bias", "layers.ln_1.bias"),
-        Weight("transformer.h.{i}.attn.q_proj.weight", "layers.attn.q", transpose=True),
-        Weight("transformer.h.{i}.attn.k_proj.weight", "layers.attn.k", transpose=True),
-        Weight("transformer.h.{i}.attn.v_proj.weight", "layers.attn.v", transpose=True),
-        Weight("transformer.h.{i}.attn.out_proj.weight", "layers.attn.o", transpose=True),
-        Weight("transformer.h.{i}.mlp.fc_in.weight", "layers.mlp.fc_in", transpose=True),
-        Weight("transformer.h.{i}.mlp.fc_in.bias", "layers.mlp.fc_in_bias"),
-        Weight("transformer.h.{i}.mlp.fc_out.weight", "layers.mlp.fc_out", transpose=True),
-        Weight("transformer.h.{i}.mlp.fc_out.bias", "layers.mlp.fc_out_bias"),
-        Weight("transformer.ln_f.weight", "ln_f.scale"),
-        Weight("transformer.ln_f.bias", "ln_f.bias"),
-        Weight("lm_head.weight", "lm_head.kernel", transpose=True),
-        Weight("lm_head.bias", "lm_head.bias"),
-    ],
-    "gpt_neo": [
-        Weight("transformer.wte.weight", "wte"),
-        Weight("transformer.wpe.weight", "wpe"),
-        Weight("transformer.h.{i}.ln_1.weight", "layers.ln_1.scale"),
-        Weight("transformer.h.{i}.ln_1.bias", "layers.ln_1.bias"),
-        Weight("transformer.h.{i}.attn.attention.q_proj.weight", "layers.attn.q", transpose=True),
-        Weight("transformer.h.{i}.attn.attention.k_proj.weight", "layers.attn.k", transpose=True),
-        Weight("transformer.h.{i}.attn.attention.v_proj.weight", "layers.attn.v", transpose=True),
-        Weight("transformer.h.{i}.attn.attention.out_proj.weight", "layers.attn.o", transpose=True),
-        Weight("transformer.h.{i}.attn.attention.out_proj.bias", "layers.attn.o_bias"),
-        Weight("transformer.h.{i}.ln_2.weight", "layers.ln_2.scale"),
-        Weight("transformer.h.{i}.ln_2.bias", "layers.ln_2.bias"),
-        Weight("transformer.h.{i}.mlp.c_fc.weight", "layers.mlp.fc_in", transpose=True),
-        Weight("transformer.h.{i}.mlp.c_fc.bias", "layers.mlp.fc_in_bias"),
-        Weight("transformer.h.{i}.mlp.c_proj.weight", "layers.mlp.fc_out", transpose=True),
-        Weight("transformer.h.{i}.mlp.c_proj.bias", "layers.mlp.fc_out_bias"),
-        Weight("transformer.ln_f.weight", "ln_f.scale"),
-        Weight("transformer.ln_f.bias", "ln_f.bias"),
-        Weight("lm_head.weight", "lm_head.kernel", transpose=True),  # absent when tied (the usual case)
-    ],
-    "gpt_neox": [
-        Weight("gpt_neox.embed_in.weight", "wte"),
-        Weight("gpt_neox.layers.{i}.input_layernorm.weight", "layers.ln_1.scale"),
-        Weight("gpt_neox.layers.{i}.input_layernorm.bias", "layers.ln_1.bias"),
-        Weight("gpt_neox.layers.{i}.post_attention_layernorm.weight", "layers.ln_2.scale"),
-        Weight("gpt_neox.layers.{i}.post_attention_layernorm.bias", "layers.ln_2.bias"),
-        *_neox_qkv("weight"),
-        *_neox_qkv("bias"),
-        Weight("gpt_neox.layers.{i}.attention.dense.weight", "layers.attn.o", transpose=True),
-        Weight("gpt_neox.layers.{i}.attention.dense.bias", "layers.attn.o_bias"),
-        Weight("gpt_neox.layers.{i}.mlp.dense_h_to_4h.weight", "layers.mlp.fc_in", transpose=True),
-        Weight("gpt_neox.layers.{i}.mlp.dense_h_to_4h.bias", "layers.mlp.fc_in_bias"),
-        Weight("gpt_neox.layers.{i}.mlp.dense_4h_to_h.weight", "layers.mlp.fc_out", transpose=True),
-        Weight("gpt_neox.layers.{i}.mlp.dense_4h_to_h.bias", "layers.mlp.fc_out_bias"),
-        Weight("gpt_neox.final_layer_norm.weight", "ln_f.scale"),
-        Weight("gpt_neox.final_layer_norm.bias", "ln_f.bias"),
-        Weight("embed_out.weight", "lm_head.kernel", transpose=True),
-    ],
-}
+from mtj.families import FAMILIES, Weight
+from mtj.model import Params, param_specs
+from mtj.paths import PathLike, user_path
 
 
 # --- configs -------------------------------------------------------------------
 
-def _attention_types(kinds: list[str]) -> list:
-    """GPT-Neo's run-length form of per-layer attention kinds."""
-    if len(kinds) % 2 == 0 and kinds == ["global", "local"] * (len(kinds) // 2):
-        return [[["global", "local"], len(kinds) // 2]]
-    return [[[k], 1] for k in kinds]
-
-
 def config_from_hf(hf: dict[str, Any], **overrides: Any) -> Config:
-    family = hf.get("model_type")
-    if family not in CONFIG_KEYS:
-        raise ValueError(f"HF model_type '{family}' is not supported; supported: {sorted(CONFIG_KEYS)}")
-    values: dict[str, Any] = {"model_type": family}
-    for ours, theirs in CONFIG_KEYS[family].items():
-        if hf.get(theirs) is not None:
-            values[ours] = hf[theirs]
-    if family == "gpt_neox":  # rotary settings: rope_parameters (transformers 5) or the older flat keys
-        rope = hf.get("rope_parameters") or {}
-        pct = rope.get("partial_rotary_factor", hf.get("rotary_pct", 0.25))
-        values["pe_rotary_dims"] = int(values["d_model"] // values["n_heads"] * pct)
-        values["rotary_base"] = float(rope.get("rope_theta", hf.get("rotary_emb_base", 10000.0)))
-    if family == "gpt_neo":
-        values["pe"] = "learned"
-    values.update(overrides)
-    return from_dict(values)
+    family = FAMILIES.get(hf.get("model_type"))
+    if family is None:
+        raise ValueError(f"HF model_type '{hf.get('model_type')}' is not supported; supported: {sorted(FAMILIES)}")
+    return from_dict({**family.config_from_hf(hf), **overrides})
 
 
 def config_to_hf(cfg: Config, eos_id: int | None = 50256) -> dict[str, Any]:
-    derived = {"pe_rotary_dims": cfg.rotary_dims, "d_ff": cfg.ff_dim, "attention_layers": None}
-    out: dict[str, Any] = {
-        "model_type": cfg.model_type,
-        "architectures": [HF_ARCHITECTURES[cfg.model_type]],
-        "bos_token_id": eos_id,
-        "eos_token_id": eos_id,
-        "dtype": "float32",
-    }
-    for ours, theirs in CONFIG_KEYS[cfg.model_type].items():
-        out[theirs] = derived.get(ours, getattr(cfg, ours))
-    if cfg.model_type == "gpt_neo":
-        kinds = ["local" if k else "global" for k in local_layers(cfg)]
-        out.update(attention_layers=kinds, attention_types=_attention_types(kinds))
-    if cfg.model_type == "gpt_neox":
-        pct = cfg.rotary_dims / cfg.head_dim
-        out.update(rope_parameters={"rope_type": "default", "rope_theta": cfg.rotary_base, "partial_rotary_factor": pct},
-                   rotary_pct=pct, rotary_emb_base=cfg.rotary_base, attention_bias=True)
-    return out
+    return {"model_type": cfg.model_type, "architectures": [cfg.family.hf_architecture], "bos_token_id": eos_id,
+            "eos_token_id": eos_id, "dtype": "float32", **cfg.family.config_to_hf(cfg)}
 
 
 # --- weights -------------------------------------------------------------------
@@ -178,17 +45,10 @@ def spec_at(specs: Params, path: str) -> Any:
     return node
 
 
-def _set(tree: Params, path: str, value: Any) -> None:
-    *parents, leaf = path.split(".")
-    for part in parents:
-        tree = tree.setdefault(part, {})
-    tree[leaf] = value
-
-
 def _table(cfg: Config) -> list[Weight]:
     specs = param_specs(cfg)
     table = []
-    for w in WEIGHTS[cfg.model_type]:
+    for w in cfg.family.weights:
         try:
             spec_at(specs, w.ours)
         except KeyError:
@@ -269,13 +129,6 @@ def params_to_hf(get: Callable[[str], np.ndarray], cfg: Config, dtype: Any = np.
             yield key, np.ascontiguousarray(t).astype(dtype)
 
 
-def unflatten(items: Iterator[tuple[str, Any]]) -> Params:
-    tree: Params = {}
-    for path, value in items:
-        _set(tree, path, value)
-    return tree
-
-
 # --- HF directories ------------------------------------------------------------
 
 def is_hf_dir(path: PathLike) -> bool:
@@ -289,15 +142,35 @@ def read_hf_config(path: PathLike) -> dict[str, Any]:
     return json.loads((user_path(path) / "config.json").read_text())
 
 
-class HFTensors:
-    """Random access to the tensors of an HF directory, read lazily one at a time."""
+INDEX = "model.safetensors.index.json"
 
-    def __init__(self, path: PathLike, allow_pickle: bool = False):
+
+class HFTensors:
+    """Random access to the tensors of an HF directory, read lazily one at a time (safetensors'
+    `safe_open`, which validates each file's header: offsets, overlaps, dtypes). A tensor whose
+    shape is not the one `cfg` implies (see `hf_shapes`) is refused before it is read."""
+
+    def __init__(self, path: PathLike, cfg: Config, allow_pickle: bool = False):
         path = user_path(path)
-        self.files: dict[str, SafetensorsFile] = {}
-        for shard in sorted(path.glob("*.safetensors")):
-            f = SafetensorsFile(shard)
-            self.files.update({key: f for key in f.keys()})
+        self.shapes = hf_shapes(cfg)
+        self.files: dict[str, tuple[epath.Path, Any]] = {}  # key -> (file, open handle)
+        if (path / INDEX).is_file():  # a sharded checkpoint: its index names every tensor's file
+            weight_map = json.loads((path / INDEX).read_text()).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{path / INDEX} has no 'weight_map' object")
+            shards = [path / name for name in sorted(set(weight_map.values()))]
+        else:
+            shards = sorted(path.glob("*.safetensors"))
+        for shard in shards:
+            try:
+                handle = safetensors.safe_open(str(shard), framework="numpy")
+            except (safetensors.SafetensorError, OSError) as e:
+                culprit = _culprit(shard)
+                raise ValueError(f"{shard}: not a valid safetensors file ({culprit + ': ' if culprit else ''}{e})") from None
+            for key in handle.keys():
+                if key in self.files:
+                    raise ValueError(f"tensor '{key}' is in both {self.files[key][0]} and {shard}")
+                self.files[key] = (shard, handle)
         self.state: dict[str, Any] = {}
         if not self.files:
             bin_path = path / "pytorch_model.bin"
@@ -312,10 +185,60 @@ class HFTensors:
 
     def __call__(self, key: str) -> np.ndarray:
         if key in self.files:
-            return self.files[key].get(key).astype(np.float32)
+            where, handle = self.files[key]
+            self._check(key, where, tuple(handle.get_slice(key).get_shape()))
+            try:
+                return handle.get_tensor(key).astype(np.float32)
+            except (safetensors.SafetensorError, TypeError, ValueError) as e:
+                raise ValueError(f"{where}: tensor '{key}' cannot be read ({e})") from None
         if key in self.state:
+            self._check(key, "pytorch_model.bin", tuple(self.state[key].shape))
             return self.state[key].float().numpy()
         raise KeyError(f"tensor '{key}' missing from the HF checkpoint")
+
+    def _check(self, key: str, where: Any, shape: tuple[int, ...]) -> None:
+        expected = self.shapes.get(key)
+        if expected is not None and shape != tuple(expected):
+            raise ValueError(f"{where}: tensor '{key}' has shape {list(shape)}, but config.json implies "
+                             f"{list(expected)}")
+
+
+ITEMSIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+             "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+def _culprit(path: epath.Path) -> str:
+    """Which tensor of a safetensors file that `safe_open` refused is at fault, for the error message
+    (the library says what is wrong, not where); "" when that cannot be told."""
+    try:
+        with path.open("rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(min(n, 100 << 20)))
+        data_bytes = path.stat().length - 8 - n
+    except (OSError, ValueError, struct.error):
+        return ""
+    if not isinstance(header, dict):
+        return "the header is not a JSON object"
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            (begin, end), shape, width = info["data_offsets"], info["shape"], ITEMSIZES.get(info["dtype"])
+        except (KeyError, TypeError, ValueError):
+            return f"tensor '{name}' has no dtype, shape and data_offsets"
+        if width is None:
+            return f"tensor '{name}' has an unknown dtype {info['dtype']!r}"
+        if not 0 <= begin <= end <= data_bytes:
+            return f"tensor '{name}' lies at bytes {begin}-{end} of {data_bytes}"
+        if math.prod(shape) * width != end - begin:
+            return f"tensor '{name}' of {info['dtype']}{shape} does not fill its {end - begin} bytes"
+        spans.append((begin, end, name))
+    spans.sort()
+    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+        if begin < end:
+            return f"tensors '{first}' and '{second}' overlap"
+    return ""
 
 
 def hf_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
@@ -334,53 +257,49 @@ def hf_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-# --- whole-directory conversions -----------------------------------------------
+# --- files ---------------------------------------------------------------------
 
 EXPORT_DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": ml_dtypes.bfloat16}
 
 
-def import_hf(hf_dir: PathLike, out: PathLike, allow_pickle: bool = False, **overrides: Any) -> epath.Path:
-    """HF directory -> our checkpoint `out/step_0` (tokenizer included when the directory has one)."""
-    from mtj import checkpoint
-    from mtj.lm import place_params
-    from mtj.sharding import make_mesh
-
-    if not is_hf_dir(hf_dir):
-        raise FileNotFoundError(f"{hf_dir} is not a Hugging Face model directory (config.json + *.safetensors)")
-    refuse_overwrite(out)
-    with local_copy(hf_dir) as local:  # safetensors are memory-mapped: a bucket's directory is downloaded
-        cfg = config_from_hf(read_hf_config(local), cores_per_replica=1, **overrides)
-        tensors = HFTensors(local, allow_pickle=allow_pickle)
-        params = place_params(hf_to_params(tensors, cfg), cfg, make_mesh(mp=1, dp=1))
-        tok = find_tokenizer_files(local)
-    step_dir = checkpoint.save(out, 0, params, cfg, Tokenizer(tok) if tok else None)
-    cfg.save(user_path(out) / "config.json")
-    return step_dir
+def parse_size(size: int | str) -> int:
+    """Bytes of a size as transformers' max_shard_size writes it: 5000000, "500MB", "5GB", "2GiB"."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", size, re.I)
+    if not match:
+        raise ValueError(f"a size is a number of bytes or a number with KB, MB, GB, KiB, MiB or GiB, got '{size}'")
+    unit = (match.group(2) or "B").upper()
+    scale = 1 if unit == "B" else (1024 if "I" in unit else 1000) ** ("KMGT".index(unit[0]) + 1)
+    return int(float(match.group(1)) * scale)
 
 
-def export_hf(ckpt: PathLike, out: PathLike, dtype: str = "fp32") -> epath.Path:
-    """Our checkpoint -> HF directory: config.json, model.safetensors, generation_config.json, tokenizer."""
-    from mtj import checkpoint
-    from mtj.sharding import make_mesh
-
-    if dtype not in EXPORT_DTYPES:
-        raise ValueError(f"--dtype must be one of {sorted(EXPORT_DTYPES)}, got '{dtype}'")
-    with published_dir(out) as tmp:
-        model = checkpoint.restore_model(ckpt, make_mesh(mp=1, dp=1))
-        cfg, params, tokenizer = model.cfg, model.params, model.tokenizer
-
-        def get(path: str) -> np.ndarray:
-            return np.asarray(spec_at(params, path))
-
-        np_dtype = np.dtype(EXPORT_DTYPES[dtype])
-        shapes = {k: (s, np_dtype) for k, s in hf_shapes(cfg).items()}
-        write_safetensors(tmp / "model.safetensors", shapes, params_to_hf(get, cfg, np_dtype))
-        eos = tokenizer.eos_id if tokenizer is not None else None
-        hf_config = config_to_hf(cfg, eos)
-        hf_config["dtype"] = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype]
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
-        (tmp / "generation_config.json").write_text(json.dumps(
-            {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos, "max_length": cfg.seq}, indent=2))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-    return user_path(out)
+def write_shards(out: epath.Path, shapes: dict[str, tuple[int, ...]], dtype: np.dtype,
+                 tensors: Iterator[tuple[str, np.ndarray]], max_shard_size: int | str) -> None:
+    """Tensors (arriving in `shapes`' order) as model.safetensors, or, past `max_shard_size` bytes,
+    as model-0000i-of-0000n.safetensors files with model.safetensors.index.json (transformers' layout).
+    Shards are planned from the shapes first, so only one shard's tensors are held at a time."""
+    limit = parse_size(max_shard_size)
+    plan: list[list[str]] = [[]]
+    size = 0
+    for key, shape in shapes.items():
+        nbytes = math.prod(shape) * dtype.itemsize
+        if plan[-1] and size + nbytes > limit:  # (a tensor larger than the limit gets a shard of its own)
+            plan.append([])
+            size = 0
+        plan[-1].append(key)
+        size += nbytes
+    names = (["model.safetensors"] if len(plan) == 1 else
+             [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))])
+    shard_of = {key: i for i, keys in enumerate(plan) for key in keys}
+    held: dict[str, np.ndarray] = {}
+    for key, array in tensors:
+        held[key] = array
+        keys = plan[shard_of[key]]
+        if all(k in held for k in keys):
+            safetensors.numpy.save_file({k: held.pop(k) for k in keys}, str(out / names[shard_of[key]]),
+                                        metadata={"format": "pt"})
+    if len(plan) > 1:
+        total = sum(math.prod(shape) for shape in shapes.values()) * dtype.itemsize
+        index = {"metadata": {"total_size": total}, "weight_map": {k: names[shard_of[k]] for k in shapes}}
+        (out / INDEX).write_text(json.dumps(index, indent=2))

@@ -10,9 +10,11 @@ import jax
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--coordinator", default=os.environ.get("MTJ_COORDINATOR"),
-                    help="host:port of process 0 (multi-host; auto-detected on TPU VMs)")
-    ap.add_argument("--num-processes", type=int, default=_env_int("MTJ_NUM_PROCESSES"))
-    ap.add_argument("--process-id", type=int, default=_env_int("MTJ_PROCESS_ID"))
+                    help="host:port of process 0 (multi-host; auto-detected on TPU VMs; or MTJ_COORDINATOR)")
+    ap.add_argument("--num-processes", type=int, default=_env_int("MTJ_NUM_PROCESSES"),
+                    help="processes in the job, with --coordinator (or MTJ_NUM_PROCESSES)")
+    ap.add_argument("--process-id", type=int, default=_env_int("MTJ_PROCESS_ID"),
+                    help="this process's index, 0 to num-processes - 1, with --coordinator (or MTJ_PROCESS_ID)")
     ap.add_argument("--heartbeat-timeout", type=int, default=100,
                     help="seconds without heartbeats before a process counts as dead and the others exit")
 

@@ -16,13 +16,6 @@ from collections import defaultdict
 from importlib import resources
 from typing import Any, Sequence
 
-import lm_eval
-import lm_eval.models  # noqa: F401 -- the harness lists its own models only into an empty registry: first
-from lm_eval import utils as lm_utils
-from lm_eval.api.model import TemplateLM
-from lm_eval.api.registry import register_model
-from lm_eval.tasks import TaskManager, get_task_dict
-from lm_eval.tasks._yaml_loader import load_yaml
 from jax.sharding import Mesh
 from tqdm import tqdm
 
@@ -32,6 +25,23 @@ from mtj.lm import LM, load
 from mtj.model import Params
 from mtj.paths import user_path
 from mtj.tokenizer import Tokenizer, assets_dir
+
+try:  # the `eval` extra. Without it this module still imports (training does) and MISSING says why not.
+    import lm_eval
+    import lm_eval.models  # noqa: F401 -- the harness lists its own models only into an empty registry: first
+    from lm_eval import utils as lm_utils
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.api.registry import register_model
+    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    MISSING: ImportError | None = None
+except ImportError as e:
+    MISSING = e
+    TemplateLM = object
+
+    def register_model(name: str) -> Any:
+        return lambda cls: cls
 
 
 @register_model("mtj")

@@ -14,7 +14,7 @@ from mtj.config import Config
 from mtj.generate import Generator, TokenSink
 from mtj.model import Params, forward, param_axes
 from mtj.paths import PathLike, local_copy, user_path
-from mtj.sharding import make_mesh, named, tree_shardings
+from mtj.sharding import make_mesh, named, place
 from mtj.tokenizer import Tokenizer, find_tokenizer_files
 
 
@@ -93,7 +93,8 @@ def load(path: PathLike, mp: int = 1, **overrides: Any) -> LM:
     if convert.is_hf_dir(path):
         with local_copy(path) as local:  # safetensors are memory-mapped: a bucket's directory is downloaded
             cfg = convert.config_from_hf(convert.read_hf_config(local), cores_per_replica=mp, **overrides)
-            params = place_params(convert.hf_to_params(convert.HFTensors(local), cfg), cfg, mesh)
+            params = place(convert.hf_to_params(convert.HFTensors(local, cfg), cfg), param_axes(cfg), mesh,
+                           cfg.param_dtype, cfg.fsdp)
             tok = find_tokenizer_files(local)
         return LM(cfg, params, mesh, Tokenizer(tok) if tok else None)
     if checkpoint.is_checkpoint(path):
@@ -101,16 +102,3 @@ def load(path: PathLike, mp: int = 1, **overrides: Any) -> LM:
         return LM(model.cfg, model.params, mesh, model.tokenizer)
     raise FileNotFoundError(f"{path} is neither an mtj checkpoint (step_N directories) nor a Hugging Face "
                             "model directory (config.json + *.safetensors)")
-
-
-def place_params(items: Any, cfg: Config, mesh: Mesh) -> Params:
-    """Put (path, numpy array) pairs onto the mesh one at a time, so host memory holds one at most."""
-    shardings = tree_shardings(param_axes(cfg), mesh, cfg.fsdp)
-    dtype = jnp.dtype(cfg.param_dtype)
-    placed = []
-    for path, array in items:
-        sharding = shardings
-        for part in path.split("."):
-            sharding = sharding[part]
-        placed.append((path, jax.device_put(array.astype(dtype), sharding)))
-    return convert.unflatten(placed)

@@ -122,7 +122,7 @@ class MetricsLog:
 
             self.tb = SummaryWriter(str(local / "tensorboard"))
         except ImportError:
-            pass
+            print("TensorBoard events need tensorboardX: pip install 'mtj[tensorboard]'; logging to metrics.jsonl")
         if cfg.wandb_project:
             try:
                 import wandb
@@ -164,8 +164,12 @@ class MetricsLog:
 
 
 def plot_loss_curve(metrics_path: PathLike, out: PathLike) -> None:
-    """loss (and validation) against step, as a PNG."""
-    import matplotlib
+    """loss (and validation) against step, as a PNG (skipped, saying so, without matplotlib)."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("loss.png needs matplotlib: pip install 'mtj[plots]'")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -34,7 +34,7 @@ def param_specs(cfg: Config) -> Params:
     """Names, shapes and logical axes of every parameter, per model family."""
     L, D, V = cfg.layers, cfg.d_model, cfg.padded_vocab
     HD, F = cfg.n_heads * cfg.head_dim, cfg.ff_dim
-    neo, neox = cfg.model_type == "gpt_neo", cfg.model_type == "gpt_neox"
+    family = cfg.family
 
     def norm() -> dict[str, ParamSpec]:
         return {"scale": ParamSpec((L, D), ("layers", "norm"), "ones"), "bias": ParamSpec((L, D), ("layers", "norm"), "zeros")}
@@ -45,10 +45,10 @@ def param_specs(cfg: Config) -> Params:
         "v": ParamSpec((L, D, HD), ("layers", "embed", "heads"), "normal"),
         "o": ParamSpec((L, HD, D), ("layers", "heads", "embed"), "out"),
     }
-    if neox:  # fused query_key_value carries a bias
+    if family.qkv_bias:
         for name in "qkv":
             attn[f"{name}_bias"] = ParamSpec((L, HD), ("layers", "heads"), "zeros")
-    if neo or neox:
+    if family.o_bias:
         attn["o_bias"] = ParamSpec((L, D), ("layers", "norm"), "zeros")
     layer = {
         "ln_1": norm(),
@@ -60,18 +60,18 @@ def param_specs(cfg: Config) -> Params:
             "fc_out_bias": ParamSpec((L, D), ("layers", "norm"), "zeros"),
         },
     }
-    if neo or neox:  # a second LayerNorm in front of the MLP
+    if family.second_norm:
         layer["ln_2"] = norm()
     specs: Params = {
         "wte": ParamSpec((V, D), ("vocab", "embed"), "normal"),
         "layers": layer,
         "ln_f": {"scale": ParamSpec((D,), ("norm",), "ones"), "bias": ParamSpec((D,), ("norm",), "zeros")},
     }
-    if neo:
+    if family.rotary is None:  # learned positions
         specs["wpe"] = ParamSpec((cfg.seq, D), (None, "embed"), "normal")
     if not cfg.tie_embeddings:
         specs["lm_head"] = {"kernel": ParamSpec((D, V), ("embed", "vocab"), "normal")}
-        if cfg.model_type == "gptj":
+        if family.head_bias:
             specs["lm_head"]["bias"] = ParamSpec((V,), ("vocab",), "zeros")
     return specs
 
@@ -211,8 +211,8 @@ def attention(h: jax.Array, p: Params, positions: jax.Array, mask: jax.Array, cf
         q, k, v = y[:, :, 0], y[:, :, 1], y[:, :, 2]
     else:
         q, k, v = project("q"), project("k"), project("v")
-    if cfg.model_type != "gpt_neo":
-        interleaved = cfg.model_type == "gptj"
+    if cfg.family.rotary:
+        interleaved = cfg.family.rotary == "interleaved"
         q = rotary(q, positions, cfg.rotary_dims, cfg.rotary_base, interleaved)
         k = rotary(k, positions, cfg.rotary_dims, cfg.rotary_base, interleaved)
     if kv is not None and jnp.ndim(index) == 1:  # one slot per row (T == 1): rows of a decode engine
@@ -228,7 +228,7 @@ def attention(h: jax.Array, p: Params, positions: jax.Array, mask: jax.Array, cf
     else:
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     scores = jnp.einsum("bthd,bhsd->bhts", q, k, preferred_element_type=jnp.float32)
-    if cfg.model_type != "gpt_neo":  # the released GPT-Neo models do not scale scores
+    if cfg.family.scale_scores:
         scores = scores / jnp.sqrt(jnp.float32(Dh))
     scores = scores + jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)[:, None]  # an add: no select in the backward
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # softmax in fp32
@@ -248,10 +248,10 @@ def block(x: jax.Array, p: Params, positions: jax.Array, mask: jax.Array, cfg: C
     attn_bias = p["attn"].get("o_bias", jnp.zeros(x.shape[-1:], jnp.float32))
     mlp_bias = p["mlp"]["fc_out_bias"]
     h = layer_norm(x, p["ln_1"], eps)
-    if cfg.model_type == "gptj" or (cfg.model_type == "gpt_neox" and cfg.parallel_residual):
+    if cfg.family.is_parallel(cfg):
         # Both branches' output projections are reduced over mp together:
         # one all-reduce per layer, not two.
-        h2 = h if cfg.model_type == "gptj" else layer_norm(x, p["ln_2"], eps)
+        h2 = layer_norm(x, p["ln_2"], eps) if cfg.family.second_norm else h
         attn, kv = attention(h, p["attn"], positions, mask, cfg, kv, index)
         y = row_parallel_sum([attn, mlp(h2, p["mlp"], cfg)])
         x = x + scale_shift(y, None, attn_bias + mlp_bias).astype(x.dtype)
@@ -265,10 +265,7 @@ def block(x: jax.Array, p: Params, positions: jax.Array, mask: jax.Array, cfg: C
 
 def local_layers(cfg: Config) -> np.ndarray:
     """Per layer: True where attention is local (GPT-Neo's sliding window)."""
-    if cfg.model_type != "gpt_neo":
-        return np.zeros(cfg.layers, bool)
-    kinds = cfg.attention_layers or [("global", "local")[i % 2] for i in range(cfg.layers)]
-    return np.array([k == "local" for k in kinds])
+    return np.array(cfg.family.layer_is_local(cfg), bool)
 
 
 def run_layers(params: Params, tokens: jax.Array, cfg: Config, positions: jax.Array | None = None,

@@ -16,13 +16,12 @@ from typing import Any, Iterator
 
 import ml_dtypes
 import numpy as np
-from etils import epath
 from tqdm import tqdm
 
-from mtj.config import Config, load_config
+from mtj.config import Config
 from mtj.convert import pad_vocab, spec_at
 from mtj.model import param_specs
-from mtj.paths import PathLike, refuse_overwrite, user_path
+from mtj.paths import PathLike, user_path
 
 FILES_PER_SHARD = 16
 PREFIX = "causal_transformer_shard/~/"
@@ -149,24 +148,3 @@ def v1_to_params(shards: V1Shards, cfg: Config) -> Iterator[tuple[str, np.ndarra
         else:
             values.setdefault(row.ours, np.empty(spec.shape, np.float32))[layer] = value
     yield from values.items()
-
-
-def import_v1(step_dir: PathLike, config: PathLike, out: PathLike, **overrides: Any) -> epath.Path:
-    """A v1 step directory + its original config JSON -> our checkpoint `out/step_0` (params only)."""
-    from mtj import checkpoint
-    from mtj.lm import place_params
-    from mtj.sharding import make_mesh
-    from mtj.tokenizer import load_tokenizer
-
-    out = user_path(out)
-    refuse_overwrite(out)
-    original = load_config(config)  # validation rejects what a GPT-J cannot be (pe, norm)
-    if original.model_type != "gptj":
-        raise ValueError(f"v1 checkpoints are GPT-J models; {config} sets model_type '{original.model_type}'")
-    shards = V1Shards(step_dir, original.cores_per_replica)
-    cfg = original.replace(cores_per_replica=1, **overrides)
-    tokenizer = load_tokenizer(cfg.tokenizer, cfg.model_type)  # before the long read: fails fast
-    params = place_params(v1_to_params(shards, cfg), cfg, make_mesh(mp=1, dp=1))
-    step = checkpoint.save(out, 0, params, cfg, tokenizer)
-    cfg.save(out / "config.json")
-    return step

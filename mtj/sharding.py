@@ -7,7 +7,7 @@ parallel) or None (replicated). `fsdp` additionally splits parameters over dp.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 import jax
 import numpy as np
@@ -61,6 +61,20 @@ def named(mesh: Mesh, axes: tuple[str | None, ...], fsdp: bool = False) -> Named
 def tree_shardings(axes_tree: Any, mesh: Mesh, fsdp: bool = False) -> Any:
     """Map a tree whose leaves are logical-axis tuples to NamedShardings."""
     return jax.tree.map(lambda axes: named(mesh, axes, fsdp), axes_tree, is_leaf=_is_axes)
+
+
+def place(items: Iterable[tuple[str, np.ndarray]], axes_tree: Any, mesh: Mesh, dtype: Any, fsdp: bool = False) -> dict:
+    """Put (dot-separated path, numpy array) pairs onto the mesh, each sharded by its logical axes in
+    `axes_tree` and cast to `dtype`, one at a time (host memory holds one array at most); the nested dict."""
+    shardings = tree_shardings(axes_tree, mesh, fsdp)
+    tree: dict = {}
+    for path, array in items:
+        *parents, leaf = path.split(".")
+        node, sharding = tree, shardings
+        for part in parents:
+            node, sharding = node.setdefault(part, {}), sharding[part]
+        node[leaf] = jax.device_put(array.astype(dtype), sharding[leaf])
+    return tree
 
 
 def _is_axes(x: Any) -> bool:

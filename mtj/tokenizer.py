@@ -9,12 +9,12 @@ import tokenizers
 from etils import epath
 from tokenizers import decoders, models, pre_tokenizers, processors
 
+from mtj.families import FAMILIES
 from mtj.paths import PathLike, local_copy, user_path
 
 EOS = "<|endoftext|>"
 # Known names resolve inside $MTJ_ASSETS (offline copies of the hub files).
 KNOWN = {"gpt2": "gpt2", "gpt-neox-20b": "neox/20B_tokenizer.json"}
-FAMILY_DEFAULT = {"gptj": "gpt2", "gpt_neo": "gpt2", "gpt_neox": "gpt-neox-20b"}
 
 
 class Tokenizer:
@@ -45,13 +45,14 @@ class Tokenizer:
     def from_json(cls, text: str) -> "Tokenizer":
         return cls(tokenizers.Tokenizer.from_str(text))
 
-    def save_pretrained(self, out: PathLike) -> None:
-        """Files that `transformers.AutoTokenizer.from_pretrained` reads (into a local directory)."""
+    def save_pretrained(self, out: PathLike, model_max_length: int = 2048) -> None:
+        """Files that `transformers.AutoTokenizer.from_pretrained` reads (into a local directory);
+        `model_max_length`: the context of the model it is saved with."""
         out = user_path(out)
         self.backend.save(str(out / "tokenizer.json"))
         special = {"bos_token": EOS, "eos_token": EOS, "unk_token": EOS} if self.eos_id is not None else {}
         (out / "tokenizer_config.json").write_text(json.dumps(
-            {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 2048, **special}, indent=2))
+            {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length, **special}, indent=2))
 
 
 def assets_dir() -> epath.Path | None:
@@ -82,7 +83,7 @@ def find_tokenizer_files(path: epath.Path) -> tokenizers.Tokenizer | None:
 
 def load_tokenizer(spec: str | None, model_type: str = "gptj") -> Tokenizer:
     """Resolve the `tokenizer` config key (None: the family's default)."""
-    spec = spec or FAMILY_DEFAULT[model_type]
+    spec = spec or FAMILIES[model_type].tokenizer
     path = user_path(spec)
     if not path.exists() and spec in KNOWN:
         assets = assets_dir()

@@ -16,7 +16,7 @@ from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from mtj import checkpoint
+from mtj import checkpoint, harness
 from mtj.checkpoint import CheckpointError
 from mtj.config import Config, ConfigError
 from mtj.data import Loader, open_source
@@ -183,13 +183,12 @@ def _harness(cfg: Config, trainer: Trainer, params: Params, tokenizer: Tokenizer
     or the harness not installed: reported once)."""
     if not (cfg.val_every and cfg.eval_harness_tasks):
         return None
-    try:  # optional: the `eval` extra
-        from mtj.harness import TrainingEval
-    except ImportError as e:
+    if harness.MISSING is not None:
         if lead:
-            print(f"eval_harness_tasks needs lm-evaluation-harness ({e}): pip install 'mtj[eval]'; training goes on without it")
+            print(f"eval_harness_tasks needs lm-evaluation-harness ({harness.MISSING}): pip install 'mtj[eval]'; "
+                  "training goes on without it")
         return None
-    return TrainingEval(cfg, params, trainer.mesh, tokenizer, report=lead)
+    return harness.TrainingEval(cfg, params, trainer.mesh, tokenizer, report=lead)
 
 
 def train(cfg: Config, tune_model_path: str | None = None, fresh_opt: bool = False, mesh: Mesh | None = None,

@@ -1,70 +1,7 @@
 #!/usr/bin/env python
-"""Will this config train on that TPU pod? Compiles the real train step for the topology here and reports
-memory per device; when it does not fit, the overrides that make it fit, or the smallest slice that holds it."""
+"""`mtj-compile-check` from a checkout: see mtj/commands/compile_check.py, or --help."""
 
-import argparse
-import json
-import os
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v3-8")  # quiets libtpu's host probing; the topology is explicit
-os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-
-from mtj.compile_check import check  # noqa: E402
-from mtj.config import load_config  # noqa: E402
-from mtj.cli import run  # noqa: E402
-
-
-def overrides(fixes: dict) -> str:
-    return " ".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in fixes.items())
-
-
-def memory(r: dict) -> str:
-    parts = [f"parameters {r['parameters_gib']} + optimizer state {r['optimizer_state_gib']}"
-             f" (arguments {r['arguments_gib']})" if "parameters_gib" in r else f"arguments {r['arguments_gib']}"]
-    parts += [f"{k} {r[k + '_gib']}" for k in ("temporaries", "outputs", "total") if r.get(k + "_gib") is not None]
-    hbm = f" of {r['hbm_per_device_gib']} HBM" if r.get("hbm_per_device_gib") else ""
-    return ", ".join(parts) + f" GiB per device{hbm}"
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--config", required=True)
-    ap.add_argument("--topology", required=True, help="v3-8, v3-32, v4-32, v5e-8, ... or cpu-N")
-    ap.add_argument("--json", action="store_true", help="one JSON object")
-    ap.add_argument("--no-advice", action="store_true", help="do not search for fixes when it does not fit")
-    ap.add_argument("--no-decode", action="store_true", help="do not also compile generation")
-    ap.add_argument("overrides", nargs="*", help="config key=value overrides, e.g. remat=true")
-    args = ap.parse_args()
-    r = check(load_config(args.config, args.overrides), args.topology, advise=not args.no_advice,
-              decode=not args.no_decode)
-    if args.json:
-        print(json.dumps(r))
-        sys.exit(0 if r["fits"] else 1)
-    print(f"{r['topology']}: {r['devices']} devices, mesh {r['mesh']}, fsdp {r['fsdp']}, "
-          f"{r['tokens_per_step']:,} tokens per step")
-    print(f"train step: {memory(r)}: {'fits' if r['fits'] else 'does not fit'}")
-    if not r["fits"] and r.get("error"):
-        print(f"  {r['error']}")
-    if "decode" in r:
-        d = r["decode"]
-        print(f"decode (batch {d['batch']}, {d['prompt']} + {d['new_tokens']} tokens): "
-              + (memory(d) if d["fits"] else d["error"]) + f": {'fits' if d['fits'] else 'does not fit'}")
-    if r.get("fixes"):
-        print(f"fits with: {overrides(r['fixes'])}   (mesh {r['fixed']['mesh']}, total {r['fixed']['total_gib']} GiB)")
-    elif not r["fits"] and not args.no_advice:
-        print(f"no combination of remat, grad_accum_dtype, fsdp, cores_per_replica and per_replica_batch fits "
-              f"on {r['topology']}")
-        s = r["smallest_topology"]
-        if s:
-            print(f"smallest slice that fits: {s['topology']}" + (f" with {overrides(s['fixes'])}" if s["fixes"] else "")
-                  + f"   (mesh {s['mesh']}, total {s['total_gib']} GiB per device)")
-        else:
-            print("no slice of that generation in the table holds it")
-    sys.exit(0 if r["fits"] else 1)
-
+from mtj.commands.compile_check import cli
 
 if __name__ == "__main__":
-    run(main)
+    cli()

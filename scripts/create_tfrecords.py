@@ -1,39 +1,7 @@
 #!/usr/bin/env python
-"""Tokenize a corpus into TFRecords in the original Mesh Transformer JAX format, plus an .index file."""
+"""`mtj-create-tfrecords` from a checkout: see mtj/commands/create_tfrecords.py, or --help."""
 
-import argparse
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from mtj.corpus import create_tfrecords  # noqa: E402
-from mtj.tokenizer import load_tokenizer  # noqa: E402
-from mtj.cli import run  # noqa: E402
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("input", help=".txt/.jsonl/.jsonl.zst/.tar.gz file, a directory, or a glob")
-    ap.add_argument("name", help="output name: NAME_N.tfrecords and NAME.index")
-    ap.add_argument("--output-dir", required=True)
-    ap.add_argument("--tokenizer", default="gpt2", help="tokenizer.json, a vocab.json+merges.txt dir, or gpt2 / gpt-neox-20b")
-    ap.add_argument("--seq", type=int, default=2048, help="sequence length; records hold seq+1 tokens")
-    ap.add_argument("--normalize-with-ftfy", action="store_true", help="fix mojibake and NFKC-normalize with ftfy")
-    ap.add_argument("--min-unique-tokens", type=int, default=0, help="drop sequences with fewer unique tokens")
-    ap.add_argument("--n-repack-epochs", type=int, default=1, help="repeat the data, reshuffled, this many times")
-    ap.add_argument("--seed", type=int, default=10, help="document shuffle seed")
-    ap.add_argument("--preserve-data-order", action="store_true", help="do not shuffle documents")
-    ap.add_argument("--max-file-sequences", type=int, default=50_000, help="sequences per .tfrecords file")
-    args = ap.parse_args()
-    if args.seq < 1 or args.n_repack_epochs < 1:
-        ap.error("--seq and --n-repack-epochs must be positive")
-    index = create_tfrecords(args.input, args.name, args.output_dir, load_tokenizer(args.tokenizer), seq=args.seq,
-                             normalize_with_ftfy=args.normalize_with_ftfy, min_unique_tokens=args.min_unique_tokens,
-                             n_repack_epochs=args.n_repack_epochs, seed=args.seed,
-                             preserve_data_order=args.preserve_data_order, max_file_sequences=args.max_file_sequences)
-    print(f"wrote {index}")
-
+from mtj.commands.create_tfrecords import cli
 
 if __name__ == "__main__":
-    run(main)
+    cli()

@@ -1,57 +1,7 @@
 #!/usr/bin/env python
-"""Evaluate a checkpoint (ours or a Hugging Face directory) on lm-evaluation-harness tasks.
+"""`mtj-eval` from a checkout: see mtj/commands/eval_harness.py, or --help."""
 
-Any harness task by name, or a task YAML file; the harness's own definitions, prompts and metrics,
-with mtj as the model. LAMBADA (`lambada`, `lambada_openai`) reads $MTJ_ASSETS/eval/lambada_test.jsonl.
-"""
-
-import argparse
-import json
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import jax  # noqa: E402
-
-from mtj import distributed  # noqa: E402
-from mtj.cli import run  # noqa: E402
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--ckpt", required=True, help="model_dir, step directory, or HF model directory")
-    ap.add_argument("--tasks", required=True, help="comma-separated harness task names or task YAML files")
-    ap.add_argument("--limit", type=int, default=None, help="only the first N examples of each task")
-    ap.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's own)")
-    ap.add_argument("--include-path", action="append", default=[], help="a folder of task YAMLs (repeatable)")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--mp", type=int, default=1, help="tensor-parallel devices")
-    ap.add_argument("--dtype", default=None, help="compute dtype override, e.g. float32")
-    ap.add_argument("--json", action="store_true", help="print the results as JSON instead of the harness's table")
-    distributed.add_arguments(ap)
-    args = ap.parse_args()
-    if args.limit is not None and args.limit < 1:
-        ap.error("--limit must be at least 1")
-    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    if not names:
-        ap.error("--tasks names no task")
-    from lm_eval.utils import make_table  # the harness loads slowly: after the arguments are checked
-
-    from mtj import harness
-
-    distributed.initialize(args)
-    manager = harness.task_manager(args.include_path)
-    tasks = harness.resolve_tasks(names, manager)
-    model = harness.MTJLM(ckpt=args.ckpt, mp=args.mp, dtype=args.dtype, batch_size=args.batch_size)
-    results = harness.run(model, tasks, manager, args.limit, args.num_fewshot)
-    if jax.process_index() != 0:  # every process ran the same requests in lockstep; process 0 reports
-        return
-    if args.json:
-        print(json.dumps({"results": results["results"], "n-samples": results.get("n-samples", {})}, default=str))
-    else:
-        print(make_table(results))
-
+from mtj.commands.eval_harness import cli
 
 if __name__ == "__main__":
-    run(main)
+    cli()

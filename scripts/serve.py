@@ -1,59 +1,7 @@
 #!/usr/bin/env python
-"""Serve a checkpoint over HTTP: POST /complete, the OpenAI completions API (POST /v1/completions with SSE
-streaming, GET /v1/models), GET /health."""
+"""`mtj-serve` from a checkout: see mtj/commands/serve.py, or --help."""
 
-import argparse
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import mtj  # noqa: E402
-from mtj import distributed  # noqa: E402
-from mtj.paths import user_path  # noqa: E402
-from mtj.serve import Server  # noqa: E402
-from mtj.cli import run  # noqa: E402
-
-
-def int_list(text: str) -> list[int]:
-    try:
-        return [int(n) for n in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got '{text}'") from None
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--ckpt", required=True, help="model_dir, step directory, or HF model directory")
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=5000)
-    ap.add_argument("--max-batch", type=int, default=8, help="requests decoded together (the continuous engine's slots)")
-    ap.add_argument("--engine", choices=["continuous", "static"], default="continuous",
-                    help="continuous: --max-batch decode slots that a new request joins at the next step; "
-                         "static: what arrived together decodes as one batch, held until its longest row ends")
-    ap.add_argument("--prefill-buckets", type=int_list, default=None,
-                    metavar="N,N,...", help="prompt lengths the continuous engine compiles prefill for (a prompt is "
-                    "padded to the next; the context is always the last); default: powers of two from 16")
-    ap.add_argument("--max-queue", type=int, default=64, help="queued rows (prompts x n) before answering 503")
-    ap.add_argument("--max-tokens", type=int, default=None, help="largest max_tokens a request may ask for")
-    ap.add_argument("--max-connections", type=int, default=256, help="open connections before answering 503")
-    ap.add_argument("--max-body-bytes", type=int, default=4 << 20, help="larger request bodies get 413")
-    ap.add_argument("--body-timeout", type=float, default=30.0, help="seconds a request body may take to arrive (408)")
-    ap.add_argument("--served-model-name", default=None, help="the model name of the OpenAI API (default: the checkpoint's)")
-    ap.add_argument("--mp", type=int, default=1, help="tensor-parallel devices")
-    distributed.add_arguments(ap)
-    args = ap.parse_args()
-    distributed.initialize(args)
-    lm = mtj.load(args.ckpt, mp=args.mp)
-    server = Server(lm, args.host, args.port, args.max_batch, args.max_queue, args.max_tokens,
-                    model_name=args.served_model_name or user_path(args.ckpt).name, max_body_bytes=args.max_body_bytes,
-                    max_connections=args.max_connections, body_timeout_s=args.body_timeout,
-                    engine=args.engine, prefill_buckets=args.prefill_buckets)
-    server.engine.warm()  # compile the prefill buckets and the decode step before taking traffic
-    print(f"serving {args.ckpt} as '{server.model_name}' on http://{args.host}:{args.port}", flush=True)
-    server.run()  # until SIGTERM/SIGINT; the requests in flight are answered first
-    print("stopped", flush=True)
-
+from mtj.commands.serve import cli
 
 if __name__ == "__main__":
-    run(main)
+    cli()

@@ -8,6 +8,7 @@ import pytest
 
 import mtj
 from conftest import REPO, hf_gptj, hf_logits
+from mtj.workflows import import_hf
 
 CONFIGS = {
     # different head counts, rotary dims equal to and smaller than d_head, odd vocab
@@ -96,8 +97,8 @@ def test_pickle_needs_explicit_flag(tmp_path):
     model.config.save_pretrained(tmp_path)
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
     with pytest.raises(ValueError, match="--allow-pickle"):
-        mtj.convert.import_hf(tmp_path, tmp_path / "ckpt")
-    mtj.convert.import_hf(tmp_path, tmp_path / "ckpt", allow_pickle=True, dtype="float32")
+        import_hf(tmp_path, tmp_path / "ckpt")
+    import_hf(tmp_path, tmp_path / "ckpt", allow_pickle=True, dtype="float32")
     tokens = np.arange(10)[None]
     with torch.no_grad():
         ref = model.eval()(torch.tensor(tokens)).logits.numpy()

@@ -17,7 +17,7 @@ import pytest
 from lm_eval.tasks import TaskManager
 
 from conftest import REPO, assets, hf_gptj
-from mtj.convert import export_hf, import_hf
+from mtj.workflows import export_hf, import_hf
 from mtj.harness import task_dir
 from mtj.tokenizer import load_tokenizer
 from test_serve import free_port

@@ -12,8 +12,8 @@ import pytest
 
 import mtj
 from conftest import hf_gptj, hf_logits
-from mtj.mtj_v1 import import_v1
-from mtj.safetensors_io import SafetensorsFile
+from mtj.workflows import import_v1
+from safetensors import safe_open
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS, SHARDS = 11, 2  # 11 layers: haiku's sorted names put layer_10 before layer_2
@@ -30,8 +30,8 @@ def v1_leaves(hf_dir: Path, exact_sums: bool) -> list[tuple[str, list[np.ndarray
 
     Bias terms that the original psums are split into random per-shard parts
     (all on shard 0 when `exact_sums`, so bf16 slices stay exact)."""
-    hf = SafetensorsFile(hf_dir / "model.safetensors")
-    hf = {k: hf.get(k).astype(np.float32) for k in hf.keys()}
+    with safe_open(str(hf_dir / "model.safetensors"), framework="numpy") as f:
+        hf = {k: f.get_tensor(k).astype(np.float32) for k in f.keys()}
     rng = np.random.RandomState(1)
 
     def summed(a):

@@ -9,7 +9,7 @@ import pytest
 
 import mtj
 from conftest import hf_gptj
-from mtj.convert import export_hf, import_hf
+from mtj.workflows import export_hf, import_hf
 from mtj.tokenizer import load_tokenizer
 from test_serve import Running
 

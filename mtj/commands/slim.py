@@ -1,0 +1,24 @@
+"""Write a params-only copy of a checkpoint in bf16 or fp16 (no optimizer state), for sampling and serving."""
+
+import argparse
+
+from mtj.workflows import slim
+from mtj.cli import HelpFormatter, run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="mtj-slim", description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--ckpt", required=True, help="a model_dir (latest step) or one step_N directory")
+    ap.add_argument("--out", required=True, help="output checkpoint directory (must not exist or be empty)")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"], help="dtype of the slimmed weights")
+    args = ap.parse_args()
+    print(f"wrote {slim(args.ckpt, args.out, args.dtype)}")
+
+
+def cli() -> None:
+    """`mtj-slim` (and `python scripts/slim.py`): a user's mistake is one line on stderr, exit status 1."""
+    run(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,35 @@
+"""Export an mtj checkpoint to a Hugging Face directory that transformers loads."""
+
+import argparse
+
+from mtj.convert import parse_size
+from mtj.workflows import export_hf
+from mtj.cli import HelpFormatter, run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="mtj-to-hf", description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--ckpt", required=True, help="a model_dir (latest step) or one step_N directory")
+    ap.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="dtype of the exported weights")
+    ap.add_argument("--max-shard-size", type=size, default="50GB",
+                    help="largest weights file; a larger export is sharded with model.safetensors.index.json "
+                    "(bytes, or e.g. 500MB, 5GB, 2GiB)")
+    args = ap.parse_args()
+    print(f"wrote {export_hf(args.ckpt, args.out, args.dtype, args.max_shard_size)}")
+
+
+def size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def cli() -> None:
+    """`mtj-to-hf` (and `python scripts/to_hf.py`): a user's mistake is one line on stderr, exit status 1."""
+    run(main)
+
+
+if __name__ == "__main__":
+    cli()

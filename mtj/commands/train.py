@@ -1,0 +1,31 @@
+"""Train or fine-tune a model on the device mesh; rerunning the same command resumes."""
+
+import argparse
+
+from mtj import distributed
+from mtj.config import load_config
+from mtj.train import train
+from mtj.cli import HelpFormatter, run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="mtj-train", description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--config", required=True, help="JSON config (SPEC §2)")
+    ap.add_argument("--tune-model-path", help="start from this checkpoint's weights at step 0 (fine-tuning)")
+    ap.add_argument("--fresh-opt", action="store_true", help="with --tune-model-path: drop its optimizer state")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    distributed.add_arguments(ap)
+    ap.add_argument("overrides", nargs="*", help="config key=value overrides")
+    args = ap.parse_args()
+    distributed.initialize(args)
+    cfg = load_config(args.config, args.overrides)
+    train(cfg, tune_model_path=args.tune_model_path, fresh_opt=args.fresh_opt, progress=not args.no_progress)
+
+
+def cli() -> None:
+    """`mtj-train` (and `python scripts/train.py`): a user's mistake is one line on stderr, exit status 1."""
+    run(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,92 @@
+"""Whole-directory workflows over the mechanisms below them: import a Hugging Face directory or an
+original (v1) checkpoint into an mtj checkpoint, export one to Hugging Face, slim one for serving.
+Every write is atomic (a temporary directory renamed into place) and refuses to overwrite.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jax
+import numpy as np
+from etils import epath
+
+from mtj import checkpoint
+from mtj.config import load_config
+from mtj.convert import (EXPORT_DTYPES, HFTensors, config_from_hf, config_to_hf, hf_shapes, hf_to_params, is_hf_dir,
+                         params_to_hf, read_hf_config, spec_at, write_shards)
+from mtj.families import GPTJ
+from mtj.model import param_axes
+from mtj.mtj_v1 import V1Shards, v1_to_params
+from mtj.paths import PathLike, local_copy, published_dir, refuse_overwrite, user_path
+from mtj.sharding import make_mesh, place
+from mtj.tokenizer import Tokenizer, find_tokenizer_files, load_tokenizer
+
+
+def import_hf(hf_dir: PathLike, out: PathLike, allow_pickle: bool = False, **overrides: Any) -> epath.Path:
+    """HF directory -> our checkpoint `out/step_0` (tokenizer included when the directory has one)."""
+    if not is_hf_dir(hf_dir):
+        raise FileNotFoundError(f"{hf_dir} is not a Hugging Face model directory (config.json + *.safetensors)")
+    refuse_overwrite(out)
+    with local_copy(hf_dir) as local:  # safetensors are memory-mapped: a bucket's directory is downloaded
+        cfg = config_from_hf(read_hf_config(local), cores_per_replica=1, **overrides)
+        tensors = HFTensors(local, cfg, allow_pickle=allow_pickle)
+        params = place(hf_to_params(tensors, cfg), param_axes(cfg), make_mesh(mp=1, dp=1), cfg.param_dtype)
+        tok = find_tokenizer_files(local)
+    step_dir = checkpoint.save(out, 0, params, cfg, Tokenizer(tok) if tok else None)
+    cfg.save(user_path(out) / "config.json")
+    return step_dir
+
+
+def export_hf(ckpt: PathLike, out: PathLike, dtype: str = "fp32", max_shard_size: int | str = "50GB") -> epath.Path:
+    """Our checkpoint -> HF directory: config.json, the weights (sharded past `max_shard_size`, whose
+    default is transformers'), generation_config.json, tokenizer."""
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(EXPORT_DTYPES)}, got '{dtype}'")
+    with published_dir(out) as tmp:
+        model = checkpoint.restore_model(ckpt, make_mesh(mp=1, dp=1))
+        cfg, params, tokenizer = model.cfg, model.params, model.tokenizer
+
+        def get(path: str) -> np.ndarray:
+            return np.asarray(spec_at(params, path))
+
+        np_dtype = np.dtype(EXPORT_DTYPES[dtype])
+        write_shards(tmp, hf_shapes(cfg), np_dtype, params_to_hf(get, cfg, np_dtype), max_shard_size)
+        eos = tokenizer.eos_id if tokenizer is not None else None
+        hf_config = config_to_hf(cfg, eos)
+        hf_config["dtype"] = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype]
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+        (tmp / "generation_config.json").write_text(json.dumps(
+            {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos, "max_length": cfg.seq}, indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp, model_max_length=cfg.seq)
+    return user_path(out)
+
+
+def import_v1(step_dir: PathLike, config: PathLike, out: PathLike, **overrides: Any) -> epath.Path:
+    """A v1 step directory + its original config JSON -> our checkpoint `out/step_0` (params only)."""
+    out = user_path(out)
+    refuse_overwrite(out)
+    original = load_config(config)  # validation rejects what a GPT-J cannot be (pe, norm)
+    if original.family is not GPTJ:
+        raise ValueError(f"v1 checkpoints are GPT-J models; {config} sets model_type '{original.model_type}'")
+    shards = V1Shards(step_dir, original.cores_per_replica)
+    cfg = original.replace(cores_per_replica=1, **overrides)
+    tokenizer = load_tokenizer(cfg.tokenizer, cfg.model_type)  # before the long read: fails fast
+    params = place(v1_to_params(shards, cfg), param_axes(cfg), make_mesh(mp=1, dp=1), cfg.param_dtype)
+    step = checkpoint.save(out, 0, params, cfg, tokenizer)
+    cfg.save(out / "config.json")
+    return step
+
+
+def slim(ckpt: PathLike, out: PathLike, dtype: str = "bf16") -> epath.Path:
+    """A params-only copy of a checkpoint in a smaller dtype (no optimizer state): for sampling and serving."""
+    names = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+    if dtype not in names:
+        raise ValueError(f"--dtype must be one of {sorted(names)}, got '{dtype}'")
+    refuse_overwrite(out)
+    model = checkpoint.restore_model(ckpt, make_mesh(mp=1, dp=1))
+    small = jax.tree.map(lambda a: a.astype(names[dtype]), model.params)
+    return checkpoint.save(out, checkpoint.step_number(model.step_dir), small,
+                           model.cfg.replace(param_dtype=names[dtype]), model.tokenizer)

@@ -1,0 +1,69 @@
+"""The installed commands: a non-editable install of mtj gives working `mtj-*` programs."""
+
+import concurrent.futures
+import os
+import re
+import site
+import subprocess
+import sys
+import tomllib
+
+from conftest import REPO, assets
+
+COMMANDS = sorted(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"])
+
+
+def test_a_wheel_installed_in_a_fresh_venv_gives_working_commands(tmp_path):
+    # The wheel is built and installed offline: mtj without its dependencies, which the fresh venv
+    # reads from this one's site-packages (a path, so this venv's editable mtj is not seen).
+    wheel = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                            str(tmp_path / "dist"), str(REPO)], capture_output=True, text=True)
+    assert wheel.returncode == 0, wheel.stderr[-3000:]
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    deps = [p for p in site.getsitepackages() if p.endswith("site-packages")]
+    (next((venv / "lib").glob("python*")) / "site-packages" / "deps.pth").write_text("\n".join(deps) + "\n")
+    install = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-index",
+                              *map(str, (tmp_path / "dist").glob("mtj-*.whl"))], capture_output=True, text=True)
+    assert install.returncode == 0, install.stderr[-3000:]
+
+    env = {**os.environ, "MTJ_ASSETS": str(assets())}
+    where = subprocess.run([str(venv / "bin" / "python"), "-c", "import mtj, mtj.harness; print(mtj.__file__)"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert where.returncode == 0 and where.stdout.startswith(str(venv)), (where.stdout, where.stderr[-2000:])
+
+    def help_of(command: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(venv / "bin" / command), "--help"], cwd=tmp_path, env=env, capture_output=True,
+                              text=True)
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        helps = dict(zip(COMMANDS, pool.map(help_of, COMMANDS)))
+    for command, result in helps.items():
+        assert result.returncode == 0, (command, result.stderr[-2000:])
+        assert result.stdout.startswith(f"usage: {command} "), (command, result.stdout[:200])
+        # every option says what it is: text after its signature, on its line or the next ones
+        blocks = re.findall(r"^  (-.*(?:\n {6,}.*)*)", result.stdout.split("options:")[1], re.M)
+        assert len(blocks) > 1, (command, result.stdout)
+        for block in blocks:
+            assert re.search(r"\S {2,}\S", block.splitlines()[0]) or "\n" in block, (command, block)
+    assert "(default: 5000)" in helps["mtj-serve"].stdout
+
+    # A real command end to end, and a user's mistake as one line.
+    text = tmp_path / "text.txt"
+    text.write_text("A few words to tokenize. " * 200)
+    made = subprocess.run([str(venv / "bin" / "mtj-create-tfrecords"), str(text), "tiny", "--output-dir",
+                           str(tmp_path / "data"), "--tokenizer", "gpt2", "--seq", "32"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr[-2000:]
+    assert (tmp_path / "data" / "tiny.index").is_file()
+    missing = subprocess.run([str(venv / "bin" / "mtj-train"), "--config", str(tmp_path / "nope.json")], cwd=tmp_path,
+                             env=env, capture_output=True, text=True)
+    assert missing.returncode == 1 and missing.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "nope.json" in missing.stderr
+
+
+def test_scripts_in_a_checkout_are_the_commands():
+    for script in (REPO / "scripts").glob("*.py"):
+        text = script.read_text()
+        assert "sys.path" not in text, script
+        assert re.search(r"^from mtj\.commands\.\w+ import cli$", text, re.M), script
