@@ -16,8 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
 
+from mtj import cpu_decode
 from mtj.config import Config
-from mtj.model import Params, logits_of, output_head, run_layers, unstack_layers
+from mtj.model import Params, logits_of, run_layers, unstack_layers
 from mtj.sharding import constrain
 
 # (step, new token per row) -> None, or a bool per row: True ends that row (a stop string, a client gone)
@@ -71,98 +72,10 @@ def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.
 
 
 def argmax(x: jax.Array) -> jax.Array:
-    """Index of the first largest value of each row of x [B, V], int32.
-
-    The largest value of each block of the row, then the argmax within the
-    winning block: XLA:CPU's argmax of a 50k-wide row (a variadic reduce) costs
-    ~5x this, which matters when it runs once per decoded token."""
-    B, V = x.shape
-    block = max(d for d in range(1, 257) if V % d == 0)
-    if block < 32:
-        return jnp.argmax(x, axis=-1).astype(jnp.int32)
-    blocks = x.reshape(B, V // block, block)
-    which = jnp.argmax(jnp.max(blocks, axis=-1), axis=-1)
-    within = jnp.argmax(jnp.take_along_axis(blocks, which[:, None, None], axis=1)[:, 0], axis=-1)
-    return (which * block + within).astype(jnp.int32)
-
-
-# Greedy decoding screens the fp32 LM head in bf16 (see `screened_argmax`): the
-# vocabulary in blocks of SCREEN_BLOCK columns, SCREEN_CANDIDATES blocks recomputed exactly.
-SCREEN_BLOCK, SCREEN_CANDIDATES = 32, 8
-
-
-def screens(cfg: Config, mesh: jax.sharding.Mesh) -> bool:
-    """Whether greedy decoding uses `screened_argmax`: fp32 models on one vocabulary
-    shard on CPU (where it was measured), with a vocabulary large enough that the
-    candidate blocks are a small part of it."""
-    return (cfg.dtype == "float32" and mesh.shape.get("mp", 1) == 1
-            and cfg.padded_vocab % SCREEN_BLOCK == 0 and cfg.padded_vocab >= 2 * SCREEN_BLOCK * SCREEN_CANDIDATES
-            and jax.default_backend() == "cpu")
-
-
-def screen_head(params: Params, cfg: Config) -> Params:
-    """What `screened_argmax` reads, computed once per model (1.5x the head's memory):
-    the head in bf16, transposed with its columns ordered block-minor, so a block's
-    maximum is a reduction over a leading axis; per block the largest column norms
-    that bound the bf16 error; the fp32 head transposed, so a block of columns is
-    contiguous."""
-    kernel, bias = output_head(params, cfg)
-    kernel = kernel.astype(jnp.float32)
-    low = kernel.astype(jnp.bfloat16)
-    w_norm = jnp.linalg.norm(kernel, axis=0)
-    dw_norm = jnp.linalg.norm(kernel - low.astype(jnp.float32), axis=0)
-    accumulation = 1.01 * cfg.d_model * 2.0 ** -24  # fp32 rounding of a d_model-long sum, relative
-    blocks = cfg.padded_vocab // SCREEN_BLOCK
-    real_bias = jnp.where(jnp.arange(cfg.padded_vocab) < cfg.n_vocab, bias, 0.0)  # not the padding's -1e30
-
-    def block_max(a: jax.Array) -> jax.Array:
-        return jnp.max(a.reshape(blocks, SCREEN_BLOCK), axis=-1)
-
-    return {"screen": low.T.reshape(blocks, SCREEN_BLOCK, -1).swapaxes(0, 1).reshape(low.shape[::-1]),
-            "screen_bias": bias.reshape(blocks, SCREEN_BLOCK).T.reshape(-1),
-            "w_norm": block_max(w_norm), "dw_norm": block_max(dw_norm + accumulation * (w_norm + dw_norm)),
-            "magnitude": block_max(w_norm + dw_norm), "bias_magnitude": block_max(jnp.abs(real_bias)),
-            "kernel_t": kernel.T, "bias": bias}
-
-
-def screened_argmax(x: jax.Array, head: Params) -> tuple[jax.Array, jax.Array]:
-    """(argmax of the fp32 logits x @ kernel + bias per row of x [B, d], whether that is certain).
-
-    The logits are computed in bf16 (half the bytes of the fp32 head) with a
-    rigorous error bound per block of columns: |x.w - xb.wb| <= |dx||w| + |xb||dw|
-    plus the fp32 accumulation error, with each block's largest |w| and |dw|. The
-    SCREEN_CANDIDATES blocks with the largest upper bounds are recomputed in fp32;
-    when their best logit beats every other block's upper bound it is the argmax
-    (to fp32 rounding, as a full fp32 head gives it); when not (near-ties,
-    non-finite values) the caller must use the full head."""
-    B, d = x.shape
-    V = head["bias"].shape[0]
-    blocks = V // SCREEN_BLOCK
-    low = x.astype(jnp.bfloat16)
-    dx_norm = jnp.linalg.norm(x - low.astype(jnp.float32), axis=-1, keepdims=True)
-    low_norm = jnp.linalg.norm(low.astype(jnp.float32), axis=-1, keepdims=True)
-    # [V, B], the vocabulary on the left: XLA:CPU's bf16 (AMX) dot then reads the head
-    # as it is stored, where with the head on the right it repacks all of it every call.
-    # (A single row goes in twice: XLA:CPU's bf16 dot of one column is 1.6x slower than of two.)
-    rows = jnp.concatenate([low, low]) if B == 1 else low
-    approx = jax.lax.dot_general(head["screen"], rows, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    approx = approx[:, :B]
-    block_max = jnp.max((approx + head["screen_bias"][:, None]).reshape(SCREEN_BLOCK, blocks, B), axis=0).T
-    error = ((dx_norm * head["w_norm"] + low_norm * head["dw_norm"]) * 1.001
-             + (low_norm * head["magnitude"] + head["bias_magnitude"]) * 2.0 ** -20 + 1e-30)  # [B, blocks]
-    block_upper = block_max + error
-    # Every other block's bound is at most the smallest chosen one. (Using top_k's
-    # values, not just its indices, turns XLA:CPU's fast TopK into a full sort.)
-    chosen = jnp.sort(jax.lax.top_k(block_upper, SCREEN_CANDIDATES)[1], axis=-1)  # ascending: ties go first
-    others_bound = jnp.min(jnp.take_along_axis(block_upper, chosen, axis=1), axis=-1)
-    width = SCREEN_CANDIDATES * SCREEN_BLOCK
-    kernel = jnp.take(head["kernel_t"].reshape(blocks, SCREEN_BLOCK * d), chosen, axis=0).reshape(B, width, d)
-    exact = jnp.einsum("bd,bcd->bc", x, kernel, preferred_element_type=jnp.float32)
-    exact = exact + jnp.take(head["bias"].reshape(blocks, SCREEN_BLOCK), chosen, axis=0).reshape(B, width)
-    best = jnp.argmax(exact, axis=-1)
-    token = jnp.take_along_axis(chosen, best[:, None] // SCREEN_BLOCK, axis=1)[:, 0] * SCREEN_BLOCK
-    token = (token + best % SCREEN_BLOCK).astype(jnp.int32)
-    return token, jnp.all(jnp.max(exact, axis=-1) > others_bound)
+    """Index of the first largest value of each row of x [B, V], int32 (on CPU the blocked kernel)."""
+    if cpu_decode.enabled():
+        return cpu_decode.blocked_argmax(x)
+    return jnp.argmax(x, axis=-1).astype(jnp.int32)
 
 
 def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array,
@@ -241,7 +154,7 @@ def _generate(params: Params, head: Params | None, tokens: jax.Array, valid: jax
         """The state after the token of state.x, or, where the screen cannot decide it, marked to retry."""
         if head is None:
             return commit(state, pick(state.x, state.step))
-        token, decided = screened_argmax(state.x, head)
+        token, decided = cpu_decode.screened_argmax(state.x, head)
         return commit(state, token, decided)._replace(retry=~decided)
 
     x, cache = run_layers(params, tokens, cfg, positions, key_valid[:, :lengths[0]], cache, 0)  # prefill
@@ -313,10 +226,10 @@ class Generator:
         return ended
 
     def _head(self, greedy: bool) -> Params | None:
-        if not (greedy and screens(self.cfg, self.mesh)):
+        if not (greedy and cpu_decode.screens(self.cfg, self.mesh)):
             return None
         if self._screen_head is None:
-            self._screen_head = jax.jit(functools.partial(screen_head, cfg=self.cfg))(self.params)
+            self._screen_head = jax.jit(functools.partial(cpu_decode.screen_head, cfg=self.cfg))(self.params)
         return self._screen_head
 
     def _fn(self, new_slots: int, streaming: bool, greedy: bool) -> Any:

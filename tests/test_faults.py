@@ -244,4 +244,4 @@ def test_kill_during_pruning_never_leaves_a_wrong_step_locally(four_steps, tmp_p
 
 def test_kill_during_pruning_never_leaves_a_wrong_step_in_a_bucket(four_steps, gcs_dir):
     copies = iter(range(100))
-    deletion_trials(lambda: copy_run(four_steps, "bucket", Path("/unused"), f"{gcs_dir}/{next(copies)}"), trials=20)
+    deletion_trials(lambda: copy_run(four_steps, "bucket", Path("/unused"), f"{gcs_dir}/{next(copies)}"), trials=12)

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 
 import mtj
 from conftest import hf_gptj
-from mtj.generate import UNROLL_LAYERS, argmax, bucket, filter_logits, sample, screen_head, screened_argmax
+from mtj.cpu_decode import blocked_argmax, screen_head, screened_argmax
+from mtj.generate import UNROLL_LAYERS, bucket, filter_logits, sample
 from mtj.lm import truncate_at_stop
 from mtj.tokenizer import load_tokenizer
 
@@ -147,7 +148,7 @@ def test_blocked_argmax_is_the_first_largest(width):
     x[3, -40:] = -np.inf  # padded vocabulary columns
     x[4, width - 1] = 5.0  # the last column
     x[5, 0] = 5.0
-    np.testing.assert_array_equal(np.asarray(argmax(jnp.asarray(x))), np.argmax(x, axis=-1))
+    np.testing.assert_array_equal(np.asarray(blocked_argmax(jnp.asarray(x))), np.argmax(x, axis=-1))
 
 
 def test_screened_argmax_is_the_fp32_argmax_or_says_it_is_unsure():
