@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 import mtj
 from conftest import hf_gptj
+from mtj import cpu_decode
 from mtj.cpu_decode import blocked_argmax, screen_head, screened_argmax
 from mtj.generate import UNROLL_LAYERS, bucket, filter_logits, sample
 from mtj.lm import truncate_at_stop
@@ -38,6 +39,13 @@ def gptj(tmp_path_factory):
     path = hf_gptj(tmp_path_factory.mktemp("gen") / "hf", vocab_size=1000, n_positions=128, n_embd=64, n_head=4,
                    rotary_dim=8, n_layer=2)
     return path, transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+@pytest.fixture(autouse=True)
+def screened(monkeypatch):
+    """Greedy fp32 decoding here goes through the bf16 head screen on any CPU (mtj uses it on CPUs
+    with AMX only), so the screen's exactness is tested everywhere; other files test the plain head."""
+    monkeypatch.setattr(cpu_decode, "has_amx", lambda: True)
 
 
 def test_greedy_matches_transformers(gptj):
