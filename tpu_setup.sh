@@ -7,7 +7,7 @@ cd "$(dirname "$0")"
 python3 -m venv "${MTJ_VENV:-$HOME/mtj-venv}"
 . "${MTJ_VENV:-$HOME/mtj-venv}/bin/activate"
 pip install -q --upgrade pip
-pip install -q "jax[tpu]" -e .
+pip install -q "jax[tpu]" -e ".[plots,tensorboard,zstd]"  # + eval, tfds: the harness, tfds: data (see README)
 # Large checkpoints: let Orbax use many threads; keep XLA's TPU defaults.
 grep -q MTJ_VENV "$HOME/.bashrc" 2>/dev/null || cat >> "$HOME/.bashrc" <<RC
 export MTJ_VENV="${MTJ_VENV:-$HOME/mtj-venv}"
