@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from mtj.config import Config
 from mtj.model import Params, output_head
+from mtj.paths import user_path
 
 
 def enabled() -> bool:
@@ -47,8 +48,8 @@ SCREEN_BLOCK, SCREEN_CANDIDATES = 32, 8
 def has_amx() -> bool:
     """Whether this CPU has AMX bf16 tiles (Linux: the amx_bf16 flag in /proc/cpuinfo)."""
     try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " amx_bf16" in line for line in f)
+        return any(line.startswith("flags") and " amx_bf16" in line
+                   for line in user_path("/proc/cpuinfo").read_text().splitlines())
     except OSError:
         return False
 

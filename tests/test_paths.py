@@ -9,7 +9,7 @@ from mtj.paths import glob, open_atomic, published_dir, user_path, write_atomic
 
 
 def test_every_user_path_goes_through_one_helper():
-    for source in sorted((REPO / "mtj").glob("*.py")):
+    for source in sorted((REPO / "mtj").rglob("*.py")):  # the commands too
         text = source.read_text()
         assert "pathlib" not in text, f"{source.name} uses pathlib: use mtj.paths.user_path"
         if source.name != "paths.py":
