@@ -72,6 +72,11 @@ def decode_weights(params: Params, cfg: Any) -> Params:
     return unstack_layers(cast, cfg)
 
 
+def powers_of_two(lowest: int, top: int) -> list[int]:
+    """lowest, 2 * lowest, ... (lowest a power of two) up to top, and top last."""
+    return sorted({min(bucket(2 ** i, lowest), top) for i in range(top.bit_length() + 1)})
+
+
 def cache_dtype(cfg: Any) -> jnp.dtype:
     """What the slots' KV cache holds. XLA:CPU updates a bf16 array by converting all of it to fp32
     and back (measured: a per-row write into 8 layers' 2 MB bf16 caches cost 2-4 ms a step, in fp32
@@ -260,7 +265,7 @@ class SlotEngine(Engine):
         if slots < 1:
             raise ValueError(f"the engine needs at least one slot, got {slots}")
         if prefill_buckets is None:
-            prefill_buckets = [bucket(2 ** i) for i in range(self.cfg.seq.bit_length())]
+            prefill_buckets = powers_of_two(16, self.cfg.seq)
         if any(b < 1 for b in prefill_buckets):
             raise ValueError(f"prefill buckets must be positive, got {prefill_buckets}")
         self.prefill_buckets = sorted({min(b, self.cfg.seq) for b in prefill_buckets} | {self.cfg.seq})
@@ -285,7 +290,7 @@ class SlotEngine(Engine):
 
     def spans(self) -> list[int]:
         """The cache prefixes a decode call may attend to: powers of two from SPAN_MIN, and seq."""
-        return sorted({min(bucket(n, SPAN_MIN), self.cfg.seq) for n in (2 ** i for i in range(self.cfg.seq.bit_length() + 1))})
+        return powers_of_two(SPAN_MIN, self.cfg.seq)
 
     def warm(self) -> None:
         """Compile every prefill bucket and decode span before traffic arrives (call before submitting)."""
