@@ -27,9 +27,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from mtj.config import Config, ConfigError, from_dict
-from mtj.model import Params, param_axes, param_specs
+from mtj.model import Params, param_shardings, param_specs
 from mtj.paths import PathLike, is_remote, user_path
-from mtj.sharding import tree_shardings
 from mtj.tokenizer import Tokenizer
 
 STEP_RE = re.compile(r"^step_(\d+)$")
@@ -255,7 +254,7 @@ def read_tokenizer(step_dir: PathLike) -> Tokenizer | None:
 
 def abstract_params(cfg: Config, mesh: Mesh) -> Params:
     """ShapeDtypeStructs with target shardings: restoring onto them reshards to `mesh`."""
-    shardings = tree_shardings(param_axes(cfg), mesh, cfg.fsdp)
+    shardings = param_shardings(cfg, mesh)
     specs = param_specs(cfg)
     return jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, jax.numpy.dtype(cfg.param_dtype), sharding=sh),

@@ -12,7 +12,7 @@ from jax.sharding import Mesh
 from mtj import checkpoint, convert
 from mtj.config import Config
 from mtj.generate import Generator, TokenSink
-from mtj.model import Params, forward, param_axes
+from mtj.model import Params, forward, param_shardings
 from mtj.paths import PathLike, local_copy, user_path
 from mtj.sharding import make_mesh, named, place
 from mtj.tokenizer import Tokenizer, find_tokenizer_files
@@ -93,8 +93,8 @@ def load(path: PathLike, mp: int = 1, **overrides: Any) -> LM:
     if convert.is_hf_dir(path):
         with local_copy(path) as local:  # safetensors are memory-mapped: a bucket's directory is downloaded
             cfg = convert.config_from_hf(convert.read_hf_config(local), cores_per_replica=mp, **overrides)
-            params = place(convert.hf_to_params(convert.HFTensors(local, cfg), cfg), param_axes(cfg), mesh,
-                           cfg.param_dtype, cfg.fsdp)
+            params = place(convert.hf_to_params(convert.HFTensors(local, cfg), cfg), param_shardings(cfg, mesh),
+                           cfg.param_dtype)
             tok = find_tokenizer_files(local)
         return LM(cfg, params, mesh, Tokenizer(tok) if tok else None)
     if checkpoint.is_checkpoint(path):

@@ -1,9 +1,15 @@
-"""GPT-J (and its GPT-Neo / GPT-NeoX siblings) as pure functions of a parameter tree.
+"""GPT-J (and its GPT-Neo / GPT-NeoX siblings) as Flax NNX modules.
 
-The parameters are a nested dict of arrays; every layer's weights are stacked
-along a leading 'layers' axis so the blocks run under one `lax.scan` and
-compile time does not grow with depth. `param_specs` is the single source of
-truth for names, shapes, logical sharding axes and initialisation.
+Each module declares its parameters beside the `__call__` that uses them, with
+logical axis names as their `out_sharding` metadata; `mtj.sharding.RULES` maps
+those names onto the mesh (`param_shardings`). The blocks' weights are stacked
+along a leading 'layers' axis (`nnx.vmap` at creation) and run under one
+`lax.scan`, so compile time does not grow with depth.
+
+The jitted steps hold the parameters as a plain nested dict (the NNX state as
+a pure dict, which is also the checkpoint layout) and rebuild the modules
+inside the traced function with `nnx.merge` (`bind`): no Python object work per
+step. `forward`, `run_layers`, `logits_of` and friends are those entry points.
 """
 
 from __future__ import annotations
@@ -15,108 +21,31 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
 
 from mtj.config import Config
 from mtj.ops import einsum_f32
-from mtj.sharding import constrain, row_parallel_sum
+from mtj.sharding import constrain, rules, row_parallel_sum
 
 Params = dict[str, Any]
+KV = tuple[jax.Array, jax.Array]  # one layer's key/value cache, each [B, H, S, Dh]
 
 
-@dataclasses.dataclass(frozen=True)
-class ParamSpec:
-    shape: tuple[int, ...]
-    axes: tuple[str | None, ...]  # logical axis names, see mtj.sharding.RULES
-    init: str  # "normal", "out" (normal scaled by depth), "zeros", "ones"
+# --- parameters -----------------------------------------------------------------
 
-
-def param_specs(cfg: Config) -> Params:
-    """Names, shapes and logical axes of every parameter, per model family."""
-    L, D, V = cfg.layers, cfg.d_model, cfg.padded_vocab
-    HD, F = cfg.n_heads * cfg.head_dim, cfg.ff_dim
-    family = cfg.family
-
-    def norm() -> dict[str, ParamSpec]:
-        return {"scale": ParamSpec((L, D), ("layers", "norm"), "ones"), "bias": ParamSpec((L, D), ("layers", "norm"), "zeros")}
-
-    attn = {
-        "q": ParamSpec((L, D, HD), ("layers", "embed", "heads"), "normal"),
-        "k": ParamSpec((L, D, HD), ("layers", "embed", "heads"), "normal"),
-        "v": ParamSpec((L, D, HD), ("layers", "embed", "heads"), "normal"),
-        "o": ParamSpec((L, HD, D), ("layers", "heads", "embed"), "out"),
-    }
-    if family.qkv_bias:
-        for name in "qkv":
-            attn[f"{name}_bias"] = ParamSpec((L, HD), ("layers", "heads"), "zeros")
-    if family.o_bias:
-        attn["o_bias"] = ParamSpec((L, D), ("layers", "norm"), "zeros")
-    layer = {
-        "ln_1": norm(),
-        "attn": attn,
-        "mlp": {
-            "fc_in": ParamSpec((L, D, F), ("layers", "embed", "mlp"), "normal"),
-            "fc_in_bias": ParamSpec((L, F), ("layers", "mlp"), "zeros"),
-            "fc_out": ParamSpec((L, F, D), ("layers", "mlp", "embed"), "out"),
-            "fc_out_bias": ParamSpec((L, D), ("layers", "norm"), "zeros"),
-        },
-    }
-    if family.second_norm:
-        layer["ln_2"] = norm()
-    specs: Params = {
-        "wte": ParamSpec((V, D), ("vocab", "embed"), "normal"),
-        "layers": layer,
-        "ln_f": {"scale": ParamSpec((D,), ("norm",), "ones"), "bias": ParamSpec((D,), ("norm",), "zeros")},
-    }
-    if family.rotary is None:  # learned positions
-        specs["wpe"] = ParamSpec((cfg.seq, D), (None, "embed"), "normal")
-    if not cfg.tie_embeddings:
-        specs["lm_head"] = {"kernel": ParamSpec((D, V), ("embed", "vocab"), "normal")}
-        if family.head_bias:
-            specs["lm_head"]["bias"] = ParamSpec((V,), ("vocab",), "zeros")
-    return specs
-
-
-def _is_spec(x: Any) -> bool:
-    return isinstance(x, ParamSpec)
-
-
-def _is_axes(x: Any) -> bool:
-    return isinstance(x, tuple)
-
-
-def param_axes(cfg: Config) -> Params:
-    return jax.tree.map(lambda s: s.axes, param_specs(cfg), is_leaf=_is_spec)
-
-
-def init_params(cfg: Config, key: jax.Array) -> Params:
-    """Random parameters (std 0.02, output projections scaled by 1/sqrt(2*layers))."""
-    specs = param_specs(cfg)
-    leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
-    keys = jax.random.split(key, len(leaves))
+def _param(rngs: nnx.Rngs, cfg: Config, shape: tuple[int, ...], axes: tuple[str | None, ...], init: str) -> nnx.Param:
+    """A parameter initialised as `init` ("normal": std 0.02; "out": the residual branch's output projections,
+    scaled by 1/sqrt(2*layers); "zeros"; "ones"), annotated with its logical axes (placed by `param_shardings`,
+    not when created)."""
     dtype = jnp.dtype(cfg.param_dtype)
+    if init in ("zeros", "ones"):
+        value = (jnp.zeros if init == "zeros" else jnp.ones)(shape, dtype)
+    else:
+        std = 0.02 / math.sqrt(2 * cfg.layers) if init == "out" else 0.02
+        value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
-    def make(s: ParamSpec, k: jax.Array) -> jax.Array:
-        if s.init == "zeros":
-            return jnp.zeros(s.shape, dtype)
-        if s.init == "ones":
-            return jnp.ones(s.shape, dtype)
-        std = 0.02 / math.sqrt(2 * cfg.layers) if s.init == "out" else 0.02
-        return (std * jax.random.normal(k, s.shape, jnp.float32)).astype(dtype)
-
-    return jax.tree.unflatten(treedef, [make(s, k) for s, k in zip(leaves, keys)])
-
-
-def count_params(cfg: Config) -> int:
-    """Parameter count of an abstract init (nothing allocated), with the real
-    (unpadded) vocabulary, as transformers counts it."""
-    shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
-    total = 0
-    for leaf, axes in zip(jax.tree.leaves(shapes), jax.tree.leaves(param_axes(cfg), is_leaf=_is_axes)):
-        total += math.prod(cfg.n_vocab if a == "vocab" else n for n, a in zip(leaf.shape, axes))
-    return total
-
-
-# --- layers -------------------------------------------------------------------
 
 def scale_shift(x: jax.Array, scale: jax.Array | None, shift: jax.Array) -> jax.Array:
     """x * scale + shift in fp32 over the last axis (scale None: no scaling)."""
@@ -124,22 +53,6 @@ def scale_shift(x: jax.Array, scale: jax.Array | None, shift: jax.Array) -> jax.
     if scale is not None:
         y = y * scale.astype(jnp.float32)
     return y + shift.astype(jnp.float32)
-
-
-def layer_norm(x: jax.Array, p: Params, eps: float) -> jax.Array:
-    xf = x.astype(jnp.float32)
-    mean = xf.mean(-1, keepdims=True)
-    var = jnp.square(xf - mean).mean(-1, keepdims=True)
-    return scale_shift((xf - mean) * jax.lax.rsqrt(var + eps), p["scale"], p["bias"]).astype(x.dtype)
-
-
-ACTIVATIONS = {
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-}
 
 
 def dense(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
@@ -169,75 +82,255 @@ def rotary(x: jax.Array, positions: jax.Array, dims: int, base: float, interleav
     return jnp.concatenate([out.astype(x.dtype), rest], axis=-1)
 
 
-KV = tuple[jax.Array, jax.Array]  # one layer's key/value cache, each [B, H, S, Dh]
+ACTIVATIONS = {
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
 
 
-def attention(h: jax.Array, p: Params, positions: jax.Array, mask: jax.Array, cfg: Config,
-              kv: KV | None = None, index: jax.Array | int = 0) -> tuple[tuple[jax.Array, jax.Array], KV | None]:
-    """((attention output, output projection), updated cache). With a cache the new
-    keys/values are written at slot `index` and the queries attend to all S slots."""
-    B, T, _ = h.shape
-    H, Dh = cfg.n_heads, cfg.head_dim
+# --- modules --------------------------------------------------------------------
 
-    def project(name: str) -> jax.Array:
-        y = dense(h, p[name], p.get(f"{name}_bias")).reshape(B, T, H, Dh)
-        return constrain(y, "batch", "seq", "heads", "head_dim")
+class LayerNorm(nnx.Module):
+    def __init__(self, cfg: Config, rngs: nnx.Rngs):
+        self.eps = cfg.layer_norm_eps
+        self.scale = _param(rngs, cfg, (cfg.d_model,), ("norm",), "ones")
+        self.bias = _param(rngs, cfg, (cfg.d_model,), ("norm",), "zeros")
 
-    if "qkv" in p:  # fused by unstack_layers: one matmul instead of three
-        y = dense(h, p["qkv"], p.get("qkv_bias")).reshape(B, T, 3, H, Dh)
-        q, k, v = y[:, :, 0], y[:, :, 1], y[:, :, 2]
-    else:
-        q, k, v = project("q"), project("k"), project("v")
-    if cfg.family.rotary:
-        interleaved = cfg.family.rotary == "interleaved"
-        q = rotary(q, positions, cfg.rotary_dims, cfg.rotary_base, interleaved)
-        k = rotary(k, positions, cfg.rotary_dims, cfg.rotary_base, interleaved)
-    if kv is not None and jnp.ndim(index) == 1:  # one slot per row (T == 1): rows of a decode engine
-        rows = jnp.arange(B)
-        kv = (kv[0].at[rows, :, index].set(k[:, 0].astype(kv[0].dtype)),
-              kv[1].at[rows, :, index].set(v[:, 0].astype(kv[1].dtype)))
-        span = mask.shape[-1]  # the rows attend to the cache's first `span` slots only
-        k, v = kv[0][:, :, :span].astype(q.dtype), kv[1][:, :, :span].astype(q.dtype)  # (the cache may be wider)
-    elif kv is not None:  # the cache is heads-major, [B, H, S, Dh], so attention reads it without a transpose
-        k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.transpose(0, 2, 1, 3).astype(kv[0].dtype), index, axis=2)
-        v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.transpose(0, 2, 1, 3).astype(kv[1].dtype), index, axis=2)
-        kv = (k, v)
-    else:
-        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    scores = jnp.einsum("bthd,bhsd->bhts", q, k, preferred_element_type=jnp.float32)
-    if cfg.family.scale_scores:
-        scores = scores / jnp.sqrt(jnp.float32(Dh))
-    scores = scores + jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)[:, None]  # an add: no select in the backward
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # softmax in fp32
-    out = jnp.einsum("bhts,bhsd->bthd", probs, v.astype(probs.dtype)).reshape(B, T, H * Dh)
-    return (out, p["o"]), kv  # the output projection is applied by the block
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        mean = xf.mean(-1, keepdims=True)
+        var = jnp.square(xf - mean).mean(-1, keepdims=True)
+        return scale_shift((xf - mean) * jax.lax.rsqrt(var + self.eps), self.scale[...], self.bias[...]).astype(x.dtype)
 
 
-def mlp(h: jax.Array, p: Params, cfg: Config) -> tuple[jax.Array, jax.Array]:
-    y = ACTIVATIONS[cfg.activation](dense(h, p["fc_in"], p["fc_in_bias"]))
-    y = constrain(y, "batch", "seq", "mlp")
-    return y, p["fc_out"]  # the output projection is applied by the block
+class Attention(nnx.Module):
+    """Multi-head self-attention with the family's rotary style and score scaling. `fused_qkv` holds q, k and v
+    as one [d_model, 3 * heads * head_dim] kernel (decoding without model parallelism: one small matmul, not
+    three)."""
+
+    def __init__(self, cfg: Config, rngs: nnx.Rngs, fused_qkv: bool = False):
+        self.cfg = cfg
+        D, HD = cfg.d_model, cfg.n_heads * cfg.head_dim
+        names = ("qkv",) if fused_qkv else ("q", "k", "v")
+        width = 3 * HD if fused_qkv else HD
+        for name in names:
+            setattr(self, name, _param(rngs, cfg, (D, width), ("embed", "heads"), "normal"))
+            if cfg.family.qkv_bias:
+                setattr(self, f"{name}_bias", _param(rngs, cfg, (width,), ("heads",), "zeros"))
+        self.o = _param(rngs, cfg, (HD, D), ("heads", "embed"), "out")
+        if cfg.family.o_bias:
+            self.o_bias = _param(rngs, cfg, (D,), ("norm",), "zeros")
+
+    def _bias(self, name: str) -> jax.Array | None:
+        bias = getattr(self, f"{name}_bias", None)
+        return None if bias is None else bias[...]
+
+    def __call__(self, h: jax.Array, positions: jax.Array, mask: jax.Array, kv: KV | None = None,
+                 index: jax.Array | int = 0) -> tuple[tuple[jax.Array, jax.Array], KV | None]:
+        """((attention output, output projection), updated cache): the block applies the projection, so that
+        a parallel block reduces both branches over mp at once. With a cache the new keys/values are written
+        at slot `index` and the queries attend to all its S slots."""
+        cfg = self.cfg
+        B, T, _ = h.shape
+        H, Dh = cfg.n_heads, cfg.head_dim
+        if hasattr(self, "qkv"):
+            y = dense(h, self.qkv[...], self._bias("qkv")).reshape(B, T, 3, H, Dh)
+            q, k, v = y[:, :, 0], y[:, :, 1], y[:, :, 2]
+        else:
+            q, k, v = (constrain(dense(h, getattr(self, n)[...], self._bias(n)).reshape(B, T, H, Dh),
+                                 "batch", "seq", "heads", "head_dim") for n in "qkv")
+        if cfg.family.rotary:
+            interleaved = cfg.family.rotary == "interleaved"
+            q = rotary(q, positions, cfg.rotary_dims, cfg.rotary_base, interleaved)
+            k = rotary(k, positions, cfg.rotary_dims, cfg.rotary_base, interleaved)
+        if kv is not None and jnp.ndim(index) == 1:  # one slot per row (T == 1): rows of a decode engine
+            rows = jnp.arange(B)
+            kv = (kv[0].at[rows, :, index].set(k[:, 0].astype(kv[0].dtype)),
+                  kv[1].at[rows, :, index].set(v[:, 0].astype(kv[1].dtype)))
+            span = mask.shape[-1]  # the rows attend to the cache's first `span` slots only (it may be wider)
+            k, v = kv[0][:, :, :span].astype(q.dtype), kv[1][:, :, :span].astype(q.dtype)
+        elif kv is not None:  # the cache is heads-major, [B, H, S, Dh], so attention reads it without a transpose
+            k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.transpose(0, 2, 1, 3).astype(kv[0].dtype), index, axis=2)
+            v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.transpose(0, 2, 1, 3).astype(kv[1].dtype), index, axis=2)
+            kv = (k, v)
+        else:
+            k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        scores = jnp.einsum("bthd,bhsd->bhts", q, k, preferred_element_type=jnp.float32)
+        if cfg.family.scale_scores:
+            scores = scores / jnp.sqrt(jnp.float32(Dh))
+        scores = scores + jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)[:, None]  # an add: no select in the backward
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # softmax in fp32
+        out = jnp.einsum("bhts,bhsd->bthd", probs, v.astype(probs.dtype)).reshape(B, T, H * Dh)
+        return (out, self.o[...]), kv
 
 
-def block(x: jax.Array, p: Params, positions: jax.Array, mask: jax.Array, cfg: Config,
-          kv: KV | None = None, index: jax.Array | int = 0) -> tuple[jax.Array, KV | None]:
-    eps = cfg.layer_norm_eps
-    attn_bias = p["attn"].get("o_bias", jnp.zeros(x.shape[-1:], jnp.float32))
-    mlp_bias = p["mlp"]["fc_out_bias"]
-    h = layer_norm(x, p["ln_1"], eps)
-    if cfg.family.is_parallel(cfg):
-        # Both branches' output projections are reduced over mp together:
-        # one all-reduce per layer, not two.
-        h2 = layer_norm(x, p["ln_2"], eps) if cfg.family.second_norm else h
-        attn, kv = attention(h, p["attn"], positions, mask, cfg, kv, index)
-        y = row_parallel_sum([attn, mlp(h2, p["mlp"], cfg)])
-        x = x + scale_shift(y, None, attn_bias + mlp_bias).astype(x.dtype)
-    else:  # sequential residual (GPT-Neo, NeoX with parallel_residual=false)
-        attn, kv = attention(h, p["attn"], positions, mask, cfg, kv, index)
-        x = x + scale_shift(row_parallel_sum([attn]), None, attn_bias).astype(x.dtype)
-        y = row_parallel_sum([mlp(layer_norm(x, p["ln_2"], eps), p["mlp"], cfg)])
-        x = x + scale_shift(y, None, mlp_bias).astype(x.dtype)
-    return constrain(x, "batch", "seq", "embed"), kv
+class MLP(nnx.Module):
+    def __init__(self, cfg: Config, rngs: nnx.Rngs):
+        self.activation = cfg.activation
+        D, F = cfg.d_model, cfg.ff_dim
+        self.fc_in = _param(rngs, cfg, (D, F), ("embed", "mlp"), "normal")
+        self.fc_in_bias = _param(rngs, cfg, (F,), ("mlp",), "zeros")
+        self.fc_out = _param(rngs, cfg, (F, D), ("mlp", "embed"), "out")
+        self.fc_out_bias = _param(rngs, cfg, (D,), ("norm",), "zeros")
+
+    def __call__(self, h: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(hidden activations, output projection): the block applies the projection (see Attention)."""
+        y = ACTIVATIONS[self.activation](dense(h, self.fc_in[...], self.fc_in_bias[...]))
+        return constrain(y, "batch", "seq", "mlp"), self.fc_out[...]
+
+
+class Block(nnx.Module):
+    """One transformer layer: parallel (GPT-J, NeoX by default) or sequential (GPT-Neo) residual."""
+
+    def __init__(self, cfg: Config, rngs: nnx.Rngs, fused_qkv: bool = False):
+        self.parallel = cfg.family.is_parallel(cfg)
+        self.ln_1 = LayerNorm(cfg, rngs)
+        self.attn = Attention(cfg, rngs, fused_qkv)
+        self.mlp = MLP(cfg, rngs)
+        if cfg.family.second_norm:
+            self.ln_2 = LayerNorm(cfg, rngs)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, kv: KV | None = None,
+                 index: jax.Array | int = 0) -> tuple[jax.Array, KV | None]:
+        attn_bias = self.attn.o_bias[...] if hasattr(self.attn, "o_bias") else jnp.zeros(x.shape[-1:], jnp.float32)
+        mlp_bias = self.mlp.fc_out_bias[...]
+        h = self.ln_1(x)
+        if self.parallel:
+            # Both branches' output projections are reduced over mp together: one all-reduce per layer, not two.
+            h2 = self.ln_2(x) if hasattr(self, "ln_2") else h
+            attn, kv = self.attn(h, positions, mask, kv, index)
+            y = row_parallel_sum([attn, self.mlp(h2)])
+            x = x + scale_shift(y, None, attn_bias + mlp_bias).astype(x.dtype)
+        else:
+            attn, kv = self.attn(h, positions, mask, kv, index)
+            x = x + scale_shift(row_parallel_sum([attn]), None, attn_bias).astype(x.dtype)
+            y = row_parallel_sum([self.mlp(self.ln_2(x))])
+            x = x + scale_shift(y, None, mlp_bias).astype(x.dtype)
+        return constrain(x, "batch", "seq", "embed"), kv
+
+
+class Head(nnx.Module):
+    """The untied LM head (GPT-NeoX's and GPT-J's; GPT-J's carries a bias)."""
+
+    def __init__(self, cfg: Config, rngs: nnx.Rngs):
+        self.kernel = _param(rngs, cfg, (cfg.d_model, cfg.padded_vocab), ("embed", "vocab"), "normal")
+        if cfg.family.head_bias:
+            self.bias = _param(rngs, cfg, (cfg.padded_vocab,), ("vocab",), "zeros")
+
+
+class Transformer(nnx.Module):
+    """The language model. `stacked`: the layers' weights share one leading 'layers' axis (training, storage);
+    otherwise `layers` is a list of blocks (a decode loop, see `unstack_layers`). `tied` (default: the
+    config's) reads the head from the embedding table; a decode loop may give a tied model its own head."""
+
+    def __init__(self, cfg: Config, rngs: nnx.Rngs, stacked: bool = True, fused_qkv: bool = False,
+                 tied: bool | None = None):
+        self.cfg = cfg
+        D = cfg.d_model
+        self.wte = _param(rngs, cfg, (cfg.padded_vocab, D), ("vocab", "embed"), "normal")
+        if cfg.family.rotary is None:  # learned positions
+            self.wpe = _param(rngs, cfg, (cfg.seq, D), (None, "embed"), "normal")
+        if stacked:
+            @nnx.split_rngs(splits=cfg.layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def make_blocks(rngs: nnx.Rngs) -> Block:
+                return Block(cfg, rngs, fused_qkv)
+            self.layers = make_blocks(rngs)
+        else:
+            self.layers = nnx.List([Block(cfg, rngs, fused_qkv) for _ in range(cfg.layers)])
+        self.ln_f = LayerNorm(cfg, rngs)
+        if not (cfg.tie_embeddings if tied is None else tied):
+            self.lm_head = Head(cfg, rngs)
+
+    def hidden(self, tokens: jax.Array, positions: jax.Array | None = None, key_valid: jax.Array | None = None,
+               cache: KV | list[KV] | None = None, index: jax.Array | int = 0) -> tuple[jax.Array, Any]:
+        """Final hidden states [B, T, d_model] (after ln_f) and the updated cache.
+
+        Query i sits in slot index+i of S key slots (`index` [B]: a slot per row, for T = 1). S = T without a
+        cache; with one, S is its length: stacked (k, v) of [layers, B, H, S, Dh], or a list of per-layer (k, v)
+        of [B, H, S, Dh] (updated in place by a decode loop, where slicing a stacked cache would copy it every
+        step); with a slot per row, key_valid may cover a prefix of it. `positions` default to 0..T-1;
+        `key_valid` [B, S] marks slots holding real (not left-padding) tokens.
+        """
+        cfg = self.cfg
+        B, T = tokens.shape
+        S = T if cache is None else cache[0][0].shape[-2]
+        if key_valid is not None:  # a decode engine's rows may attend to a prefix of the cache
+            S = key_valid.shape[-1]
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+        if jnp.ndim(index) == 1:  # a slot per row: [B, T, S]
+            distance = jnp.asarray(index)[:, None, None] + jnp.arange(T)[:, None] - jnp.arange(S)
+            causal = distance >= 0
+        else:  # [1, T, S]
+            distance = index + jnp.arange(T)[:, None] - jnp.arange(S)[None, :]
+            causal = (distance >= 0)[None]
+        if key_valid is not None:
+            causal = causal & key_valid[:, None, :]
+        window = distance < cfg.window_size
+
+        # Gather, then cast: casting the whole table would cost a pass over it each step, and
+        # its gradient would be scattered in the compute dtype.
+        dtype = jnp.dtype(cfg.dtype)
+        x = self.wte[...][tokens].astype(dtype)
+        if hasattr(self, "wpe"):
+            x = x + self.wpe[...][positions].astype(dtype)
+        x = constrain(x, "batch", "seq", "embed")
+
+        # The blocks run from their state (arrays), so that scan and remat see plain pytrees.
+        if isinstance(self.layers, nnx.List):
+            graph, states = nnx.split(self.layers[0])[0], [nnx.split(b)[1] for b in self.layers]
+        else:
+            graph, stacked = nnx.split(self.layers)
+            states = None if cfg.scan_layers and not isinstance(cache, list) else \
+                [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(cfg.layers)]
+
+        def step(x: jax.Array, layer: tuple) -> tuple[jax.Array, KV | None]:
+            state, is_local, kv = layer
+            mask = jnp.where(is_local, causal & window, causal)
+            return nnx.merge(graph, state)(x, positions, mask, kv, index)
+
+        if cfg.remat:
+            step = jax.checkpoint(step, policy=jax.checkpoint_policies.nothing_saveable)
+        local = jnp.asarray(local_layers(cfg))
+        if states is None:
+            x, cache = jax.lax.scan(step, x, (stacked, local, cache))
+        else:
+            kvs = []
+            for i, state in enumerate(states):
+                kv = cache[i] if isinstance(cache, list) else (None if cache is None else jax.tree.map(lambda a: a[i], cache))
+                x, kv = step(x, (state, local[i], kv))
+                kvs.append(kv)
+            if cache is not None and not isinstance(cache, list):
+                kvs = jax.tree.map(lambda *a: jnp.stack(a), *kvs)
+            cache = kvs if cache is not None else None
+        return self.ln_f(x), cache
+
+    def head(self) -> tuple[jax.Array, jax.Array]:
+        """The LM head as (kernel [d_model, V], fp32 bias [V]); see `head_weights`."""
+        if hasattr(self, "lm_head"):
+            bias = getattr(self.lm_head, "bias", None)
+            return head_weights(self.cfg, self.lm_head.kernel[...], None if bias is None else bias[...])
+        return head_weights(self.cfg, self.wte[...].T, None)  # tied embeddings
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """fp32 logits [..., padded_vocab] of hidden states; padded vocabulary columns are -1e30."""
+        kernel, bias = self.head()
+        logits = jnp.einsum("...d,dv->...v", x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
+        return scale_shift(logits, None, bias)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """Logits [B, T, padded_vocab] in fp32 of unpadded sequences."""
+        return constrain(self.logits(self.hidden(tokens)[0]), "batch", "seq", "vocab")
+
+
+def head_weights(cfg: Config, kernel: jax.Array, bias: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """(kernel, fp32 bias) of the LM head, the bias pushing padded vocabulary columns to -1e30."""
+    padding = jnp.where(jnp.arange(cfg.padded_vocab) < cfg.n_vocab, 0.0, -1e30)
+    return kernel, padding if bias is None else bias.astype(jnp.float32) + padding
 
 
 def local_layers(cfg: Config) -> np.ndarray:
@@ -245,77 +338,77 @@ def local_layers(cfg: Config) -> np.ndarray:
     return np.array(cfg.family.layer_is_local(cfg), bool)
 
 
-def run_layers(params: Params, tokens: jax.Array, cfg: Config, positions: jax.Array | None = None,
-               key_valid: jax.Array | None = None, cache: KV | None = None,
-               index: jax.Array | int = 0) -> tuple[jax.Array, KV | None]:
-    """Final hidden states [B, T, d_model] (after ln_f) and the updated cache.
+# --- the model's state as a plain dict ----------------------------------------------
 
-    Query i sits in slot index+i of S key slots (`index` [B]: a slot per row, for T = 1) (S = T without a cache; with a
-    cache, S is its length: stacked (k, v) of [layers, B, H, S, Dh], or a list
-    of per-layer (k, v) of [B, H, S, Dh]; with a slot per row, key_valid may cover a prefix of it). params["layers"] may also be a list
-    of per-layer trees (see `unstack_layers`).
-    `positions` default to 0..T-1; `key_valid` [B, S] marks slots holding real
-    (not left-padding) tokens.
-    """
-    B, T = tokens.shape
-    S = T if cache is None else cache[0][0].shape[-2]
-    if key_valid is not None:  # a decode engine's rows may attend to a prefix of the cache
-        S = key_valid.shape[-1]
-    dtype = jnp.dtype(cfg.dtype)
-    if positions is None:
-        positions = jnp.broadcast_to(jnp.arange(T), (B, T))
-    if jnp.ndim(index) == 1:  # a slot per row: [B, T, S]
-        distance = jnp.asarray(index)[:, None, None] + jnp.arange(T)[:, None] - jnp.arange(S)
-        causal = distance >= 0
-    else:  # [1, T, S]
-        distance = index + jnp.arange(T)[:, None] - jnp.arange(S)[None, :]
-        causal = (distance >= 0)[None]
-    if key_valid is not None:
-        causal = causal & key_valid[:, None, :]
-    window = distance < cfg.window_size
+_GRAPHS: dict[tuple, tuple[nnx.GraphDef, nnx.State]] = {}
 
-    # Gather, then cast: casting the whole table would cost a pass over it each step, and
-    # its gradient would be scattered in the compute dtype.
-    x = params["wte"][tokens].astype(dtype)
-    if "wpe" in params:
-        x = x + params["wpe"][positions].astype(dtype)
-    x = constrain(x, "batch", "seq", "embed")
 
-    def step(x: jax.Array, layer: tuple) -> tuple[jax.Array, KV | None]:
-        p, is_local, kv = layer
-        mask = jnp.where(is_local, causal & window, causal)
-        return block(x, p, positions, mask, cfg, kv, index)
+def abstract_model(cfg: Config, stacked: bool = True, fused_qkv: bool = False,
+                   tied: bool | None = None) -> tuple[nnx.GraphDef, nnx.State]:
+    """The module graph and its abstract state (shapes, dtypes and sharding annotations; nothing allocated)."""
+    key = (repr(cfg), stacked, fused_qkv, tied)
+    if key not in _GRAPHS:
+        with nnx.logical_axis_rules(list(rules(cfg.fsdp).items())):  # (under a mesh eval_shape places by them)
+            _GRAPHS[key] = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0), stacked, fused_qkv, tied)))
+    return _GRAPHS[key]
 
-    if cfg.remat:
-        step = jax.checkpoint(step, policy=jax.checkpoint_policies.nothing_saveable)
-    local = jnp.asarray(local_layers(cfg))
-    if isinstance(cache, list) or not cfg.scan_layers:
-        # Unrolled: a list cache holds one (k, v) per layer, updated in place by
-        # decoding (slicing a stacked cache would copy it every step).
-        layers = params["layers"]
-        kvs = []
-        for i in range(cfg.layers):
-            kv = cache[i] if isinstance(cache, list) else (None if cache is None else jax.tree.map(lambda a: a[i], cache))
-            p = layers[i] if isinstance(layers, list) else jax.tree.map(lambda a: a[i], layers)
-            x, kv = step(x, (p, local[i], kv))
-            kvs.append(kv)
-        if cache is not None and not isinstance(cache, list):
-            kvs = jax.tree.map(lambda *a: jnp.stack(a), *kvs)
-        cache = kvs if cache is not None else None
-    else:
-        x, cache = jax.lax.scan(step, x, (params["layers"], local, cache))
-    return layer_norm(x, params["ln_f"], cfg.layer_norm_eps), cache
+
+def bind(params: Params, cfg: Config) -> Transformer:
+    """The modules holding `params` (inside a traced function: no copies). The layout (stacked or a list of
+    layers, q/k/v apart or joined, a head of its own) is read from the dict."""
+    listed = 0 in params["layers"]
+    first = params["layers"][0] if listed else params["layers"]
+    graph, _ = abstract_model(cfg, stacked=not listed, fused_qkv="qkv" in first["attn"], tied="lm_head" not in params)
+    return nnx.merge(graph, params)
+
+
+def init_params(cfg: Config, key: jax.Array) -> Params:
+    """Random parameters (std 0.02, output projections scaled by 1/sqrt(2*layers))."""
+    return nnx.to_pure_dict(nnx.state(Transformer(cfg, nnx.Rngs(key))))
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    shape: tuple[int, ...]
+    axes: tuple[str | None, ...]  # logical axis names, see mtj.sharding.RULES
+
+
+def param_specs(cfg: Config) -> Params:
+    """Shape and logical axes of every parameter, from the modules' annotations."""
+    _, state = abstract_model(cfg)
+    return nnx.to_pure_dict(state, lambda v: ParamSpec(v.shape, tuple(v.get_metadata("out_sharding"))))
+
+
+def _is_spec(x: Any) -> bool:
+    return isinstance(x, ParamSpec)
+
+
+def param_axes(cfg: Config) -> Params:
+    return jax.tree.map(lambda s: s.axes, param_specs(cfg), is_leaf=_is_spec)
+
+
+def param_shardings(cfg: Config, mesh: Mesh) -> Params:
+    """Every parameter's NamedSharding on `mesh`: its annotation through the rules table (`cfg.fsdp` adds dp)."""
+    _, state = abstract_model(cfg)
+    with nnx.logical_axis_rules(list(rules(cfg.fsdp).items())):
+        return nnx.to_pure_dict(nnx.get_named_sharding(state, mesh))
+
+
+def count_params(cfg: Config) -> int:
+    """Parameter count with the real (unpadded) vocabulary, as transformers counts it (nothing allocated)."""
+    specs = jax.tree.leaves(param_specs(cfg), is_leaf=_is_spec)
+    return sum(math.prod(cfg.n_vocab if a == "vocab" else n for n, a in zip(s.shape, s.axes)) for s in specs)
 
 
 def unstack_layers(params: Params, cfg: Config) -> Params:
-    """params with "layers" as a list of per-layer trees, for a decode loop.
+    """params with "layers" as per-layer trees ({0: ..., 1: ...}), for a decode loop.
 
     XLA:CPU copies a slice of a stacked weight at every use, so the loop should
     slice once, before it. Without model parallelism the q, k and v kernels are
     also joined into one "qkv" kernel (one small matmul instead of three)."""
     mesh = jax.sharding.get_abstract_mesh()
     fuse = mesh.empty or mesh.shape.get("mp", 1) == 1
-    layers = []
+    layers = {}
     for i in range(cfg.layers):
         layer = jax.tree.map(lambda a: a[i], params["layers"])
         if fuse:
@@ -324,8 +417,15 @@ def unstack_layers(params: Params, cfg: Config) -> Params:
             if "q_bias" in attn:
                 attn["qkv_bias"] = jnp.concatenate([attn.pop(f"{n}_bias") for n in ("q", "k", "v")], axis=-1)
             layer = {**layer, "attn": attn}
-        layers.append(layer)
+        layers[i] = layer
     return {**params, "layers": layers}
+
+
+def run_layers(params: Params, tokens: jax.Array, cfg: Config, positions: jax.Array | None = None,
+               key_valid: jax.Array | None = None, cache: Any = None,
+               index: jax.Array | int = 0) -> tuple[jax.Array, Any]:
+    """`Transformer.hidden` of `params`."""
+    return bind(params, cfg).hidden(tokens, positions, key_valid, cache, index)
 
 
 def hidden(params: Params, tokens: jax.Array, cfg: Config) -> jax.Array:
@@ -333,22 +433,18 @@ def hidden(params: Params, tokens: jax.Array, cfg: Config) -> jax.Array:
     return run_layers(params, tokens, cfg)[0]
 
 
-def logits_of(params: Params, x: jax.Array, cfg: Config) -> jax.Array:
-    """fp32 logits [..., padded_vocab] of hidden states; padded vocabulary columns are -1e30."""
-    kernel, bias = output_head(params, cfg)
-    logits = jnp.einsum("...d,dv->...v", x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
-    return scale_shift(logits, None, bias)
-
-
 def output_head(params: Params, cfg: Config) -> tuple[jax.Array, jax.Array]:
-    """The LM head as (kernel [d_model, V], bias [V]); the bias pushes padded vocabulary columns to -1e30."""
-    kernel = params["lm_head"]["kernel"] if "lm_head" in params else params["wte"].T  # tied embeddings
-    bias = jnp.where(jnp.arange(cfg.padded_vocab) < cfg.n_vocab, 0.0, -1e30)
-    if "lm_head" in params and "bias" in params["lm_head"]:
-        bias = params["lm_head"]["bias"].astype(jnp.float32) + bias
-    return kernel, bias
+    """`Transformer.head` of `params` (which may hold the head alone)."""
+    if "lm_head" in params:
+        return head_weights(cfg, params["lm_head"]["kernel"], params["lm_head"].get("bias"))
+    return head_weights(cfg, params["wte"].T, None)
+
+
+def logits_of(params: Params, x: jax.Array, cfg: Config) -> jax.Array:
+    """`Transformer.logits` of `params`."""
+    return bind(params, cfg).logits(x)
 
 
 def forward(params: Params, tokens: jax.Array, cfg: Config) -> jax.Array:
     """Logits [B, T, padded_vocab] in fp32; padded vocabulary columns are -1e30."""
-    return constrain(logits_of(params, hidden(params, tokens, cfg), cfg), "batch", "seq", "vocab")
+    return bind(params, cfg)(tokens)

@@ -58,15 +58,10 @@ def named(mesh: Mesh, axes: tuple[str | None, ...], fsdp: bool = False) -> Named
     return NamedSharding(mesh, spec(axes, fsdp))
 
 
-def tree_shardings(axes_tree: Any, mesh: Mesh, fsdp: bool = False) -> Any:
-    """Map a tree whose leaves are logical-axis tuples to NamedShardings."""
-    return jax.tree.map(lambda axes: named(mesh, axes, fsdp), axes_tree, is_leaf=_is_axes)
-
-
-def place(items: Iterable[tuple[str, np.ndarray]], axes_tree: Any, mesh: Mesh, dtype: Any, fsdp: bool = False) -> dict:
-    """Put (dot-separated path, numpy array) pairs onto the mesh, each sharded by its logical axes in
-    `axes_tree` and cast to `dtype`, one at a time (host memory holds one array at most); the nested dict."""
-    shardings = tree_shardings(axes_tree, mesh, fsdp)
+def place(items: Iterable[tuple[str, np.ndarray]], shardings: Any, dtype: Any) -> dict:
+    """Put (dot-separated path, numpy array) pairs onto devices, each with its sharding in the nested dict
+    `shardings` (`mtj.model.param_shardings`) and cast to `dtype`, one at a time (host memory holds one
+    array at most); the nested dict."""
     tree: dict = {}
     for path, array in items:
         *parents, leaf = path.split(".")
@@ -75,10 +70,6 @@ def place(items: Iterable[tuple[str, np.ndarray]], axes_tree: Any, mesh: Mesh, d
             node, sharding = node.setdefault(part, {}), sharding[part]
         node[leaf] = jax.device_put(array.astype(dtype), sharding[leaf])
     return tree
-
-
-def _is_axes(x: Any) -> bool:
-    return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
 
 
 def constrain(x: jax.Array, *axes: str | None) -> jax.Array:

@@ -22,10 +22,10 @@ from mtj.config import Config, ConfigError
 from mtj.data import Loader, open_source
 from mtj.metrics import MetricsLog, flops_per_token, peak_flops, plot_loss_curve
 from mtj.loss import head_cross_entropy
-from mtj.model import Params, hidden, init_params, output_head, param_axes
+from mtj.model import Params, hidden, init_params, output_head, param_shardings
 from mtj.optim import optimizer, schedule
 from mtj.paths import PathLike, user_path
-from mtj.sharding import make_mesh, tree_shardings
+from mtj.sharding import make_mesh
 from mtj.tokenizer import Tokenizer, load_tokenizer
 
 State = dict[str, Any]  # {"params", "opt_state", "step"}
@@ -59,7 +59,7 @@ class Trainer:
         self.dp = self.mesh.shape["dp"]
         self.opt = optimizer(cfg)
         self.lr = schedule(cfg)
-        param_sh = tree_shardings(param_axes(cfg), self.mesh, cfg.fsdp)
+        param_sh = param_shardings(cfg, self.mesh)
         abstract = checkpoint.abstract_params(cfg, self.mesh)
         opt_shape = jax.eval_shape(self.opt.init, abstract)
         self.state_shardings: State = {

@@ -17,7 +17,7 @@ from mtj.config import load_config
 from mtj.convert import (EXPORT_DTYPES, HFTensors, config_from_hf, config_to_hf, hf_shapes, hf_to_params, is_hf_dir,
                          params_to_hf, read_hf_config, spec_at, write_shards)
 from mtj.families import GPTJ
-from mtj.model import param_axes
+from mtj.model import param_shardings
 from mtj.mtj_v1 import V1Shards, v1_to_params
 from mtj.paths import PathLike, local_copy, published_dir, refuse_overwrite, user_path
 from mtj.sharding import make_mesh, place
@@ -32,7 +32,7 @@ def import_hf(hf_dir: PathLike, out: PathLike, allow_pickle: bool = False, **ove
     with local_copy(hf_dir) as local:  # safetensors are memory-mapped: a bucket's directory is downloaded
         cfg = config_from_hf(read_hf_config(local), cores_per_replica=1, **overrides)
         tensors = HFTensors(local, cfg, allow_pickle=allow_pickle)
-        params = place(hf_to_params(tensors, cfg), param_axes(cfg), make_mesh(mp=1, dp=1), cfg.param_dtype)
+        params = place(hf_to_params(tensors, cfg), param_shardings(cfg, make_mesh(mp=1, dp=1)), cfg.param_dtype)
         tok = find_tokenizer_files(local)
     step_dir = checkpoint.save(out, 0, params, cfg, Tokenizer(tok) if tok else None)
     cfg.save(user_path(out) / "config.json")
@@ -74,7 +74,7 @@ def import_v1(step_dir: PathLike, config: PathLike, out: PathLike, **overrides: 
     shards = V1Shards(step_dir, original.cores_per_replica)
     cfg = original.replace(cores_per_replica=1, **overrides)
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.model_type)  # before the long read: fails fast
-    params = place(v1_to_params(shards, cfg), param_axes(cfg), make_mesh(mp=1, dp=1), cfg.param_dtype)
+    params = place(v1_to_params(shards, cfg), param_shardings(cfg, make_mesh(mp=1, dp=1)), cfg.param_dtype)
     step = checkpoint.save(out, 0, params, cfg, tokenizer)
     cfg.save(out / "config.json")
     return step

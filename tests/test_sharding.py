@@ -9,8 +9,8 @@ import pytest
 
 from mtj.config import Config
 from mtj.lm import LM
-from mtj.model import forward, init_params, param_axes
-from mtj.sharding import FSDP_RULES, make_mesh, tree_shardings
+from mtj.model import forward, init_params, param_shardings
+from mtj.sharding import FSDP_RULES, make_mesh
 
 
 def small(**kw) -> Config:
@@ -20,7 +20,7 @@ def small(**kw) -> Config:
 
 def placed(cfg: Config, dp: int, mp: int):
     mesh = make_mesh(mp=mp, dp=dp)
-    shardings = tree_shardings(param_axes(cfg), mesh, cfg.fsdp)
+    shardings = param_shardings(cfg, mesh)
     params = jax.jit(lambda k: init_params(cfg, k), out_shardings=shardings)(jax.random.key(1))
     return LM(cfg, params, mesh, None)
 
