@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtj.checkpoint import abstract_params
-from mtj.config import Config
+from mtj.config import REMAT_POLICIES, Config
 from mtj.generate import Generator
 from mtj.metrics import flops_per_token
 from mtj.sharding import make_mesh
@@ -203,6 +203,17 @@ def check(cfg: Config, topology: str, advise: bool = True, decode: bool = True) 
         else:
             report["smallest_topology"] = smallest_topology(cfg, topology)
     return report
+
+
+def remat_table(cfg: Config, topology: str) -> list[dict[str, Any]]:
+    """The train step's memory per device under each `remat_policy` (and without remat), on `topology`."""
+    devices, hbm = topology_devices(topology)
+    variants = [("off", {"remat": False})] + [(p, {"remat": True, "remat_policy": p}) for p in REMAT_POLICIES]
+    rows = []
+    for name, changes in variants:
+        r = _train_step(cfg.replace(**changes), devices, hbm)
+        rows.append({"remat_policy": name, **{k: r.get(k) for k in ("temporaries_gib", "total_gib", "fits")}})
+    return rows
 
 
 def check_decode(cfg: Config, mesh: jax.sharding.Mesh, params: Any, hbm: float | None, batch: int = 8,

@@ -25,6 +25,11 @@ class ConfigError(ValueError):
 MODEL_TYPES = tuple(FAMILIES)
 DTYPES = ("float32", "bfloat16", "float16")
 ACTIVATIONS = ("gelu_new", "gelu", "gelu_fast", "relu", "silu")
+# What a rematerialised layer saves for the backward pass (MaxText's names): "full" nothing (recompute the
+# layer), "minimal" the projections' outputs (q/k/v, MLP in, output), "save_qkv_proj" the q/k/v projections,
+# "none" all.
+REMAT_POLICIES = ("full", "minimal", "save_qkv_proj", "none")
+ATTENTION = ("auto", "xla", "cudnn", "splash")
 VOCAB_ALIGN = 128  # padded vocabulary rows are a multiple of this (and of mp)
 
 
@@ -77,6 +82,8 @@ class Config:
     param_dtype: str = "float32"
     fsdp: bool = False
     remat: bool = True  # the original's default: every layer rematerialised (GPT-J-6B fits a v3-8 only so)
+    remat_policy: str = "full"  # what a rematerialised layer keeps (REMAT_POLICIES, MaxText's names)
+    attention: str = "auto"  # "xla", or a fused kernel: "cudnn" (GPU), "splash" (TPU); "auto": the platform's
     scan_layers: bool = True
     z_loss: float = 1e-4
     grad_accum_dtype: str = "bfloat16"  # the original's gradient accumulator (with gradient_accumulation_steps > 1)
@@ -225,6 +232,9 @@ def _check_consistency(c: Config) -> None:
     _require(c.grad_accum_dtype in DTYPES,
              f"config key 'grad_accum_dtype' must be one of {DTYPES}, got '{c.grad_accum_dtype}'")
     _require(c.activation in ACTIVATIONS, f"config key 'activation' must be one of {ACTIVATIONS}, got '{c.activation}'")
+    _require(c.remat_policy in REMAT_POLICIES,
+             f"config key 'remat_policy' must be one of {REMAT_POLICIES}, got '{c.remat_policy}'")
+    _require(c.attention in ATTENTION, f"config key 'attention' must be one of {ATTENTION}, got '{c.attention}'")
     _require(c.norm == "layernorm", f"config key 'norm' must be 'layernorm', got '{c.norm}'")
     for key in ("layers", "d_model", "n_heads", "n_vocab", "seq", "cores_per_replica", "per_replica_batch",
                 "gradient_accumulation_steps", "window_size", "log_every", "d_head", "d_ff", "tpu_size",

@@ -22,8 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 
+from mtj.attention import fused, implementation
 from mtj.config import Config
 from mtj.ops import einsum_f32
 from mtj.sharding import constrain, rules, row_parallel_sum
@@ -82,6 +84,13 @@ def rotary(x: jax.Array, positions: jax.Array, dims: int, base: float, interleav
     return jnp.concatenate([out.astype(x.dtype), rest], axis=-1)
 
 
+REMAT_POLICIES = {  # mtj.config.REMAT_POLICIES
+    "full": jax.checkpoint_policies.nothing_saveable,
+    # (by name: the projections run in einsum_f32, whose custom VJP hides its dots from dot-based policies)
+    "minimal": jax.checkpoint_policies.save_only_these_names("q_proj", "k_proj", "v_proj", "mlp_in", "out_proj"),
+    "save_qkv_proj": jax.checkpoint_policies.save_only_these_names("q_proj", "k_proj", "v_proj"),
+}
+
 ACTIVATIONS = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
@@ -128,11 +137,13 @@ class Attention(nnx.Module):
         bias = getattr(self, f"{name}_bias", None)
         return None if bias is None else bias[...]
 
-    def __call__(self, h: jax.Array, positions: jax.Array, mask: jax.Array, kv: KV | None = None,
-                 index: jax.Array | int = 0) -> tuple[tuple[jax.Array, jax.Array], KV | None]:
+    def __call__(self, h: jax.Array, positions: jax.Array, mask: jax.Array | None, kv: KV | None = None,
+                 index: jax.Array | int = 0, is_local: jax.Array | bool = False
+                 ) -> tuple[tuple[jax.Array, jax.Array], KV | None]:
         """((attention output, output projection), updated cache): the block applies the projection, so that
         a parallel block reduces both branches over mp at once. With a cache the new keys/values are written
-        at slot `index` and the queries attend to all its S slots."""
+        at slot `index` and the queries attend to all its S slots. Without a mask (a full causal sequence)
+        a fused kernel attends (`mtj.attention`), windowed where `is_local`."""
         cfg = self.cfg
         B, T, _ = h.shape
         H, Dh = cfg.n_heads, cfg.head_dim
@@ -140,12 +151,19 @@ class Attention(nnx.Module):
             y = dense(h, self.qkv[...], self._bias("qkv")).reshape(B, T, 3, H, Dh)
             q, k, v = y[:, :, 0], y[:, :, 1], y[:, :, 2]
         else:
-            q, k, v = (constrain(dense(h, getattr(self, n)[...], self._bias(n)).reshape(B, T, H, Dh),
-                                 "batch", "seq", "heads", "head_dim") for n in "qkv")
+            q, k, v = (constrain(checkpoint_name(dense(h, getattr(self, n)[...], self._bias(n)), f"{n}_proj")
+                                 .reshape(B, T, H, Dh), "batch", "seq", "heads", "head_dim") for n in "qkv")
         if cfg.family.rotary:
             interleaved = cfg.family.rotary == "interleaved"
             q = rotary(q, positions, cfg.rotary_dims, cfg.rotary_base, interleaved)
             k = rotary(k, positions, cfg.rotary_dims, cfg.rotary_base, interleaved)
+        if mask is None:
+            kernel, scale = implementation(cfg, T), 1 / math.sqrt(Dh) if cfg.family.scale_scores else 1.0
+            attend = lambda window: fused(q, k, v, kernel, scale, window).reshape(B, T, H * Dh)  # noqa: E731
+            if not cfg.family.local_attention:
+                return (attend(None), self.o[...]), None
+            out = jax.lax.cond(is_local, lambda: attend(cfg.window_size), lambda: attend(None))
+            return (out, self.o[...]), None
         if kv is not None and jnp.ndim(index) == 1:  # one slot per row (T == 1): rows of a decode engine
             rows = jnp.arange(B)
             kv = (kv[0].at[rows, :, index].set(k[:, 0].astype(kv[0].dtype)),
@@ -178,7 +196,7 @@ class MLP(nnx.Module):
 
     def __call__(self, h: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(hidden activations, output projection): the block applies the projection (see Attention)."""
-        y = ACTIVATIONS[self.activation](dense(h, self.fc_in[...], self.fc_in_bias[...]))
+        y = ACTIVATIONS[self.activation](checkpoint_name(dense(h, self.fc_in[...], self.fc_in_bias[...]), "mlp_in"))
         return constrain(y, "batch", "seq", "mlp"), self.fc_out[...]
 
 
@@ -193,21 +211,21 @@ class Block(nnx.Module):
         if cfg.family.second_norm:
             self.ln_2 = LayerNorm(cfg, rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, kv: KV | None = None,
-                 index: jax.Array | int = 0) -> tuple[jax.Array, KV | None]:
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None, kv: KV | None = None,
+                 index: jax.Array | int = 0, is_local: jax.Array | bool = False) -> tuple[jax.Array, KV | None]:
         attn_bias = self.attn.o_bias[...] if hasattr(self.attn, "o_bias") else jnp.zeros(x.shape[-1:], jnp.float32)
         mlp_bias = self.mlp.fc_out_bias[...]
         h = self.ln_1(x)
         if self.parallel:
             # Both branches' output projections are reduced over mp together: one all-reduce per layer, not two.
             h2 = self.ln_2(x) if hasattr(self, "ln_2") else h
-            attn, kv = self.attn(h, positions, mask, kv, index)
-            y = row_parallel_sum([attn, self.mlp(h2)])
+            attn, kv = self.attn(h, positions, mask, kv, index, is_local)
+            y = checkpoint_name(row_parallel_sum([attn, self.mlp(h2)]), "out_proj")
             x = x + scale_shift(y, None, attn_bias + mlp_bias).astype(x.dtype)
         else:
-            attn, kv = self.attn(h, positions, mask, kv, index)
-            x = x + scale_shift(row_parallel_sum([attn]), None, attn_bias).astype(x.dtype)
-            y = row_parallel_sum([self.mlp(self.ln_2(x))])
+            attn, kv = self.attn(h, positions, mask, kv, index, is_local)
+            x = x + scale_shift(checkpoint_name(row_parallel_sum([attn]), "out_proj"), None, attn_bias).astype(x.dtype)
+            y = checkpoint_name(row_parallel_sum([self.mlp(self.ln_2(x))]), "out_proj")
             x = x + scale_shift(y, None, mlp_bias).astype(x.dtype)
         return constrain(x, "batch", "seq", "embed"), kv
 
@@ -288,13 +306,17 @@ class Transformer(nnx.Module):
             states = None if cfg.scan_layers and not isinstance(cache, list) else \
                 [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(cfg.layers)]
 
+        # A full causal sequence may go to a fused kernel, which builds its own mask.
+        plain = cache is None and key_valid is None and isinstance(index, int) and index == 0
+        use_mask = not plain or implementation(cfg, T) == "xla"
+
         def step(x: jax.Array, layer: tuple) -> tuple[jax.Array, KV | None]:
             state, is_local, kv = layer
-            mask = jnp.where(is_local, causal & window, causal)
-            return nnx.merge(graph, state)(x, positions, mask, kv, index)
+            mask = jnp.where(is_local, causal & window, causal) if use_mask else None
+            return nnx.merge(graph, state)(x, positions, mask, kv, index, is_local)
 
-        if cfg.remat:
-            step = jax.checkpoint(step, policy=jax.checkpoint_policies.nothing_saveable)
+        if cfg.remat and cfg.remat_policy != "none":
+            step = jax.checkpoint(step, policy=REMAT_POLICIES[cfg.remat_policy])
         local = jnp.asarray(local_layers(cfg))
         if states is None:
             x, cache = jax.lax.scan(step, x, (stacked, local, cache))

@@ -79,3 +79,16 @@ def test_fixes_are_tried_cheapest_first_and_keep_tokens_per_step():
         c = cfg.replace(**fixes)
         assert c.gradient_accumulation_steps * c.per_replica_batch * (8 // c.mp) == tokens, fixes
     assert larger_topologies("v3-8") == ["v3-32", "v3-64", "v3-128", "v3-256"]
+
+
+def test_the_remat_policy_table_orders_memory_as_the_policies_promise():
+    from mtj.compile_check import remat_table
+
+    # (large enough that the differences show in GiB rounded to 0.01)
+    cfg = Config(layers=4, d_model=256, n_heads=8, n_vocab=512, seq=1024, per_replica_batch=8, dtype="float32",
+                 attention="xla")
+    rows = {r["remat_policy"]: r["temporaries_gib"] for r in remat_table(cfg, "cpu-1")}
+    assert set(rows) == {"off", "full", "minimal", "save_qkv_proj", "none"}
+    # Keeping everything costs what no remat does; recomputing everything costs least; the others between.
+    assert rows["none"] == pytest.approx(rows["off"], rel=0.05)
+    assert rows["full"] < rows["save_qkv_proj"] <= rows["minimal"] < rows["off"]

@@ -9,7 +9,7 @@ import sys
 os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v3-8")  # quiets libtpu's host probing; the topology is explicit
 os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 
-from mtj.compile_check import check
+from mtj.compile_check import check, remat_table
 from mtj.config import load_config
 from mtj.cli import HelpFormatter, run
 
@@ -33,10 +33,14 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="one JSON object")
     ap.add_argument("--no-advice", action="store_true", help="do not search for fixes when it does not fit")
     ap.add_argument("--no-decode", action="store_true", help="do not also compile generation")
+    ap.add_argument("--remat-policies", action="store_true",
+                    help="also compile the step under each remat_policy (and without remat): a memory table")
     ap.add_argument("overrides", nargs="*", help="config key=value overrides, e.g. remat=true")
     args = ap.parse_args()
-    r = check(load_config(args.config, args.overrides), args.topology, advise=not args.no_advice,
-              decode=not args.no_decode)
+    cfg = load_config(args.config, args.overrides)
+    r = check(cfg, args.topology, advise=not args.no_advice, decode=not args.no_decode)
+    if args.remat_policies:
+        r["remat_policies"] = remat_table(cfg, args.topology)
     if args.json:
         print(json.dumps(r))
         sys.exit(0 if r["fits"] else 1)
@@ -49,6 +53,10 @@ def main() -> None:
         d = r["decode"]
         print(f"decode (batch {d['batch']}, {d['prompt']} + {d['new_tokens']} tokens): "
               + (memory(d) if d["fits"] else d["error"]) + f": {'fits' if d['fits'] else 'does not fit'}")
+    if "remat_policies" in r:
+        print(f"{'remat_policy':14s}{'temporaries GiB':>16s}{'total GiB':>11s}  fits")
+        for row in r["remat_policies"]:
+            print(f"{row['remat_policy']:14s}{row['temporaries_gib']!s:>16s}{row['total_gib']!s:>11s}  {row['fits']}")
     if r.get("fixes"):
         print(f"fits with: {overrides(r['fixes'])}   (mesh {r['fixed']['mesh']}, total {r['fixed']['total_gib']} GiB)")
     elif not r["fits"] and not args.no_advice:

@@ -1,0 +1,95 @@
+"""Fused causal attention kernels for full sequences (training, evaluation): cuDNN flash attention on GPU
+through `jax.nn.dot_product_attention`, Pallas splash attention on TPU. Neither materialises the [B, H, T, T]
+scores. The model's own einsum attention (`mtj.model.Attention`) stays the path for CPUs, for decoding with a
+KV cache and for left-padded batches.
+
+Off their platform the kernels run as references: `jax.nn.dot_product_attention`'s XLA implementation for
+"cudnn", Pallas interpret mode for "splash" (slow; what the CPU tests compare against the einsum path).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+from jax.sharding import PartitionSpec as P
+
+from mtj.config import Config, ConfigError
+
+KERNEL_PLATFORM = {"cudnn": "gpu", "splash": "tpu"}
+SPLASH_BLOCK = 512  # the largest query/key tile; a sequence must be a multiple of the tile used
+
+
+def platform() -> str:
+    """Where the traced program will run: the devices of the mesh set with `jax.set_mesh` (an ahead-of-time
+    compile for a TPU topology runs on a CPU host), else JAX's default backend."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    return jax.default_backend() if device is None else device.platform
+
+
+def _splash_compiles() -> bool:
+    """Mosaic compiles splash for TPU v4 and later; for v2/v3 it refuses its bf16 matmuls (libtpu 0.0.52)."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    return device is None or not device.device_kind.startswith(("TPU v2", "TPU v3"))
+
+
+def implementation(cfg: Config, seq: int) -> str:
+    """The attention a full sequence of `seq` tokens runs: the config's `attention`, with "auto" the platform's
+    kernel where there is one ("cudnn" on GPU for 16-bit compute, "splash" on TPU v4 and later), else "xla"."""
+    choice, where = cfg.attention, platform()
+    if choice == "auto":
+        choice = ("cudnn" if where == "gpu" and cfg.dtype in ("bfloat16", "float16")
+                  else "splash" if where == "tpu" and _splash_compiles() else "xla")
+    if choice == "splash" and where == "tpu" and not _splash_compiles():
+        raise ConfigError("attention 'splash' does not compile for TPU v2/v3 (Mosaic refuses its bf16 matmuls); "
+                         "set attention=xla or auto")
+    return "xla" if choice == "splash" and not _splash_block(seq) else choice
+
+
+def _splash_block(seq: int) -> int:
+    """The tile splash runs `seq` tokens in (it must divide them and be a multiple of 128), or 0: none fits."""
+    block = math.gcd(seq, SPLASH_BLOCK)
+    return block if block % 128 == 0 else 0
+
+
+def fused(q: jax.Array, k: jax.Array, v: jax.Array, kernel: str, scale: float, window: int | None) -> jax.Array:
+    """Causal attention of q, k, v [B, T, H, Dh] -> [B, T, H, Dh]; `window`: keys within window-1 positions
+    before the query only (GPT-Neo's local layers)."""
+    interpret = platform() != KERNEL_PLATFORM[kernel]
+    if kernel == "cudnn":
+        return jax.nn.dot_product_attention(
+            q, k, v, scale=scale, is_causal=True, local_window_size=None if window is None else (window - 1, 0),
+            implementation="xla" if interpret else "cudnn")
+    return _splash(q, k, v, scale, window, interpret)
+
+
+def _splash(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, window: int | None, interpret: bool) -> jax.Array:
+    B, T, H, Dh = q.shape
+    block = _splash_block(T)
+
+    def per_device(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        kernel = _splash_kernel(T, q.shape[2], block, window, interpret)
+        heads_major = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731  [b, h, T, Dh]: the kernel's layout
+        out = jax.vmap(kernel)(heads_major(q * jnp.asarray(scale, q.dtype)), heads_major(k), heads_major(v))
+        return heads_major(out)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return per_device(q, k, v)
+    # A Pallas kernel sees one device's block: batch over dp, heads over mp (as RULES place them).
+    spec = P("dp" if B % mesh.shape["dp"] == 0 else None, None, "mp", None)
+    return jax.shard_map(per_device, in_specs=(spec,) * 3, out_specs=spec, axis_names={"dp", "mp"},
+                         check_vma=False)(q, k, v)
+
+
+def _splash_kernel(seq: int, heads: int, block: int, window: int | None, interpret: bool) -> splash.SplashAttentionKernel:
+    # Made per trace, not cached: it holds its mask tables as arrays of the trace that made it.
+    shape = (seq, seq)
+    mask = splash_mask.CausalMask(shape) if window is None else splash_mask.LocalMask(shape, (window - 1, 0), 0)
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                              block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    return splash.make_splash_mha(splash_mask.MultiHeadMask([mask] * heads), block_sizes=sizes, head_shards=1,
+                                  q_seq_shards=1, interpret=interpret)
