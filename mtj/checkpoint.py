@@ -275,10 +275,12 @@ class Model:
     step_dir: epath.Path
 
 
-def restore_model(ckpt: PathLike, mesh: Mesh, **overrides: Any) -> Model:
-    """The newest step of `ckpt` that restores, onto `mesh`; `overrides` replace config keys."""
+def restore_model(ckpt: PathLike, mesh: Mesh, adjust: Callable[[Config], Config] = lambda cfg: cfg,
+                  **overrides: Any) -> Model:
+    """The newest step of `ckpt` that restores, onto `mesh`; `overrides` replace config keys, then `adjust`
+    may change the config (the weights are restored in its param_dtype)."""
     def restore(step_dir: epath.Path) -> Model:
-        cfg = read_config(step_dir).replace(cores_per_replica=mesh.shape["mp"], **overrides)
+        cfg = adjust(read_config(step_dir).replace(cores_per_replica=mesh.shape["mp"], **overrides))
         return Model(cfg, restore_params(step_dir, cfg, mesh), read_tokenizer(step_dir), step_dir)
 
     return restore_newest(ckpt, restore)[0]

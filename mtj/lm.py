@@ -82,23 +82,34 @@ def truncate_at_stop(text: str, stop: str | Sequence[str] | None) -> str:
     return text[:cut]
 
 
+def inference_config(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """What a loaded model runs with. On accelerators the weights are held in the compute dtype, unless
+    `param_dtype` is given: decoding reads every weight once per token, so fp32 masters would double its
+    memory traffic (and each step would cast them). On CPU they stay in param_dtype: XLA:CPU gathers from a
+    bf16 embedding table by converting all of it first, and its bf16 matmuls convert too."""
+    if "param_dtype" in overrides or jax.default_backend() == "cpu":
+        return cfg
+    return cfg.replace(param_dtype=cfg.dtype)
+
+
 def load(path: PathLike, mp: int = 1, **overrides: Any) -> LM:
     """Load our checkpoint (model_dir or step dir) or an HF directory onto `mp` devices.
 
-    `overrides` replace config keys, e.g. dtype="float32".
+    `overrides` replace config keys, e.g. dtype="float32"; the weights' dtype is `inference_config`'s.
     """
     path = user_path(path)
     # One replica; on several processes one per process, so that every process holds its part.
     mesh = make_mesh(mp=mp, dp=jax.process_count())
     if convert.is_hf_dir(path):
         with local_copy(path) as local:  # safetensors are memory-mapped: a bucket's directory is downloaded
-            cfg = convert.config_from_hf(convert.read_hf_config(local), cores_per_replica=mp, **overrides)
+            cfg = inference_config(convert.config_from_hf(convert.read_hf_config(local), cores_per_replica=mp,
+                                                          **overrides), overrides)
             params = place(convert.hf_to_params(convert.HFTensors(local, cfg), cfg), param_shardings(cfg, mesh),
                            cfg.param_dtype)
             tok = find_tokenizer_files(local)
         return LM(cfg, params, mesh, Tokenizer(tok) if tok else None)
     if checkpoint.is_checkpoint(path):
-        model = checkpoint.restore_model(path, mesh, **overrides)
+        model = checkpoint.restore_model(path, mesh, lambda cfg: inference_config(cfg, overrides), **overrides)
         return LM(model.cfg, model.params, mesh, model.tokenizer)
     raise FileNotFoundError(f"{path} is neither an mtj checkpoint (step_N directories) nor a Hugging Face "
                             "model directory (config.json + *.safetensors)")
