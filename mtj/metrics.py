@@ -22,7 +22,8 @@ from mtj.paths import PathLike, files_under, is_remote, user_path, write_atomic
 
 # Dense bf16 peak FLOP/s per JAX device (a TPU v2/v3 device is one core).
 PEAK_FLOPS = {"TPU v2": 22.5e12, "TPU v3": 61.5e12, "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
-              "TPU v5p": 459e12, "TPU v6 lite": 918e12, "NVIDIA A100": 312e12, "NVIDIA H100": 989e12}
+              "TPU v5p": 459e12, "TPU v6 lite": 918e12, "NVIDIA A100": 312e12, "NVIDIA H100": 989e12,
+              "NVIDIA H200": 989e12}
 
 
 def flops_per_token(cfg: Config) -> float:
