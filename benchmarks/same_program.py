@@ -1,0 +1,90 @@
+#!/usr/bin/env python
+"""Do two commits compile to the same programs? Compares the optimized HLO of the train step and of greedy
+decoding (fp32 and bf16, batch 1 and 8; the throughput benchmarks' model) between two git revisions, with
+source locations stripped. Identical programs run at the same speed whatever a noisy machine's timings say,
+so a refactoring that should cost nothing can be checked exactly.
+
+    python benchmarks/same_program.py a2ed7b0 HEAD
+"""
+
+import argparse
+import difflib
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def dump(out: Path) -> None:
+    """(In a child process, from the revision's tree) write each program's cleaned HLO under `out`."""
+    import jax
+    import jax.numpy as jnp
+
+    from mtj.config import Config
+    from mtj.generate import Generator
+    from mtj.model import init_params
+    from mtj.sharding import make_mesh
+    from mtj.train import Trainer
+
+    out.mkdir(parents=True, exist_ok=True)
+    mesh = make_mesh(mp=1, dp=1)
+    sds = jax.ShapeDtypeStruct
+    for dtype in ("float32", "bfloat16"):
+        cfg = Config(layers=4, d_model=256, n_heads=8, n_vocab=50400, pe_rotary_dims=16, seq=256, per_replica_batch=8,
+                     dtype=dtype, z_loss=0.0, warmup_steps=1, scan_layers=False, remat=False)
+        trainer = Trainer(cfg, mesh)
+        batch = sds((1, 8, cfg.seq + 1), jnp.int32, sharding=trainer.batch_sharding)
+        with jax.set_mesh(mesh):
+            (out / f"train_{dtype}.hlo").write_text(clean(trainer._step.lower(trainer.abstract_state, batch).compile().as_text()))
+        params = jax.jit(lambda k: init_params(cfg, k))(jax.random.key(0))
+        gen = Generator(cfg.replace(seq=512), params, mesh, eos_id=0)
+        for b in (1, 8):
+            args = (sds((b, 32), jnp.int32), sds((b, 32), bool), sds((), jnp.int32), sds((b,), jnp.float32),
+                    sds((b,), jnp.int32), sds((b,), jnp.float32), sds((b,), jnp.uint32), sds((), jnp.int32))
+            with jax.set_mesh(mesh):
+                text = gen._fn(128, streaming=False, greedy=True).lower(params, None, *args).compile().as_text()
+            (out / f"decode_{dtype}_b{b}.hlo").write_text(clean(text))
+
+
+def clean(hlo: str) -> str:
+    """The program without what names source files and lines (tables of files, functions and stack frames)."""
+    lines = [line for line in hlo.splitlines()
+             if not re.match(r"^\d+ ", line) and not line.startswith(("HloModule", "FileNames", "FunctionNames",
+                                                                       "FileLocations", "StackFrames"))]
+    return re.sub(r", (metadata=\{[^}]*\}|stack_frame_id=\d+)", "", "\n".join(lines))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("revisions", nargs=2, help="two git revisions of this repository")
+    ap.add_argument("--dump", nargs=2, help=argparse.SUPPRESS)  # the child's mode: TREE OUT
+    args = ap.parse_args()
+    if args.dump:
+        sys.path.insert(0, args.dump[0])  # mtj from the revision's tree
+        dump(Path(args.dump[1]))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        outs = []
+        for i, rev in enumerate(args.revisions):
+            tree, out = Path(tmp) / f"tree{i}", Path(tmp) / f"hlo{i}"
+            subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", str(tree), rev], check=True)
+            try:
+                subprocess.run([sys.executable, __file__, *args.revisions, "--dump", str(tree), str(out)], check=True)
+            finally:
+                subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], check=True)
+            outs.append(out)
+        same = True
+        for a in sorted(outs[0].glob("*.hlo")):
+            b = outs[1] / a.name
+            x, y = a.read_text().splitlines(), b.read_text().splitlines()
+            diff = [d for d in difflib.unified_diff(x, y, lineterm="", n=0) if d[:1] in "+-" and d[:3] not in ("+++", "---")]
+            same &= not diff
+            print(f"{a.stem:22s} {'identical' if not diff else f'{len(diff)} lines differ'} ({len(x)} lines)")
+        print(f"{args.revisions[0]} and {args.revisions[1]}: " + ("the same programs" if same else "different programs"))
+
+
+if __name__ == "__main__":
+    main()
