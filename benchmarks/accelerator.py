@@ -62,8 +62,8 @@ def mtj_parts(args, preset: dict) -> dict:
 
     keys = {k: v for k, v in preset.items() if k != "batch"}
     cfg = Config(**keys, per_replica_batch=preset["batch"], dtype="bfloat16", z_loss=0.0, warmup_steps=1,
-                 remat=args.remat_policy != "off", remat_policy="full" if args.remat_policy == "off" else args.remat_policy,
-                 attention=args.attention)
+                 attention=args.attention,
+                 **({"remat": False} if args.remat_policy == "off" else {"remat": True, "remat_policy": args.remat_policy}))
     out = {}
     trainer = Trainer(cfg, make_mesh(mp=1, dp=1))
     state = [trainer.init()]

@@ -160,9 +160,8 @@ class Attention(nnx.Module):
         if mask is None:
             kernel, scale = implementation(cfg, T), 1 / math.sqrt(Dh) if cfg.family.scale_scores else 1.0
             attend = lambda window: fused(q, k, v, kernel, scale, window).reshape(B, T, H * Dh)  # noqa: E731
-            if not cfg.family.local_attention:
-                return (attend(None), self.o[...]), None
-            out = jax.lax.cond(is_local, lambda: attend(cfg.window_size), lambda: attend(None))
+            out = (jax.lax.cond(is_local, lambda: attend(cfg.window_size), lambda: attend(None))
+                   if cfg.family.local_attention else attend(None))
             return (out, self.o[...]), None
         if kv is not None and jnp.ndim(index) == 1:  # one slot per row (T == 1): rows of a decode engine
             rows = jnp.arange(B)
@@ -303,8 +302,8 @@ class Transformer(nnx.Module):
             graph, states = nnx.split(self.layers[0])[0], [nnx.split(b)[1] for b in self.layers]
         else:
             graph, stacked = nnx.split(self.layers)
-            states = None if cfg.scan_layers and not isinstance(cache, list) else \
-                [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(cfg.layers)]
+            scanned = cfg.scan_layers and not isinstance(cache, list)
+            states = None if scanned else [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(cfg.layers)]
 
         # A full causal sequence may go to a fused kernel, which builds its own mask.
         plain = cache is None and key_valid is None and isinstance(index, int) and index == 0
@@ -365,12 +364,17 @@ def local_layers(cfg: Config) -> np.ndarray:
 _GRAPHS: dict[tuple, tuple[nnx.GraphDef, nnx.State]] = {}
 
 
+def _logical_rules(cfg: Config) -> Any:
+    """Flax's logical-axis context for the rules table (`cfg.fsdp` adds dp)."""
+    return nnx.logical_axis_rules(list(rules(cfg.fsdp).items()))
+
+
 def abstract_model(cfg: Config, stacked: bool = True, fused_qkv: bool = False,
                    tied: bool | None = None) -> tuple[nnx.GraphDef, nnx.State]:
     """The module graph and its abstract state (shapes, dtypes and sharding annotations; nothing allocated)."""
     key = (repr(cfg), stacked, fused_qkv, tied)
     if key not in _GRAPHS:
-        with nnx.logical_axis_rules(list(rules(cfg.fsdp).items())):  # (under a mesh eval_shape places by them)
+        with _logical_rules(cfg):  # (under a mesh eval_shape places by them)
             _GRAPHS[key] = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0), stacked, fused_qkv, tied)))
     return _GRAPHS[key]
 
@@ -412,7 +416,7 @@ def param_axes(cfg: Config) -> Params:
 def param_shardings(cfg: Config, mesh: Mesh) -> Params:
     """Every parameter's NamedSharding on `mesh`: its annotation through the rules table (`cfg.fsdp` adds dp)."""
     _, state = abstract_model(cfg)
-    with nnx.logical_axis_rules(list(rules(cfg.fsdp).items())):
+    with _logical_rules(cfg):
         return nnx.to_pure_dict(nnx.get_named_sharding(state, mesh))
 
 
