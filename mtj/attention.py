@@ -17,7 +17,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 from jax.sharding import PartitionSpec as P
 
-from mtj.config import Config, ConfigError
+from mtj.config import Config
 
 KERNEL_PLATFORM = {"cudnn": "gpu", "splash": "tpu"}
 SPLASH_BLOCK = 512  # the largest query/key tile; a sequence must be a multiple of the tile used
@@ -30,22 +30,22 @@ def platform() -> str:
     return jax.default_backend() if device is None else device.platform
 
 
-def _splash_compiles() -> bool:
-    """Mosaic compiles splash for TPU v4 and later; for v2/v3 it refuses its bf16 matmuls (libtpu 0.0.52)."""
+def _tpu_before_v4() -> bool:
+    """TPU v2/v3: Mosaic refuses bf16 matmuls in a kernel there ("Unsupported matmul RHS type", libtpu 0.0.52)
+    and compiles fp32 ones."""
     device = jax.sharding.get_abstract_mesh().abstract_device
-    return device is None or not device.device_kind.startswith(("TPU v2", "TPU v3"))
+    return device is not None and device.device_kind.startswith(("TPU v2", "TPU v3"))
 
 
 def implementation(cfg: Config, seq: int) -> str:
     """The attention a full sequence of `seq` tokens runs: the config's `attention`, with "auto" the platform's
-    kernel where there is one ("cudnn" on GPU for 16-bit compute, "splash" on TPU v4 and later), else "xla"."""
+    kernel where there is one ("cudnn" on GPU for 16-bit compute, "splash" on TPU v4 and later), else "xla".
+    On TPU v2/v3 `attention=splash` runs the kernel on fp32 operands: slower matmuls than XLA's bf16 ones, but
+    no [B, H, T, T] scores in memory; so there `auto` keeps XLA and splash is the memory choice."""
     choice, where = cfg.attention, platform()
     if choice == "auto":
         choice = ("cudnn" if where == "gpu" and cfg.dtype in ("bfloat16", "float16")
-                  else "splash" if where == "tpu" and _splash_compiles() else "xla")
-    if choice == "splash" and where == "tpu" and not _splash_compiles():
-        raise ConfigError("attention 'splash' does not compile for TPU v2/v3 (Mosaic refuses its bf16 matmuls); "
-                         "set attention=xla or auto")
+                  else "splash" if where == "tpu" and not _tpu_before_v4() else "xla")
     return "xla" if choice == "splash" and not _splash_block(seq) else choice
 
 
@@ -70,11 +70,14 @@ def _splash(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, window: int 
     B, T, H, Dh = q.shape
     block = _splash_block(T)
 
+    operands = jnp.float32 if _tpu_before_v4() else q.dtype
+
     def per_device(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
         kernel = _splash_kernel(T, q.shape[2], block, window, interpret)
-        heads_major = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731  [b, h, T, Dh]: the kernel's layout
+        # [b, h, T, Dh]: the kernel's layout
+        heads_major = lambda x: x.transpose(0, 2, 1, 3).astype(operands)  # noqa: E731
         out = jax.vmap(kernel)(heads_major(q * jnp.asarray(scale, q.dtype)), heads_major(k), heads_major(v))
-        return heads_major(out)
+        return out.transpose(0, 2, 1, 3).astype(q.dtype)
 
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:

@@ -92,3 +92,16 @@ def test_the_remat_policy_table_orders_memory_as_the_policies_promise():
     # Keeping everything costs what no remat does; recomputing everything costs least; the others between.
     assert rows["none"] == pytest.approx(rows["off"], rel=0.05)
     assert rows["full"] < rows["save_qkv_proj"] <= rows["minimal"] < rows["off"]
+
+
+@needs_libtpu
+@pytest.mark.parametrize("topology", ["v3-8", "v5e-8"])
+def test_splash_attention_compiles_for_tpu_and_keeps_no_score_matrices(topology):
+    # Mosaic refuses bf16 matmuls in a kernel on v2/v3, so there splash runs on fp32 operands; it compiles and,
+    # like on v5e, frees the [batch, heads, seq, seq] scores that XLA's attention keeps for the backward pass.
+    small = ("--config", "configs/6B_roto_256.json", "--topology", topology, "--no-decode", "--no-advice",
+             "layers=2", "d_model=1024", "n_heads=8", "n_vocab=1024", "remat=false", "per_replica_batch=8",
+             "gradient_accumulation_steps=1")
+    xla, splash = run(*small, "attention=xla"), run(*small, "attention=splash")
+    scores_per_layer = 8 * 1 * 2048 * 2048 * 4 / 2**30  # batch 8, one head per device (mp 8), fp32
+    assert splash["temporaries_gib"] < xla["temporaries_gib"] - scores_per_layer
