@@ -138,12 +138,14 @@ class Attention(nnx.Module):
         return None if bias is None else bias[...]
 
     def __call__(self, h: jax.Array, positions: jax.Array, mask: jax.Array | None, kv: KV | None = None,
-                 index: jax.Array | int = 0, is_local: jax.Array | bool = False
+                 index: jax.Array | int = 0, is_local: jax.Array | bool = False, layer: jax.Array | int | None = None
                  ) -> tuple[tuple[jax.Array, jax.Array], KV | None]:
         """((attention output, output projection), updated cache): the block applies the projection, so that
         a parallel block reduces both branches over mp at once. With a cache the new keys/values are written
-        at slot `index` and the queries attend to all its S slots. Without a mask (a full causal sequence)
-        a fused kernel attends (`mtj.attention`), windowed where `is_local`."""
+        at slot `index` and the queries attend to its first mask.shape[-1] slots; `layer`: the cache is every
+        layer's, stacked, and this is layer `layer` (written in place: no copy of the layer's cache per step).
+        Without a mask (a full causal sequence) a fused kernel attends (`mtj.attention`), windowed where
+        `is_local`."""
         cfg = self.cfg
         B, T, _ = h.shape
         H, Dh = cfg.n_heads, cfg.head_dim
@@ -163,16 +165,10 @@ class Attention(nnx.Module):
             out = (jax.lax.cond(is_local, lambda: attend(cfg.window_size), lambda: attend(None))
                    if cfg.family.local_attention else attend(None))
             return (out, self.o[...]), None
-        if kv is not None and jnp.ndim(index) == 1:  # one slot per row (T == 1): rows of a decode engine
-            rows = jnp.arange(B)
-            kv = (kv[0].at[rows, :, index].set(k[:, 0].astype(kv[0].dtype)),
-                  kv[1].at[rows, :, index].set(v[:, 0].astype(kv[1].dtype)))
-            span = mask.shape[-1]  # the rows attend to the cache's first `span` slots only (it may be wider)
-            k, v = kv[0][:, :, :span].astype(q.dtype), kv[1][:, :, :span].astype(q.dtype)
-        elif kv is not None:  # the cache is heads-major, [B, H, S, Dh], so attention reads it without a transpose
-            k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.transpose(0, 2, 1, 3).astype(kv[0].dtype), index, axis=2)
-            v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.transpose(0, 2, 1, 3).astype(kv[1].dtype), index, axis=2)
-            kv = (k, v)
+        if kv is not None:  # the cache is heads-major, [B, H, S, Dh], so attention reads it without a transpose
+            kv = (_cache_write(kv[0], k, index, layer), _cache_write(kv[1], v, index, layer))
+            span = mask.shape[-1]  # the rows may attend to a prefix of the cache
+            k, v = ((c if layer is None else c[layer])[:, :, :span].astype(q.dtype) for c in kv)
         else:
             k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         scores = jnp.einsum("bthd,bhsd->bhts", q, k, preferred_element_type=jnp.float32)
@@ -182,6 +178,16 @@ class Attention(nnx.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # softmax in fp32
         out = jnp.einsum("bhts,bhsd->bthd", probs, v.astype(probs.dtype)).reshape(B, T, H * Dh)
         return (out, self.o[...]), kv
+
+
+def _cache_write(cache: jax.Array, new: jax.Array, index: jax.Array | int, layer: jax.Array | int | None) -> jax.Array:
+    """`cache` [(layers,) B, H, S, Dh] with `new` [B, T, H, Dh] written from slot `index` (a scalar, or one slot
+    per row [B] for T == 1), in layer `layer` of a stacked cache."""
+    new, lead = new.astype(cache.dtype), () if layer is None else (layer,)
+    if jnp.ndim(index) == 1:
+        return cache.at[(*lead, jnp.arange(new.shape[0]), slice(None), index)].set(new[:, 0])
+    new = new.transpose(0, 2, 1, 3)
+    return jax.lax.dynamic_update_slice(cache, new.reshape((1,) * len(lead) + new.shape), (*lead, 0, 0, index, 0))
 
 
 class MLP(nnx.Module):
@@ -211,18 +217,19 @@ class Block(nnx.Module):
             self.ln_2 = LayerNorm(cfg, rngs)
 
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None, kv: KV | None = None,
-                 index: jax.Array | int = 0, is_local: jax.Array | bool = False) -> tuple[jax.Array, KV | None]:
+                 index: jax.Array | int = 0, is_local: jax.Array | bool = False,
+                 layer: jax.Array | int | None = None) -> tuple[jax.Array, KV | None]:
         attn_bias = self.attn.o_bias[...] if hasattr(self.attn, "o_bias") else jnp.zeros(x.shape[-1:], jnp.float32)
         mlp_bias = self.mlp.fc_out_bias[...]
         h = self.ln_1(x)
         if self.parallel:
             # Both branches' output projections are reduced over mp together: one all-reduce per layer, not two.
             h2 = self.ln_2(x) if hasattr(self, "ln_2") else h
-            attn, kv = self.attn(h, positions, mask, kv, index, is_local)
+            attn, kv = self.attn(h, positions, mask, kv, index, is_local, layer)
             y = checkpoint_name(row_parallel_sum([attn, self.mlp(h2)]), "out_proj")
             x = x + scale_shift(y, None, attn_bias + mlp_bias).astype(x.dtype)
         else:
-            attn, kv = self.attn(h, positions, mask, kv, index, is_local)
+            attn, kv = self.attn(h, positions, mask, kv, index, is_local, layer)
             x = x + scale_shift(checkpoint_name(row_parallel_sum([attn]), "out_proj"), None, attn_bias).astype(x.dtype)
             y = checkpoint_name(row_parallel_sum([self.mlp(self.ln_2(x))]), "out_proj")
             x = x + scale_shift(y, None, mlp_bias).astype(x.dtype)
@@ -268,8 +275,7 @@ class Transformer(nnx.Module):
 
         Query i sits in slot index+i of S key slots (`index` [B]: a slot per row, for T = 1). S = T without a
         cache; with one, S is its length: stacked (k, v) of [layers, B, H, S, Dh], or a list of per-layer (k, v)
-        of [B, H, S, Dh] (updated in place by a decode loop, where slicing a stacked cache would copy it every
-        step); with a slot per row, key_valid may cover a prefix of it. `positions` default to 0..T-1;
+        of [B, H, S, Dh]; with a slot per row, key_valid may cover a prefix of it. `positions` default to 0..T-1;
         `key_valid` [B, S] marks slots holding real (not left-padding) tokens.
         """
         cfg = self.cfg
@@ -310,24 +316,32 @@ class Transformer(nnx.Module):
         use_mask = not plain or implementation(cfg, T) == "xla"
 
         def step(x: jax.Array, layer: tuple) -> tuple[jax.Array, KV | None]:
-            state, is_local, kv = layer
+            """One layer; `kv`: its own cache, or (with index `i`) the stacked cache it writes its layer of."""
+            state, is_local, kv, i = layer
             mask = jnp.where(is_local, causal & window, causal) if use_mask else None
-            return nnx.merge(graph, state)(x, positions, mask, kv, index, is_local)
+            return nnx.merge(graph, state)(x, positions, mask, kv, index, is_local, i)
 
         if cfg.remat and cfg.remat_policy != "none":
             step = jax.checkpoint(step, policy=REMAT_POLICIES[cfg.remat_policy])
         local = jnp.asarray(local_layers(cfg))
-        if states is None:
-            x, cache = jax.lax.scan(step, x, (stacked, local, cache))
-        else:
+        if isinstance(cache, list):  # per-layer caches
             kvs = []
-            for i, state in enumerate(states):
-                kv = cache[i] if isinstance(cache, list) else (None if cache is None else jax.tree.map(lambda a: a[i], cache))
-                x, kv = step(x, (state, local[i], kv))
+            for state, is_local, kv in zip(states, local, cache):
+                x, kv = step(x, (state, is_local, kv, None))
                 kvs.append(kv)
-            if cache is not None and not isinstance(cache, list):
-                kvs = jax.tree.map(lambda *a: jnp.stack(a), *kvs)
-            cache = kvs if cache is not None else None
+            return self.ln_f(x), kvs
+        # A stacked cache is carried whole and each layer writes its slots into it: scanning over it as
+        # xs/ys would copy every layer's cache every step (measured: 4.5x slower decoding, 24 layers).
+        if states is None:
+            def carried(carry: tuple, layer: tuple) -> tuple[tuple, None]:
+                x, cache = carry
+                state, is_local, i = layer
+                return step(x, (state, is_local, cache, i)), None
+
+            (x, cache), _ = jax.lax.scan(carried, (x, cache), (stacked, local, jnp.arange(cfg.layers)))
+        else:
+            for i, state in enumerate(states):
+                x, cache = step(x, (state, local[i], cache, i))
         return self.ln_f(x), cache
 
     def head(self) -> tuple[jax.Array, jax.Array]:
