@@ -194,7 +194,7 @@ def check(cfg: Config, topology: str, advise: bool = True, decode: bool = True) 
         report["fixes"] = {}
         if decode:
             mesh = make_mesh(mp=cfg.mp, devices=devices)
-            report["decode"] = check_decode(cfg, mesh, abstract_params(cfg, mesh), hbm)
+            report["decode"] = check_decode(cfg, mesh, hbm)
     elif advise and hbm is not None:
         found = find_fixes(cfg, devices, hbm)
         if found:
@@ -216,10 +216,13 @@ def remat_table(cfg: Config, topology: str) -> list[dict[str, Any]]:
     return rows
 
 
-def check_decode(cfg: Config, mesh: jax.sharding.Mesh, params: Any, hbm: float | None, batch: int = 8,
+def check_decode(cfg: Config, mesh: jax.sharding.Mesh, hbm: float | None, batch: int = 8,
                  prompt: int = 512, new_tokens: int = 512) -> dict[str, Any]:
-    """Compile generation (prefill + KV-cache decode loop) for `batch` prompts on the same mesh."""
-    inference = cfg.replace(remat=False)
+    """Compile generation (prefill + KV-cache decode loop) for `batch` prompts on the same mesh, with the
+    weights as a model loaded there holds them (`mtj.lm.inference_config`: the compute dtype on TPUs)."""
+    on_cpu = mesh.devices.flat[0].platform == "cpu"
+    inference = cfg.replace(remat=False, param_dtype=cfg.param_dtype if on_cpu else cfg.dtype)
+    params = abstract_params(inference, mesh)
     gen = Generator(inference, params, mesh, eos_id=0)
     sds = jax.ShapeDtypeStruct
     args = (sds((batch, prompt), jnp.int32), sds((batch, prompt), bool), sds((), jnp.int32), sds((batch,), jnp.float32),
