@@ -49,7 +49,10 @@ def topology_devices(name: str) -> tuple[list, float | None]:
     from jax.experimental import topologies
 
     desc, hbm_chip = TOPOLOGIES[name]
-    devices = topologies.get_topology_desc(platform="tpu", topology_name=desc).devices
+    # A v4 chip's two TensorCores run as one JAX device (megacore) on TPU VMs; libtpu's default describes each
+    # core as a device with half the chip's HBM.
+    chip = {"chip_config_name": "megacore"} if desc.startswith("v4") else {}
+    devices = topologies.get_topology_desc(platform="tpu", topology_name=desc, **chip).devices
     chips = math.prod(int(d) for d in desc.split(":")[1].split("x"))
     return list(devices), hbm_chip * GIB * chips / len(devices)
 

@@ -106,3 +106,11 @@ def test_splash_attention_compiles_for_tpu_and_keeps_no_score_matrices(topology)
     xla, splash = run(*small, "attention=xla"), run(*small, "attention=splash")
     scores_per_layer = 8 * 1 * 2048 * 2048 * 4 / 2**30  # batch 8, one head per device (mp 8), fp32
     assert splash["temporaries_gib"] < xla["temporaries_gib"] - scores_per_layer
+
+
+@needs_libtpu
+def test_a_v4_slice_is_compiled_as_its_megacore_devices():
+    # TPU VMs run a v4 chip's two TensorCores as one device with the chip's 32 GiB: a v4-8 is 4 devices.
+    r = run("--config", "configs/6B_roto_256.json", "--topology", "v4-8", "--no-decode", "--no-advice", "layers=2",
+            "d_model=512", "n_heads=8", "n_vocab=1024", "cores_per_replica=4")
+    assert r["devices"] == 4 and r["mesh"] == {"dp": 1, "mp": 4} and r["hbm_per_device_gib"] == 32
