@@ -17,7 +17,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 from jax.sharding import PartitionSpec as P
 
-from mtj.config import Config
+from mtj.config import Config, ConfigError
 
 KERNEL_PLATFORM = {"cudnn": "gpu", "splash": "tpu"}
 SPLASH_BLOCK = 512  # the largest query/key tile; a sequence must be a multiple of the tile used
@@ -39,14 +39,36 @@ def _tpu_before_v4() -> bool:
 
 def implementation(cfg: Config, seq: int) -> str:
     """The attention a full sequence of `seq` tokens runs: the config's `attention`, with "auto" the platform's
-    kernel where there is one ("cudnn" on GPU for 16-bit compute, "splash" on TPU v4 and later), else "xla".
+    kernel where there is one ("cudnn" on CUDA GPUs where it takes the shape, "splash" on TPU v4 and later),
+    else "xla".
     On TPU v2/v3 `attention=splash` runs the kernel on fp32 operands: slower matmuls than XLA's bf16 ones, but
     no [B, H, T, T] scores in memory; so there `auto` keeps XLA and splash is the memory choice."""
     choice, where = cfg.attention, platform()
+    cudnn = where == "gpu" and cudnn_takes(cfg.head_dim, cfg.dtype, _cuda_compute_capability())
     if choice == "auto":
-        choice = ("cudnn" if where == "gpu" and cfg.dtype in ("bfloat16", "float16")
-                  else "splash" if where == "tpu" and not _tpu_before_v4() else "xla")
+        choice = "cudnn" if cudnn else "splash" if where == "tpu" and not _tpu_before_v4() else "xla"
+    if choice == "cudnn" and where == "gpu" and not cudnn:
+        raise ConfigError(
+            f"attention 'cudnn': cuDNN flash attention on this GPU (CUDA compute capability "
+            f"{_cuda_compute_capability() or 'none: not CUDA'}) takes bf16/fp16 with head dims that are multiples of 8, "
+            f"up to 256 from Hopper (9.0) on and 128 before; this model has dtype {cfg.dtype} and head dim "
+            f"{cfg.head_dim}. Set attention=auto or xla")
     return "xla" if choice == "splash" and not _splash_block(seq) else choice
+
+
+def cudnn_takes(head_dim: int, dtype: str, compute_capability: str | None) -> bool:
+    """Whether cuDNN's flash attention runs this shape (JAX's own check, `check_is_flash_attention`): 16-bit
+    compute, a head dim that is a multiple of 8 and at most 256 on Hopper and later, 128 before (so GPT-J-6B's
+    256 is XLA's on an A100). `compute_capability` None: not a CUDA GPU (ROCm has no cuDNN)."""
+    if compute_capability is None or dtype not in ("bfloat16", "float16"):
+        return False
+    hopper = int(compute_capability.split(".")[0]) >= 9
+    return head_dim % 8 == 0 and head_dim <= (256 if hopper else 128)
+
+
+def _cuda_compute_capability() -> str | None:
+    device = jax.devices("gpu")[0]
+    return device.compute_capability if "cuda" in device.client.platform_version.lower() else None
 
 
 def _splash_block(seq: int) -> int:

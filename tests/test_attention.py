@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mtj.attention import implementation
+from mtj.attention import cudnn_takes, implementation
 from mtj.config import Config, ConfigError
 from mtj.model import forward, init_params, param_shardings
 from mtj.sharding import make_mesh
@@ -70,6 +70,23 @@ def test_auto_is_the_einsum_path_on_cpu_and_the_choice_is_checked():
         small("gptj", attention="flash")
     with pytest.raises(ConfigError, match="'remat_policy' must be one of"):
         small("gptj", remat_policy="most")
+
+
+@pytest.mark.parametrize("head_dim", [64, 100, 128, 136, 256])
+def test_auto_picks_cudnn_only_for_shapes_that_jax_lets_through(head_dim):
+    # JAX's own check before it calls cuDNN; without a CUDA device it applies its pre-Hopper limits, which is
+    # how an A100 sees GPT-J-6B's head dim of 256 (our Hopper limit is the same check's other branch).
+    from jax._src.cudnn.fused_attention_stablehlo import AttentionLayout, check_is_flash_attention
+
+    q = jax.ShapeDtypeStruct((2, 256, 4, head_dim), jnp.bfloat16)
+    try:
+        check_is_flash_attention(q, q, q, AttentionLayout.BTNH.value, 91000, has_bias=False, is_training=True)
+        jax_takes = True
+    except NotImplementedError:
+        jax_takes = False
+    assert cudnn_takes(head_dim, "bfloat16", "8.0") == jax_takes
+    assert cudnn_takes(head_dim, "bfloat16", "9.0") == (head_dim % 8 == 0)  # Hopper and later: up to 256
+    assert not cudnn_takes(head_dim, "float32", "9.0") and not cudnn_takes(head_dim, "bfloat16", None)
 
 
 @pytest.mark.parametrize("policy", ["full", "minimal", "save_qkv_proj", "none"])
