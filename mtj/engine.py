@@ -255,7 +255,8 @@ class StaticBatcher(Engine):
 
 
 class SlotEngine(Engine):
-    """Decodes queued requests in `slots` slots (continuous batching); `--engine continuous`."""
+    """Decodes queued requests in `slots` slots (continuous batching); `--engine continuous`. `lm` is given
+    the engine's decode weights (`decode_weights`) in place of its own, so the devices hold one copy."""
 
     def __init__(self, lm: LM, slots: int = 8, max_queue: int = 64, prefill_buckets: list[int] | None = None):
         """`prefill_buckets`: the prompt lengths prefill compiles for (a prompt is padded to the next
@@ -275,6 +276,9 @@ class SlotEngine(Engine):
             zeros = jax.jit(lambda: constrain(jnp.zeros(shape, cache_dtype(cfg)), "batch", "heads", None, None))
             self.cache = [(zeros(), zeros()) for _ in range(cfg.layers)]
             self.params = jax.jit(functools.partial(decode_weights, cfg=cfg))(lm.params)
+        # `lm` (scoring for echo/logprobs, generate_tokens) computes the same values from the decode weights:
+        # sharing them releases its own copy, so serving holds the weights once, not twice.
+        lm.set_params(self.params)
         self._prefill = jax.jit(functools.partial(_prefill, cfg=cfg))
         self._insert = jax.jit(_insert, donate_argnums=0)
         self._decoders: dict[tuple[int, bool], Any] = {}

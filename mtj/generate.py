@@ -122,9 +122,9 @@ def _generate(params: Params, head: Params | None, tokens: jax.Array, valid: jax
         shape = (*layers, B, cfg.n_heads, lengths[0], cfg.head_dim)
         return constrain(jnp.zeros(shape, jnp.dtype(cfg.dtype)), *[None] * len(layers), "batch", "heads", None, None)
 
-    if cfg.layers <= UNROLL_LAYERS:  # per-layer caches updated in place: fastest decoding
+    if cfg.layers <= UNROLL_LAYERS or 0 in params["layers"]:  # per-layer caches: fastest decoding
         cache = [(zeros(), zeros()) for _ in range(cfg.layers)]
-        params = unstack_layers(params, cfg)
+        params = unstack_layers(params, cfg)  # (no-op for weights given per layer, as a SlotEngine's)
     else:  # deep models: scanned layers over a stacked cache keep compile time flat
         cache = (zeros(cfg.layers), zeros(cfg.layers))
     key_valid = jnp.concatenate([valid, jnp.ones((B, new_slots), bool)], axis=1)
@@ -212,7 +212,7 @@ class Generator:
         self._screen_head: Params | None = None
 
     def set_params(self, params: Params) -> None:
-        """New weights of the same shapes and shardings; what is compiled stays."""
+        """New weights of the same model (stacked or per layer); what is compiled stays."""
         with self._lock:
             self.params, self._screen_head = params, None
 

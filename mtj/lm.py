@@ -30,7 +30,8 @@ class LM:
         self.generator = Generator(config, params, mesh, tokenizer.eos_id if tokenizer else None)
 
     def set_params(self, params: Params) -> None:
-        """New weights of the same shapes (training evaluates its current ones); compiled code is kept."""
+        """New weights of the same model (training evaluates its current ones), stacked or per layer (a
+        `SlotEngine`'s decode weights); compiled code is kept."""
         self.params = params
         self.generator.set_params(params)
 

@@ -445,7 +445,10 @@ def unstack_layers(params: Params, cfg: Config) -> Params:
 
     XLA:CPU copies a slice of a stacked weight at every use, so the loop should
     slice once, before it. Without model parallelism the q, k and v kernels are
-    also joined into one "qkv" kernel (one small matmul instead of three)."""
+    also joined into one "qkv" kernel (one small matmul instead of three). Per-layer params come back as
+    they are."""
+    if 0 in params["layers"]:
+        return params
     mesh = jax.sharding.get_abstract_mesh()
     fuse = mesh.empty or mesh.shape.get("mp", 1) == 1
     layers = {}

@@ -1,8 +1,10 @@
 """The continuous-batching engine: slots decode requests of any mix exactly as generate_tokens does."""
 
 import dataclasses
+import gc
 import queue
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -142,3 +144,19 @@ def test_cancelled_and_stopped_rows_free_their_slots(lm):
     assert len(first.tokens) < 200 and second.tokens == lm.generate_tokens([second.ids], 4, temperature=0)[0]
     stopped = lm.decode_new(stopper.tokens)
     assert stopper.stop[0] in stopped and stopper.stop[0] not in lm.decode_new(stopper.tokens[:-1])  # ended right there
+
+
+def test_the_engine_and_its_lm_share_one_copy_of_the_weights(tmp_path):
+    path = hf_gptj(tmp_path / "hf", vocab_size=512, n_positions=64, n_embd=32, n_head=4, rotary_dim=4, n_layer=2)
+    lm = mtj.load(path, dtype="float32")
+    tokens = np.arange(1, 11)[None]
+    logits, generated = lm.logits(tokens), lm.generate_tokens([[1, 2, 3]], 8, temperature=0)
+    stacked = weakref.ref(lm.params["layers"]["attn"]["q"])
+    engine = SlotEngine(lm, slots=2)
+    try:
+        gc.collect()
+        assert stacked() is None and lm.params is engine.params  # the layer-stacked copy is gone
+        np.testing.assert_allclose(lm.logits(tokens), logits, rtol=1e-5, atol=1e-5)
+        assert lm.generate_tokens([[1, 2, 3]], 8, temperature=0) == generated
+    finally:
+        engine.stop()
