@@ -30,7 +30,7 @@ import numpy as np
 
 from mtj.generate import argmax, bucket, sample
 from mtj.lm import LM
-from mtj.model import Params, logits_of, output_head, run_layers, unstack_layers
+from mtj.model import Params, join_qkv, joins_qkv, logits_of, output_head, run_layers
 from mtj.sharding import constrain
 
 
@@ -64,12 +64,42 @@ def decode_weights(params: Params, cfg: Any) -> Params:
     the whole head each token), a tied head as its own kernel, and the layers unstacked (see
     `unstack_layers`: no slice or q/k/v join per step). Biases and LayerNorm parameters enter fp32
     arithmetic and stay; so do the embedding tables, which are gathered from (XLA:CPU gathers from a
-    bf16 table by converting all of it to fp32 first: 50k x 256 took ~10 ms a call)."""
-    cast = jax.tree_util.tree_map_with_path(
-        lambda path, a: a.astype(cfg.dtype) if path[-1].key in COMPUTE_CAST else a, params)
-    if "lm_head" not in cast:
-        cast["lm_head"] = {"kernel": output_head(params, cfg)[0].astype(cfg.dtype)}
-    return unstack_layers(cast, cfg)
+    bf16 table by converting all of it to fp32 first: 50k x 256 took ~10 ms a call).
+
+    Made one layer-stacked array at a time, each deleted once cut into its layers, so that making them
+    takes the weights' memory plus the largest array's, not twice the weights' (a 6B in bf16 on a 24 GB
+    GPU): `params`' layer arrays are consumed. Call under the model's mesh."""
+    def cast(path: tuple, a: jax.Array) -> jax.Array:
+        return a.astype(cfg.dtype) if path[-1].key in COMPUTE_CAST else a
+
+    out = jax.tree_util.tree_map_with_path(cast, {k: v for k, v in params.items() if k != "layers"})
+    if "lm_head" not in out:
+        out["lm_head"] = {"kernel": output_head(params, cfg)[0].astype(cfg.dtype)}
+    if 0 in params["layers"]:  # already per layer (an engine made them before)
+        return {**out, "layers": params["layers"]}
+    leaves, tree = jax.tree_util.tree_flatten_with_path(params["layers"])
+    per_layer: list[list[jax.Array]] = [[] for _ in range(cfg.layers)]
+    for path, stacked in leaves:
+        dtype = cfg.dtype if path[-1].key in COMPUTE_CAST else stacked.dtype
+        for i, piece in enumerate(_cut(stacked, dtype)):
+            per_layer[i].append(piece)
+        stacked.delete()
+    layers = {i: jax.tree_util.tree_unflatten(tree, pieces) for i, pieces in enumerate(per_layer)}
+    if joins_qkv():
+        for layer in layers.values():
+            apart, layer["attn"] = layer["attn"], _join_qkv(layer["attn"])
+            for name in ("q", "k", "v"):
+                apart[name].delete()
+    return {**out, "layers": layers}
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _cut(stacked: jax.Array, dtype: Any) -> tuple[jax.Array, ...]:
+    """A layer-stacked array's layers, in `dtype`."""
+    return tuple(stacked[i].astype(dtype) for i in range(stacked.shape[0]))
+
+
+_join_qkv = jax.jit(join_qkv)
 
 
 def powers_of_two(lowest: int, top: int) -> list[int]:
@@ -272,13 +302,13 @@ class SlotEngine(Engine):
         self.prefill_buckets = sorted({min(b, self.cfg.seq) for b in prefill_buckets} | {self.cfg.seq})
         cfg, mesh = self.cfg, lm.mesh
         with jax.set_mesh(mesh):
+            # `lm` (scoring for echo/logprobs, generate_tokens) computes the same values from the decode
+            # weights, which are made from (and replace) its own: the devices hold the weights once.
+            self.params = decode_weights(lm.params, cfg)
+            lm.set_params(self.params)
             shape = (slots, cfg.n_heads, cfg.seq, cfg.head_dim)
             zeros = jax.jit(lambda: constrain(jnp.zeros(shape, cache_dtype(cfg)), "batch", "heads", None, None))
             self.cache = [(zeros(), zeros()) for _ in range(cfg.layers)]
-            self.params = jax.jit(functools.partial(decode_weights, cfg=cfg))(lm.params)
-        # `lm` (scoring for echo/logprobs, generate_tokens) computes the same values from the decode weights:
-        # sharing them releases its own copy, so serving holds the weights once, not twice.
-        lm.set_params(self.params)
         self._prefill = jax.jit(functools.partial(_prefill, cfg=cfg))
         self._insert = jax.jit(_insert, donate_argnums=0)
         self._decoders: dict[tuple[int, bool], Any] = {}

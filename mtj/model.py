@@ -445,23 +445,30 @@ def unstack_layers(params: Params, cfg: Config) -> Params:
 
     XLA:CPU copies a slice of a stacked weight at every use, so the loop should
     slice once, before it. Without model parallelism the q, k and v kernels are
-    also joined into one "qkv" kernel (one small matmul instead of three). Per-layer params come back as
-    they are."""
+    also joined (`join_qkv`). Per-layer params come back as they are."""
     if 0 in params["layers"]:
         return params
-    mesh = jax.sharding.get_abstract_mesh()
-    fuse = mesh.empty or mesh.shape.get("mp", 1) == 1
-    layers = {}
-    for i in range(cfg.layers):
-        layer = jax.tree.map(lambda a: a[i], params["layers"])
-        if fuse:
-            attn = dict(layer["attn"])
-            attn["qkv"] = jnp.concatenate([attn.pop(n) for n in ("q", "k", "v")], axis=-1)
-            if "q_bias" in attn:
-                attn["qkv_bias"] = jnp.concatenate([attn.pop(f"{n}_bias") for n in ("q", "k", "v")], axis=-1)
-            layer = {**layer, "attn": attn}
-        layers[i] = layer
+    layers = {i: jax.tree.map(lambda a: a[i], params["layers"]) for i in range(cfg.layers)}
+    if joins_qkv():
+        layers = {i: {**layer, "attn": join_qkv(layer["attn"])} for i, layer in layers.items()}
     return {**params, "layers": layers}
+
+
+def joins_qkv() -> bool:
+    """Whether decoding on the current mesh joins q, k and v: only without model parallelism, where the
+    joined kernel is not split over heads."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh.empty or mesh.shape.get("mp", 1) == 1
+
+
+def join_qkv(attn: Params) -> Params:
+    """A layer's attention weights with the q, k and v kernels (and biases) as one "qkv" kernel: one small
+    matmul instead of three."""
+    attn = dict(attn)
+    attn["qkv"] = jnp.concatenate([attn.pop(n) for n in ("q", "k", "v")], axis=-1)
+    if "q_bias" in attn:
+        attn["qkv_bias"] = jnp.concatenate([attn.pop(f"{n}_bias") for n in ("q", "k", "v")], axis=-1)
+    return attn
 
 
 def run_layers(params: Params, tokens: jax.Array, cfg: Config, positions: jax.Array | None = None,

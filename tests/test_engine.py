@@ -146,9 +146,10 @@ def test_cancelled_and_stopped_rows_free_their_slots(lm):
     assert stopper.stop[0] in stopped and stopper.stop[0] not in lm.decode_new(stopper.tokens[:-1])  # ended right there
 
 
-def test_the_engine_and_its_lm_share_one_copy_of_the_weights(tmp_path):
+@pytest.mark.parametrize("mp", [1, 4])  # q/k/v joined without model parallelism, apart with it
+def test_the_engine_and_its_lm_share_one_copy_of_the_weights(tmp_path, mp):
     path = hf_gptj(tmp_path / "hf", vocab_size=512, n_positions=64, n_embd=32, n_head=4, rotary_dim=4, n_layer=2)
-    lm = mtj.load(path, dtype="float32")
+    lm = mtj.load(path, dtype="float32", mp=mp)
     tokens = np.arange(1, 11)[None]
     logits, generated = lm.logits(tokens), lm.generate_tokens([[1, 2, 3]], 8, temperature=0)
     stacked = weakref.ref(lm.params["layers"]["attn"]["q"])
@@ -158,5 +159,9 @@ def test_the_engine_and_its_lm_share_one_copy_of_the_weights(tmp_path):
         assert stacked() is None and lm.params is engine.params  # the layer-stacked copy is gone
         np.testing.assert_allclose(lm.logits(tokens), logits, rtol=1e-5, atol=1e-5)
         assert lm.generate_tokens([[1, 2, 3]], 8, temperature=0) == generated
+        request = Request([1, 2, 3], 8)
+        engine.submit([request])
+        request.wait()
+        assert request.tokens == generated[0]
     finally:
         engine.stop()
