@@ -21,6 +21,7 @@ import numpy as np
 from mtj.checkpoint import abstract_params
 from mtj.config import REMAT_POLICIES, Config
 from mtj.generate import Generator
+from mtj.lm import inference_config
 from mtj.metrics import flops_per_token
 from mtj.sharding import make_mesh
 from mtj.train import Trainer
@@ -222,9 +223,8 @@ def remat_table(cfg: Config, topology: str) -> list[dict[str, Any]]:
 def check_decode(cfg: Config, mesh: jax.sharding.Mesh, hbm: float | None, batch: int = 8,
                  prompt: int = 512, new_tokens: int = 512) -> dict[str, Any]:
     """Compile generation (prefill + KV-cache decode loop) for `batch` prompts on the same mesh, with the
-    weights as a model loaded there holds them (`mtj.lm.inference_config`: the compute dtype on TPUs)."""
-    on_cpu = mesh.devices.flat[0].platform == "cpu"
-    inference = cfg.replace(remat=False, param_dtype=cfg.param_dtype if on_cpu else cfg.dtype)
+    weights as a model loaded there holds them (the compute dtype on TPUs)."""
+    inference = inference_config(cfg.replace(remat=False), {}, mesh.devices.flat[0].platform)
     params = abstract_params(inference, mesh)
     gen = Generator(inference, params, mesh, eos_id=0)
     sds = jax.ShapeDtypeStruct

@@ -69,10 +69,11 @@ def decode_weights(params: Params, cfg: Any) -> Params:
     Made one layer-stacked array at a time, each deleted once cut into its layers, so that making them
     takes the weights' memory plus the largest array's, not twice the weights' (a 6B in bf16 on a 24 GB
     GPU): `params`' layer arrays are consumed. Call under the model's mesh."""
-    def cast(path: tuple, a: jax.Array) -> jax.Array:
-        return a.astype(cfg.dtype) if path[-1].key in COMPUTE_CAST else a
+    def dtype(path: tuple, a: jax.Array) -> Any:
+        return cfg.dtype if path[-1].key in COMPUTE_CAST else a.dtype
 
-    out = jax.tree_util.tree_map_with_path(cast, {k: v for k, v in params.items() if k != "layers"})
+    out = jax.tree_util.tree_map_with_path(lambda path, a: a.astype(dtype(path, a)),
+                                           {k: v for k, v in params.items() if k != "layers"})
     if "lm_head" not in out:
         out["lm_head"] = {"kernel": output_head(params, cfg)[0].astype(cfg.dtype)}
     if 0 in params["layers"]:  # already per layer (an engine made them before)
@@ -80,8 +81,7 @@ def decode_weights(params: Params, cfg: Any) -> Params:
     leaves, tree = jax.tree_util.tree_flatten_with_path(params["layers"])
     per_layer: list[list[jax.Array]] = [[] for _ in range(cfg.layers)]
     for path, stacked in leaves:
-        dtype = cfg.dtype if path[-1].key in COMPUTE_CAST else stacked.dtype
-        for i, piece in enumerate(_cut(stacked, dtype)):
+        for i, piece in enumerate(_cut(stacked, dtype(path, stacked))):
             per_layer[i].append(piece)
         stacked.delete()
     layers = {i: jax.tree_util.tree_unflatten(tree, pieces) for i, pieces in enumerate(per_layer)}

@@ -83,12 +83,13 @@ def truncate_at_stop(text: str, stop: str | Sequence[str] | None) -> str:
     return text[:cut]
 
 
-def inference_config(cfg: Config, overrides: dict[str, Any]) -> Config:
-    """What a loaded model runs with. On accelerators the weights are held in the compute dtype, unless
-    `param_dtype` is given: decoding reads every weight once per token, so fp32 masters would double its
-    memory traffic (and each step would cast them). On CPU they stay in param_dtype: XLA:CPU gathers from a
-    bf16 embedding table by converting all of it first, and its bf16 matmuls convert too."""
-    if "param_dtype" in overrides or jax.default_backend() == "cpu":
+def inference_config(cfg: Config, overrides: dict[str, Any], platform: str | None = None) -> Config:
+    """What a loaded model runs with on `platform` (default: JAX's backend). On accelerators the weights are
+    held in the compute dtype, unless `param_dtype` is given: decoding reads every weight once per token, so
+    fp32 masters would double its memory traffic (and each step would cast them). On CPU they stay in
+    param_dtype: XLA:CPU gathers from a bf16 embedding table by converting all of it first, and its bf16
+    matmuls convert too."""
+    if "param_dtype" in overrides or (platform or jax.default_backend()) == "cpu":
         return cfg
     return cfg.replace(param_dtype=cfg.dtype)
 
