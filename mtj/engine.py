@@ -17,8 +17,10 @@ between steps, so a long prompt delays the decoding rows by one prefill, not by 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
+import math
 import queue
 import threading
 import time
@@ -34,10 +36,10 @@ from mtj.model import Params, join_qkv, joins_qkv, logits_of, output_head, run_l
 from mtj.sharding import constrain
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class Job:
     """One sequence to generate. `events` gets ("tokens", [t]) while streaming and ("done", None | error)
-    at the end; the server's are delivered on its event loop."""
+    at the end; the server's are delivered on its event loop. Jobs are equal only to themselves."""
 
     ids: list[int]
     max_new: int
@@ -51,6 +53,27 @@ class Job:
     tokens: list[int] = dataclasses.field(default_factory=list)
     cancelled: bool = False  # the client went away: its row ends at the next step
     ended: bool = False
+
+
+def check_job(job: Job, cfg: Any) -> None:
+    """Raise ValueError, naming the value, for a job this model cannot decode: the engine's arrays and
+    compiled steps take any job that passes."""
+    n = len(job.ids)
+    if n == 0:
+        raise ValueError("the prompt is empty")
+    if min(job.ids) < 0 or max(job.ids) >= cfg.n_vocab:
+        raise ValueError(f"token ids must be in [0, {cfg.n_vocab})")
+    if job.max_new < 1 or n + job.max_new > cfg.seq:
+        raise ValueError(f"the prompt has {n} tokens; with {job.max_new} new tokens that exceeds the context of "
+                         f"{cfg.seq} tokens")
+    if not (math.isfinite(job.temperature) and job.temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0, got {job.temperature}")
+    if not 0 <= job.top_k <= cfg.n_vocab:
+        raise ValueError(f"top_k must be in [0, {cfg.n_vocab}] (the vocabulary size), got {job.top_k}")
+    if not 0 < job.top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {job.top_p}")
+    if not 0 <= job.seed < 2**32:
+        raise ValueError(f"seed must be in [0, 2^32), got {job.seed}")
 
 
 COMPUTE_CAST = {"q", "k", "v", "o", "fc_in", "fc_out", "kernel"}  # matmul kernels: cast to the compute dtype at every use
@@ -172,44 +195,89 @@ def _decode(params: Params, cache: list, slots: Slots, steps: jax.Array, eos: ja
     return out, ran, cache
 
 
+class EngineStopped(RuntimeError):
+    """The engine is not taking work: it is stopping, or it failed (the failure is the cause)."""
+
+
 class Engine:
-    """What the server uses: a bounded queue of requests and a thread that decodes them."""
+    """What the server uses: a bounded queue of jobs and a thread that decodes them.
+
+    A job whose values the engine cannot take fails alone. A cancelled job leaves the queue at once
+    (its row, if decoding, ends at the next step). If the thread itself fails, every queued and
+    active job is answered with the failure at once and nothing more is accepted (see /health)."""
 
     def __init__(self, lm: LM, max_queue: int, name: str):
         self.lm = lm
         self.eos = lm.tokenizer.eos_id if lm.tokenizer else -1
-        self.jobs: queue.Queue = queue.Queue(maxsize=max_queue)
+        self.max_queue = max_queue
+        self.queue: collections.deque[Job] = collections.deque()
+        self.changed = threading.Condition()  # guards `queue` and `failure`
         self.stopping = threading.Event()
         self.failure: BaseException | None = None  # what stopped the thread, if anything did (for /health)
         self.thread = threading.Thread(target=self._guarded, name=name, daemon=True)
 
     @property
     def alive(self) -> bool:
-        return self.thread.is_alive() and not self.stopping.is_set()
+        return self.failure is None and self.thread.is_alive() and not self.stopping.is_set()
 
     def room(self) -> int:
-        return self.jobs.maxsize - self.jobs.qsize()
+        return self.max_queue - len(self.queue)
 
     def submit(self, jobs: list[Job]) -> None:
-        """Queue jobs; raises queue.Full when the server is overloaded."""
-        if len(jobs) > self.room():
-            raise queue.Full
+        """Queue jobs; raises ValueError for a job this model cannot decode (`check_job`), queue.Full when
+        the server is overloaded, EngineStopped when it is not serving."""
         for job in jobs:
-            self.jobs.put_nowait(job)
+            check_job(job, self.lm.config)
+        with self.changed:
+            if not self.alive:
+                raise EngineStopped("the engine has stopped; see /health") from self.failure
+            if len(jobs) > self.room():
+                raise queue.Full
+            self.queue.extend(jobs)
+            self.changed.notify()
+
+    def cancel(self, jobs: list[Job]) -> None:
+        """The jobs' client has gone: queued ones are answered and leave the queue now, decoding ones
+        end at the next step."""
+        with self.changed:
+            for job in jobs:
+                job.cancelled = True
+                if job in self.queue:
+                    self.queue.remove(job)
+                    job.events.put(("done", None))
 
     def stop(self) -> None:
         """Finish what is queued, then end the thread."""
         self.stopping.set()
         self.thread.join(timeout=120)
 
+    def _next(self, timeout: float) -> Job | None:
+        """The first queued job, waiting up to `timeout` seconds for one."""
+        with self.changed:
+            if not self.queue and timeout > 0:
+                self.changed.wait(timeout)
+            return self.queue.popleft() if self.queue else None
+
     def _guarded(self) -> None:
         try:
             self._run()
-        except BaseException as e:  # noqa: BLE001 -- recorded for /health
-            self.failure = e
+        except BaseException as e:  # noqa: BLE001 -- recorded for /health; every waiting request is answered
+            with self.changed:
+                self.failure = e
+                waiting = list(self.queue)
+                self.queue.clear()
+            for job in self._in_flight():
+                job.events.put(("done", e))
+            stopped = EngineStopped(f"the engine failed before this request started: {type(e).__name__}: {e}")
+            for job in waiting:
+                job.events.put(("done", stopped))
             raise
 
     def _run(self) -> None:
+        raise NotImplementedError
+
+    def _in_flight(self) -> list[Job]:
+        """Jobs taken from the queue and not yet answered."""
         raise NotImplementedError
 
     def _finished(self, job: Job) -> bool:
@@ -221,41 +289,53 @@ class Engine:
 class StaticBatcher(Engine):
     """Takes the requests that arrived together (up to max_batch) and decodes them as one
     generate call (the generator's compiled loop): every row waits for the batch's longest and
-    a new request for the whole batch; `--engine static`."""
+    a new request for the whole batch; `--engine static`. A request that does not fit the context
+    beside the others (a long prompt with a short max_tokens beside a short prompt with a long one)
+    waits, first in line, for the next batch."""
 
     def __init__(self, lm: LM, max_batch: int = 8, max_queue: int = 64, wait_s: float = 0.01):
         super().__init__(lm, max_queue, "mtj-static-batcher")
         self.max_batch, self.wait_s = max_batch, wait_s
+        self.batch: list[Job] = []
         self.thread.start()
 
     def warm(self) -> None:
         self.lm.generate_tokens([[0]], max_new_tokens=1, temperature=0)
 
+    def _in_flight(self) -> list[Job]:
+        return self.batch
+
     def _take(self) -> list[Job]:
-        try:
-            batch = [self.jobs.get(timeout=0.1)]
-        except queue.Empty:
+        """The next batch: jobs in arrival order that fit the context together (the generator needs the
+        longest prompt + the largest max_tokens to fit); the others go back to the front of the queue."""
+        first = self._next(0.1)
+        if first is None:
             return []
+        batch, skipped = [first], []
         deadline = time.monotonic() + self.wait_s
         while len(batch) < self.max_batch:
-            try:
-                batch.append(self.jobs.get(timeout=max(0.0, deadline - time.monotonic())))
-            except queue.Empty:
+            job = self._next(deadline - time.monotonic())
+            if job is None:
                 break
+            fits = max(len(j.ids) for j in (*batch, job)) + max(j.max_new for j in (*batch, job)) <= self.lm.config.seq
+            (batch if fits else skipped).append(job)
+        with self.changed:
+            self.queue.extendleft(reversed(skipped))
         for job in batch:
             if job.cancelled:
                 job.events.put(("done", None))
         return [job for job in batch if not job.cancelled]
 
     def _run(self) -> None:
-        while not (self.stopping.is_set() and self.jobs.empty()):
-            batch = self._take()
-            if batch:
-                self._decode(batch)
+        while not (self.stopping.is_set() and not self.queue):
+            self.batch = self._take()
+            if self.batch:
+                self._decode(self.batch)
+            self.batch = []
 
     def _decode(self, batch: list[Job]) -> None:
-        """With a stream, a stop string or a cancellation in the batch, tokens come back step by
-        step and a row ends as soon as its request is answered."""
+        """Tokens come back step by step: a row ends as soon as its request is answered or its client
+        has gone, and the call as soon as every row has ended."""
         def on_tokens(step: int, tokens: np.ndarray) -> np.ndarray:
             for job, token in zip(batch, tokens.tolist()):
                 if job.ended:
@@ -269,19 +349,20 @@ class StaticBatcher(Engine):
                 job.ended = self._finished(job)
             return np.array([job.ended for job in batch])
 
-        stepwise = any(job.stream or job.stop for job in batch)
         try:
-            outs = self.lm.generate_tokens([j.ids for j in batch], max(j.max_new for j in batch),
-                                           [j.temperature for j in batch], [j.top_k for j in batch],
-                                           [j.top_p for j in batch], [j.seed for j in batch],
-                                           on_tokens if stepwise else None)
-            for job, out in zip(batch, outs):
-                if not stepwise:
-                    job.tokens = out[: job.max_new]
-                job.events.put(("done", None))
-        except Exception as e:  # noqa: BLE001 -- the batch fails, the server keeps serving
+            self.lm.generate_tokens([j.ids for j in batch], max(j.max_new for j in batch),
+                                    [j.temperature for j in batch], [j.top_k for j in batch],
+                                    [j.top_p for j in batch], [j.seed for j in batch], on_tokens)
+        except Exception as e:  # noqa: BLE001 -- the server keeps serving
+            if len(batch) > 1 and not any(job.tokens for job in batch):  # nothing sent yet: find the job at fault
+                for job in batch:
+                    self._decode([job])
+                return
             for job in batch:
                 job.events.put(("done", e))
+            return
+        for job in batch:
+            job.events.put(("done", None))
 
 
 class SlotEngine(Engine):
@@ -331,55 +412,56 @@ class SlotEngine(Engine):
         with jax.set_mesh(self.lm.mesh):
             for size in self.prefill_buckets:
                 prompt_cache = self._prefill(self.params, jnp.zeros((1, size), jnp.int32))
-            self.cache = self._insert(self.cache, prompt_cache, jnp.int32(0))
+                self.cache = self._insert(self.cache, prompt_cache, jnp.int32(0))
             for span in self.spans():
                 for greedy in (True, False):
                     self._decode_call(span, greedy, 1)
 
     # --- the loop ----------------------------------------------------------------------
     def _run(self) -> None:
-        try:
-            with jax.set_mesh(self.lm.mesh):
-                while not (self.stopping.is_set() and self.jobs.empty() and not any(self.active)):
-                    self._admit()
-                    if any(self.active):
-                        self._decode()
-        except BaseException as e:  # noqa: BLE001 -- the requests in the slots fail with it
-            for job in self.active:
-                if job is not None:
-                    job.events.put(("done", e))
-            raise
+        with jax.set_mesh(self.lm.mesh):
+            while not (self.stopping.is_set() and not self.queue and not any(self.active)):
+                self._admit()
+                if any(self.active):
+                    self._decode()
+
+    def _in_flight(self) -> list[Job]:
+        return [job for job in self.active if job is not None]
 
     def _admit(self) -> None:
         """Prefill one waiting request into a free slot (waiting for one only when no slot decodes)."""
         if all(job is not None for job in self.active):
             return
-        try:
-            job = self.jobs.get(timeout=0.05) if not any(self.active) else self.jobs.get_nowait()
-        except queue.Empty:
+        job = self._next(0.05 if not any(self.active) else 0)
+        if job is None:
             return
         if job.cancelled:
             job.events.put(("done", None))
             return
         slot = self.active.index(None)
-        n = len(job.ids)
-        if n > 1:
-            padded = np.zeros((1, next(b for b in self.prefill_buckets if b >= n - 1)), np.int32)
-            padded[0, :n - 1] = job.ids[:-1]
-            try:
-                self.cache = self._insert(self.cache, self._prefill(self.params, jnp.asarray(padded)), jnp.int32(slot))
-            except Exception as e:  # noqa: BLE001 -- this request fails, the others go on
-                job.events.put(("done", e))
-                return
+        try:
+            self._start(slot, job)
+        except Exception as e:  # noqa: BLE001 -- this request fails alone; its slot stays free
+            job.events.put(("done", e))
+            return
         self.active[slot] = job
+
+    def _start(self, slot: int, job: Job) -> None:
+        """Write the job's values into the slot's host arrays (where values that do not fit raise before
+        anything on the device changed), then prefill its prompt into the slot's cache row."""
+        n = len(job.ids)
         self.tokens[slot], self.lengths[slot], self.counts[slot] = job.ids[-1], n - 1, 0
         self.keys[slot] = np.array(jax.random.key_data(jax.random.key(np.uint32(job.seed))))
         self.temperature[slot], self.top_k[slot], self.top_p[slot] = job.temperature, job.top_k, job.top_p
+        if n > 1:
+            padded = np.zeros((1, next(b for b in self.prefill_buckets if b >= n - 1)), np.int32)
+            padded[0, :n - 1] = job.ids[:-1]
+            self.cache = self._insert(self.cache, self._prefill(self.params, jnp.asarray(padded)), jnp.int32(slot))
 
     def _decode(self) -> None:
         """Decode steps of every slot: one while a request waits for a free slot, else up to MAX_STEPS."""
         live = np.array([job is not None for job in self.active])
-        steps = 1 if (not live.all() and not self.jobs.empty()) else MAX_STEPS
+        steps = 1 if (not live.all() and self.queue) else MAX_STEPS
         span = min(bucket(int(self.lengths[live].max()) + steps, SPAN_MIN), self.cfg.seq)
         out, ran = self._decode_call(span, bool((self.temperature[live] == 0).all()), steps)
         for i in range(ran):

@@ -28,6 +28,19 @@ def _token_scores(params: Params, tokens: jax.Array, targets: jax.Array, cfg: Co
     return picked, jnp.argmax(logp, axis=-1) == targets
 
 
+TOP_LOGPROBS = 20  # the most alternatives `top_scores` returns per position (OpenAI's limit for logprobs)
+
+
+def top_scores(params: Params, tokens: jax.Array, targets: jax.Array, cfg: Config
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Log-probability of each target token [B, T], and the TOP_LOGPROBS most likely tokens' log-probabilities
+    and ids [B, T, TOP_LOGPROBS] (largest first; ties: the lower id first)."""
+    logp = jax.nn.log_softmax(forward(params, tokens, cfg), axis=-1)
+    picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    values, ids = jax.lax.top_k(logp, min(TOP_LOGPROBS, logp.shape[-1]))
+    return picked, values, ids
+
+
 class Scorer:
     """Scores token pairs with one model config on one mesh; compiled once, given params per call
     (the training loop scores its current weights at every validation)."""

@@ -11,6 +11,7 @@ from jax.sharding import Mesh
 
 from mtj import checkpoint, convert
 from mtj.config import Config
+from mtj.evaluate import top_scores
 from mtj.generate import Generator, TokenSink
 from mtj.model import Params, forward, param_shardings
 from mtj.paths import PathLike, local_copy, user_path
@@ -27,6 +28,7 @@ class LM:
         self.mesh = mesh
         self.tokenizer = tokenizer
         self._forward = jax.jit(lambda p, t: forward(p, t, config))
+        self._top_scores = jax.jit(lambda p, t, targets: top_scores(p, t, targets, config))
         self.generator = Generator(config, params, mesh, tokenizer.eos_id if tokenizer else None)
 
     def set_params(self, params: Params) -> None:
@@ -46,6 +48,25 @@ class LM:
             tokens = jax.device_put(jnp.asarray(tokens, jnp.int32), named(self.mesh, ("batch", None)))
             out = self._forward(self.params, tokens)
         return np.asarray(out)[..., : self.config.n_vocab]
+
+    def token_logprobs(self, ids: Sequence[int], width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """How likely each of ids[1:] is after the tokens before it: its log-probability [n-1], and the most likely
+        tokens' log-probabilities and ids [n-1, k] (k = min(TOP_LOGPROBS, vocabulary), largest first). One
+        forward pass over ids[:-1] right-padded to `width` tokens (a causal model never sees the padding), so
+        the caller decides how many shapes compile."""
+        n = len(ids)
+        if not 2 <= n <= width + 1 or width > self.config.seq:
+            raise ValueError(f"scoring takes 2 to {width + 1} tokens (width {width}, context {self.config.seq}), got {n}")
+        tokens, targets = np.zeros((1, width), np.int32), np.zeros((1, width), np.int32)
+        tokens[0, : n - 1], targets[0, : n - 1] = ids[:-1], ids[1:]
+        if tokens.max() >= self.config.n_vocab or targets.max() >= self.config.n_vocab or min(ids) < 0:
+            raise ValueError(f"token ids must be in [0, {self.config.n_vocab})")
+        with jax.set_mesh(self.mesh):
+            batch = named(self.mesh, ("batch", None))
+            out = self._top_scores(self.params, jax.device_put(tokens, batch), jax.device_put(targets, batch))
+        picked, values, top = (np.asarray(a)[0, : n - 1] for a in out)
+        real = top[0] < self.config.n_vocab  # (padded vocabulary columns rank last)
+        return picked, values[:, real], top[:, real]
 
     def generate_tokens(self, token_lists: Sequence[Sequence[int]], max_new_tokens: int = 32,
                         temperature: float | Sequence[float] = 1.0, top_k: int | Sequence[int] = 0,

@@ -16,9 +16,8 @@ import secrets
 import signal
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 
-import numpy as np
 import uvicorn
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError
 from starlette.applications import Starlette
@@ -26,11 +25,15 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from mtj.engine import Job, SlotEngine, StaticBatcher
+from mtj.connections import ConnectionLimits
+from mtj.engine import EngineStopped, Job, SlotEngine, StaticBatcher, powers_of_two
+from mtj.evaluate import TOP_LOGPROBS
 from mtj.lm import LM, truncate_at_stop
+from mtj.tokenizer import Tokenizer
 
-MAX_LOGPROBS = 20
+MAX_LOGPROBS = TOP_LOGPROBS
 SEED_LIMIT = 2**32
+DRAIN_BYTES = 64 << 20  # the most of an oversized body read (and dropped) so that its client reads the 413
 
 
 class BadRequest(ValueError):
@@ -110,11 +113,41 @@ def _describe(error: ValidationError) -> str:
     return "; ".join(dict.fromkeys(parts))
 
 
+def _not_a_number(constant: str) -> None:
+    raise ValueError(f"{constant} is not a number")
+
+
+def _shown(text: str) -> str:
+    """A client's string as an error message may quote it: short, and always encodable."""
+    return text[:100].encode("utf-8", "replace").decode()
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict:
+    """A JSON object whose keys are unique and whose strings are text: no lone surrogates (JSON's
+    \\ud800 escapes make them; no tokenizer takes them). Strings are the fields' values or the items
+    of a list (prompt, stop); deeper ones fail the request models' types anyway."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"the key '{_shown(key)}' appears twice")
+        texts = [key] + ([value] if isinstance(value, str) else
+                         [v for v in value if isinstance(v, str)] if isinstance(value, list) else [])
+        for text in texts:
+            try:
+                text.encode()
+            except UnicodeEncodeError:
+                raise ValueError(f"'{_shown(key)}' holds a lone surrogate (\\ud800-\\udfff), which is not text") from None
+        out[key] = value
+    return out
+
+
 def parse(model: type[BaseModel], body: bytes) -> Any:
     try:
-        data = json.loads(body, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(f"{c} is not a number")))
+        data = json.loads(body, parse_constant=_not_a_number, object_pairs_hook=_object)
     except (ValueError, UnicodeDecodeError) as e:
         raise BadRequest(f"the body is not valid JSON: {str(e)[:200]}") from None
+    except RecursionError:
+        raise BadRequest("the body is nested too deeply") from None
     if not isinstance(data, dict):
         raise BadRequest("the body must be a JSON object")
     try:
@@ -125,18 +158,27 @@ def parse(model: type[BaseModel], body: bytes) -> Any:
 
 # --- logprobs --------------------------------------------------------------------
 
-def token_logprobs(lm: LM, ids: list[int], top: int) -> tuple[list[float | None], list[dict[str, float] | None]]:
+def token_logprobs(lm: LM, ids: list[int], top: int, width: int) -> tuple[list[float | None], list[dict[str, float] | None]]:
     """Each token's log-probability given the ones before it (None for the first) and the `top` most
-    likely tokens at each position (by text), from one forward pass."""
-    logits = lm.logits(np.asarray([ids]))[0].astype(np.float64)
-    logp = logits - logits.max(-1, keepdims=True)
-    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
-    chosen: list[float | None] = [None] + [float(logp[i - 1, t]) for i, t in enumerate(ids) if i > 0]
+    likely tokens at each position (by text), from one forward pass padded to `width` tokens."""
+    if len(ids) < 2:
+        return [None] * len(ids), [None] * len(ids)
+    picked, values, best = lm.token_logprobs(ids, width)
+    chosen: list[float | None] = [None, *picked.tolist()]
     tops: list[dict[str, float] | None] = [None]
-    for i in range(1, len(ids)):
-        best = np.argsort(-logp[i - 1])[:top] if top else []
-        tops.append({lm.tokenizer.decode([int(t)]): float(logp[i - 1, t]) for t in best})
+    for row_values, row_ids in zip(values[:, :top].tolist(), best[:, :top].tolist()):
+        alternatives: dict[str, float] = {}
+        for t, v in zip(row_ids, row_values):  # most likely first; tokens that read alike keep the likelier
+            alternatives.setdefault(lm.tokenizer.decode([t]), v)
+        tops.append(alternatives)
     return chosen, tops
+
+
+def max_token_chars(tokenizer: Tokenizer) -> int:
+    """The most characters one token decodes to: a text of L characters has at least L / this many tokens,
+    so a prompt can be found too long for the context before it is tokenized."""
+    pieces = tokenizer.backend.decode_batch([[i] for i in range(tokenizer.vocab_size)], skip_special_tokens=False)
+    return max(1, *map(len, pieces))
 
 
 # --- the app ---------------------------------------------------------------------
@@ -147,7 +189,8 @@ class Server:
     def __init__(self, lm: LM, host: str = "127.0.0.1", port: int = 5000, max_batch: int = 8, max_queue: int = 64,
                  max_tokens: int | None = None, model_name: str = "mtj", max_body_bytes: int = 4 << 20,
                  max_connections: int = 256, body_timeout_s: float = 30.0, engine: str = "continuous",
-                 prefill_buckets: list[int] | None = None):
+                 prefill_buckets: list[int] | None = None, head_timeout_s: float = 10.0,
+                 max_connections_per_client: int = 64):
         if lm.tokenizer is None:
             raise ValueError("serving needs a tokenizer: this checkpoint has none")
         self.lm, self.model_name = lm, model_name
@@ -157,6 +200,9 @@ class Server:
             raise ValueError(f"--engine must be 'static' or 'continuous', got '{engine}'")
         self.engine = (SlotEngine(lm, max_batch, max_queue, prefill_buckets) if engine == "continuous"
                        else StaticBatcher(lm, max_batch, max_queue))
+        # scoring (echo, logprobs) pads to the prefill lengths: the compiled shapes stay few whatever clients send
+        self.score_widths = getattr(self.engine, "prefill_buckets", None) or powers_of_two(16, lm.config.seq)
+        self.token_chars = max_token_chars(lm.tokenizer)
         self.created = int(time.time())
         app = Starlette(routes=[
             Route("/health", self.health, methods=["GET"]),
@@ -164,9 +210,11 @@ class Server:
             Route("/complete", self.complete, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
         ], exception_handlers={404: self._not_found, 405: self._not_found})
+        limits = ConnectionLimits(max_connections, max_connections_per_client, head_timeout_s)
         self.uvicorn = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                                     limit_concurrency=max_connections, timeout_keep_alive=5,
-                                                     timeout_graceful_shutdown=120, access_log=False))
+                                                     http=limits.protocol(), limit_concurrency=max_connections + 1,
+                                                     timeout_keep_alive=5, timeout_graceful_shutdown=120,
+                                                     access_log=False))
 
     def run(self) -> None:
         """Serve until SIGTERM/SIGINT, answer the requests in flight, stop the engine, return."""
@@ -178,72 +226,126 @@ class Server:
 
     # --- plumbing -------------------------------------------------------------------
     @staticmethod
-    def error(status: int, message: str) -> JSONResponse:
+    def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
         kind = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error",
                 408: "timeout", 503: "overloaded"}.get(status, "server_error")
-        return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": None}}, status)
+        return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": None}}, status,
+                            headers=headers)
 
     async def _not_found(self, request: Request, exc: Exception) -> JSONResponse:
         return self.error(404, f"no route {request.method} {request.url.path}")
 
     async def body(self, request: Request) -> bytes:
-        """The request body, refused beyond max_body bytes (413) or when it does not arrive in time."""
+        """The request body, refused beyond max_body bytes (413) or when it does not arrive in time (408).
+        An oversized body is read on and dropped (up to DRAIN_BYTES) before the 413, so that a client which
+        sends it all before reading (urllib, most scripts) reads the answer instead of a reset connection."""
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
-            raise BadRequest(f"the body has {declared} bytes; this server takes at most {self.max_body}", 413)
+        too_big = declared is not None and declared.isdigit() and int(declared) > self.max_body
         chunks, size = [], 0
 
         async def read() -> None:
-            nonlocal size
+            nonlocal size, too_big
             async for chunk in request.stream():
                 size += len(chunk)
-                if size > self.max_body:
-                    raise BadRequest(f"the body exceeds this server's limit of {self.max_body} bytes", 413)
-                chunks.append(chunk)
+                too_big = too_big or size > self.max_body
+                if too_big and size > DRAIN_BYTES:
+                    return
+                if not too_big:
+                    chunks.append(chunk)
 
         try:
             await asyncio.wait_for(read(), self.body_timeout)
         except asyncio.TimeoutError:
-            raise BadRequest(f"the body did not arrive within {self.body_timeout:g} s", 408) from None
+            if not too_big:
+                raise BadRequest(f"the body did not arrive within {self.body_timeout:g} s", 408) from None
+        if too_big:
+            raise BadRequest(f"the body has {declared or 'more than ' + str(self.max_body)} bytes; this server takes "
+                             f"at most {self.max_body}", 413)
         return b"".join(chunks)
 
-    async def answer(self, request: Request, handle) -> Response:
+    async def answer(self, request: Request, handle: Callable[[bytes, list[Job]], Awaitable[Response]]) -> Response:
+        """Run an endpoint's handler on the request's body; it lists the jobs it queues in its second
+        argument, and they are cancelled as soon as the client goes away."""
+        jobs: list[Job] = []
+        watcher = None
         try:
             if not self.engine.alive:
                 raise BadRequest("the engine has stopped; see /health", 503)
-            return await handle(await self.body(request))
+            body = await self.body(request)
+            watcher = asyncio.create_task(self._cancel_when_gone(request, jobs))
+            return await handle(body, jobs)
         except ClientDisconnect:
             return Response(status_code=499)  # nobody to answer: the connection is gone
         except BadRequest as e:
-            return self.error(e.status, str(e))
-        except queue.Full:
-            return self.error(503, "the server is overloaded: too many queued requests, retry later")
-        except Exception as e:  # noqa: BLE001 -- a bug answers 500; the server keeps serving
+            return self.error(e.status, str(e), {"Connection": "close"} if e.status == 413 else None)
+        except (queue.Full, EngineStopped) as e:
+            busy = "too many queued requests, retry later" if isinstance(e, queue.Full) else str(e)
+            return self.error(503, f"the server cannot take this request: {busy}")
+        except Exception as e:  # noqa: BLE001 -- a server fault answers 500; the server keeps serving
             return self.error(500, f"{type(e).__name__}: {str(e)[:300]}")
+        finally:
+            if watcher is not None:  # (a streaming response listens for the disconnect itself)
+                watcher.cancel()
 
-    def check_room(self, rows: int) -> None:
-        """Before tokenizing: 503 when the queue cannot take `rows` now, 400 when it never could."""
-        if rows > self.engine.jobs.maxsize:
+    async def _cancel_when_gone(self, request: Request, jobs: list[Job]) -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        self.engine.cancel(jobs)
+
+    def least_new(self, max_tokens: int | None) -> int:
+        """The fewest new tokens a request asks for (before its prompts are tokenized); 400 past the limit."""
+        if max_tokens is not None and max_tokens > self.max_tokens:
+            raise BadRequest(f"max tokens {max_tokens} exceeds this server's limit of {self.max_tokens}")
+        return 1 if max_tokens is None else max_tokens
+
+    def check_shape(self, rows: int, queued: bool, texts: list[str], new: int) -> None:
+        """Before tokenizing: 400 when the request could never fit (rows, a prompt's length in characters
+        against the context), 503 when the queue cannot take its rows now."""
+        if rows > self.engine.max_queue:
             raise BadRequest(f"the request needs {rows} rows (prompts x n); this server queues at most "
-                             f"{self.engine.jobs.maxsize}")
-        if rows > self.engine.room():
+                             f"{self.engine.max_queue}")
+        seq = self.lm.config.seq
+        for text in texts:
+            if len(text) // self.token_chars + new > seq:
+                raise BadRequest(f"a prompt of {len(text)} characters has at least {len(text) // self.token_chars} "
+                                 f"tokens; with {new} new tokens that exceeds the context of {seq} tokens")
+        if queued and rows > self.engine.room():
             raise queue.Full
+
+    def tokenize(self, prompts: list[str | list[int]]) -> list[list[int]]:
+        """Token ids of each prompt (text or ids, checked against the vocabulary); run off the event loop."""
+        vocab = self.lm.config.n_vocab
+        texts = [p for p in prompts if isinstance(p, str)]
+        encoded = iter(self.lm.tokenizer.encode_batch(texts) if texts else [])
+        ids = [next(encoded) if isinstance(p, str) else list(p) for p in prompts]
+        for p in ids:
+            if not p:
+                raise BadRequest("a prompt has no tokens")
+            if min(p) < 0 or max(p) >= vocab:
+                raise BadRequest(f"token ids must be in [0, {vocab})")
+        return ids
 
     def jobs_for(self, ids: list[int], max_new: int | None, temperature: float, top_k: int, top_p: float,
                  seed: int, n: int = 1, stream: bool = False, stop: list[str] | None = None) -> list[Job]:
         """Jobs for one tokenized prompt; max_new None: up to 256 tokens, as many as fit the context."""
         seq = self.lm.config.seq
-        if not ids:
-            raise BadRequest("the prompt is empty")
         if max_new is None:
             max_new = max(1, min(256, self.max_tokens, seq - len(ids)))
-        if max_new > self.max_tokens:
-            raise BadRequest(f"max tokens {max_new} exceeds this server's limit of {self.max_tokens}")
         if len(ids) + max_new > seq:
             raise BadRequest(f"the prompt has {len(ids)} tokens; with {max_new} new tokens that exceeds the "
                              f"context of {seq} tokens")
+        if top_k > self.lm.config.n_vocab:
+            raise BadRequest(f"'top_k' must be at most the vocabulary size {self.lm.config.n_vocab}")
         return [Job(ids, max_new, temperature, max(top_k, 0), top_p, seed + i, Events(), stream, list(stop or []))
                 for i in range(n)]
+
+    def submit(self, jobs: list[Job], listed: list[Job]) -> None:
+        """Queue jobs, listed first so that they are cancelled if the client leaves."""
+        listed += jobs
+        try:
+            self.engine.submit(jobs)
+        except ValueError as e:  # values the model cannot take (the checks above should have caught them)
+            raise BadRequest(str(e)) from None
 
     async def finished(self, job: Job) -> None:
         """Wait until a job is done; re-raise its error."""
@@ -259,19 +361,19 @@ class Server:
         if not self.engine.alive:
             reason = f"{type(self.engine.failure).__name__}: {self.engine.failure}" if self.engine.failure else "stopped"
             return JSONResponse({"status": "dead", "model": self.model_name, "error": reason}, 503)
-        return JSONResponse({"status": "ok", "model": self.model_name, "queued": self.engine.jobs.qsize()})
+        return JSONResponse({"status": "ok", "model": self.model_name, "queued": len(self.engine.queue)})
 
     async def models(self, request: Request) -> JSONResponse:
         return JSONResponse({"object": "list", "data": [
             {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "mtj"}]})
 
     async def complete(self, request: Request) -> Response:
-        async def handle(body: bytes) -> Response:
+        async def handle(body: bytes, listed: list[Job]) -> Response:
             req = parse(CompleteRequest, body)
-            self.check_room(1)
-            jobs = self.jobs_for(self.lm.tokenizer.encode(req.context), req.length, req.temp, req.top_k, req.top_p,
-                                 req.seed)
-            self.engine.submit(jobs)
+            self.check_shape(1, True, [req.context], self.least_new(req.length))
+            ids = (await asyncio.to_thread(self.tokenize, [req.context]))[0]
+            jobs = self.jobs_for(ids, req.length, req.temp, req.top_k, req.top_p, req.seed)
+            self.submit(jobs, listed)
             await self.finished(jobs[0])
             return JSONResponse({"completion": self.lm.decode_new(jobs[0].tokens)})
 
@@ -280,13 +382,11 @@ class Server:
     async def completions(self, request: Request) -> Response:
         return await self.answer(request, self._completions)
 
-    async def _completions(self, body: bytes) -> Response:
+    async def _completions(self, body: bytes, listed: list[Job]) -> Response:
         req = parse(CompletionRequest, body)
         if req.model is not None and req.model != self.model_name:
-            raise BadRequest(f"the model '{req.model[:100]}' is not served here; this server serves '{self.model_name}'", 404)
-        vocab = self.lm.config.n_vocab
-        if req.top_k > vocab:
-            raise BadRequest(f"'top_k' must be at most the vocabulary size {vocab}")
+            raise BadRequest(f"the model '{_shown(req.model)}' is not served here; this server serves "
+                             f"'{self.model_name}'", 404)
         if req.seed is not None and req.seed + req.n > SEED_LIMIT:
             raise BadRequest("'seed' + n must be below 2^32")
         if req.logprobs is not None and req.stream:
@@ -301,28 +401,23 @@ class Server:
             else list(req.prompt)
         if not prompts or any(len(p) == 0 for p in prompts):
             raise BadRequest("'prompt' must not be empty")
-        self.check_room(len(prompts) * req.n if req.max_tokens else 0)
-        ids = []
-        for p in prompts:
-            if isinstance(p, str):
-                ids.append(self.lm.tokenizer.encode(p))
-            elif any(t < 0 or t >= vocab for t in p):
-                raise BadRequest(f"token ids must be in [0, {vocab})")
-            else:
-                ids.append(list(p))
-        stop = [req.stop] if isinstance(req.stop, str) else [s for s in (req.stop or []) if s]
+        generating = req.max_tokens != 0
+        self.check_shape(len(prompts) * (req.n if generating else 1), generating,
+                         [p for p in prompts if isinstance(p, str)], self.least_new(req.max_tokens))
+        ids = await asyncio.to_thread(self.tokenize, prompts)
+        stop = [s for s in ([req.stop] if isinstance(req.stop, str) else req.stop or []) if s]  # "" stops nothing
         seed = req.seed if req.seed is not None else secrets.randbelow(SEED_LIMIT - 16)
         rows = [(i, p) for i, p in enumerate(ids) for _ in range(req.n)]  # choice index order: prompt-major
         jobs: list[Job | None] = []
         for k, (i, p) in enumerate(rows):
-            if req.max_tokens == 0:
+            if not generating:
                 if len(p) > self.lm.config.seq:
                     raise BadRequest(f"the prompt has {len(p)} tokens; the context is {self.lm.config.seq}")
                 jobs.append(None)
             else:
                 jobs += self.jobs_for(p, req.max_tokens, req.temperature, req.top_k, req.top_p, seed + k % req.n,
                                       stream=req.stream, stop=stop)
-        self.engine.submit([j for j in jobs if j is not None])
+        self.submit([j for j in jobs if j is not None], listed)
         meta = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
                 "model": self.model_name}
         if req.stream:
@@ -331,13 +426,12 @@ class Server:
         for job in jobs:
             if job is not None:
                 await self.finished(job)
-        choices = [await asyncio.to_thread(self._choice, k, p, job, stop, req) for k, ((_, p), job) in
-                   enumerate(zip(rows, jobs))]
+        choices = await asyncio.to_thread(lambda: [self._choice(k, p, job, stop, req) for k, ((_, p), job) in
+                                                   enumerate(zip(rows, jobs))])
         completion = sum(c.pop("_generated") for c in choices)
         prompt_tokens = sum(len(p) for p in ids)
         return JSONResponse({**meta, "choices": choices, "usage": {
             "prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}})
-
     def _cut(self, tokens: list[int], stop: list[str]) -> tuple[list[int], str, str]:
         """(the generated tokens that make the returned text, that text, the finish reason)."""
         full = self.lm.decode_new(tokens)
@@ -359,7 +453,9 @@ class Server:
         if req.logprobs is not None:
             ids = (prompt if req.echo else []) + generated
             start = 0 if req.echo else len(prompt)
-            chosen, tops = token_logprobs(self.lm, prompt + generated, req.logprobs)
+            scored = prompt + generated
+            width = next(w for w in self.score_widths if w >= len(scored) - 1)
+            chosen, tops = token_logprobs(self.lm, scored, req.logprobs, width)
             pieces = [self.lm.tokenizer.decode([t]) for t in ids]
             offsets, at = [], 0
             for piece in pieces:
@@ -414,6 +510,4 @@ class Server:
                                                               "total_tokens": prompt_tokens + completion}})
             yield event(b"[DONE]")
         finally:  # also when the client went away (the response task is cancelled)
-            for job in jobs:
-                if job is not None:
-                    job.cancelled = True
+            self.engine.cancel([job for job in jobs if job is not None])

@@ -15,7 +15,7 @@ from mtj.engine import SlotEngine
 from mtj.tokenizer import load_tokenizer
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class Request:
     ids: list
     max_new: int

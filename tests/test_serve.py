@@ -212,7 +212,8 @@ def test_a_huge_list_of_prompts_is_refused_before_tokenizing(server):
 
 
 def test_http_framing_faults_get_clean_answers(ckpt):
-    srv = Running(ckpt, "--max-body-bytes", "2000", "--body-timeout", "2", "--max-connections", "320")
+    srv = Running(ckpt, "--max-body-bytes", "2000", "--body-timeout", "5", "--max-connections", "301",
+                  "--max-connections-per-client", "400")
     try:
         body = json.dumps({"prompt": "Framing", "max_tokens": 2, "temperature": 0}).encode()
         assert status_of(raw_http(srv.port, post("/v1/completions", body, f"Content-Length: {len(body)}\r\n"))) == 200
@@ -238,13 +239,16 @@ def test_http_framing_faults_get_clean_answers(ckpt):
         assert status_of(raw_http(srv.port, post("/v1/completions", big, f"Content-Length: {len(big)}\r\n"))) == 413
         streamed = post("/v1/completions", f"{len(big):x}\r\n".encode() + big + b"\r\n0\r\n\r\n", "Transfer-Encoding: chunked\r\n")
         assert status_of(raw_http(srv.port, streamed)) == 413
-        # 300 half-sent requests hold no threads; past the connection limit new ones get 503, not a hang
+        # 300 half-sent bodies hold no threads; past the connection cap, with every connection busy, a new one
+        # gets 503, not a hang (idle ones would make room: test_faults_beside_valid_requests)
         held = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(300)]
         for s in held:
             s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
         time.sleep(0.5)
         assert request(srv.port, "/v1/completions", {"prompt": "Still", "max_tokens": 2, "temperature": 0})[0] == 200
-        held += [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(30)]
+        held.append(socket.create_connection(("127.0.0.1", srv.port)))
+        held[-1].sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        time.sleep(0.2)
         status, _ = request(srv.port, "/v1/completions", {"prompt": "Full", "max_tokens": 2}, timeout=10)
         assert status == 503
         for s in held:

@@ -31,7 +31,13 @@ def main() -> None:
                     "padded to the next; the context is always the last); default: powers of two from 16")
     ap.add_argument("--max-queue", type=int, default=64, help="queued rows (prompts x n) before answering 503")
     ap.add_argument("--max-tokens", type=int, default=None, help="largest max_tokens a request may ask for")
-    ap.add_argument("--max-connections", type=int, default=256, help="open connections before answering 503")
+    ap.add_argument("--max-connections", type=int, default=256,
+                    help="open connections; past it a new one closes the oldest idle one, or gets 503 if all are busy")
+    ap.add_argument("--max-connections-per-client", type=int, default=64,
+                    help="open connections per client address (past it, as --max-connections; behind a reverse "
+                         "proxy every client has its address: set it to --max-connections)")
+    ap.add_argument("--head-timeout", type=float, default=10.0,
+                    help="seconds a connection may take to send a request head (after opening, or after a response)")
     ap.add_argument("--max-body-bytes", type=int, default=4 << 20, help="larger request bodies get 413")
     ap.add_argument("--body-timeout", type=float, default=30.0, help="seconds a request body may take to arrive (408)")
     ap.add_argument("--served-model-name", default=None, help="the model name of the OpenAI API (default: the checkpoint's)")
@@ -43,7 +49,8 @@ def main() -> None:
     server = Server(lm, args.host, args.port, args.max_batch, args.max_queue, args.max_tokens,
                     model_name=args.served_model_name or user_path(args.ckpt).name, max_body_bytes=args.max_body_bytes,
                     max_connections=args.max_connections, body_timeout_s=args.body_timeout,
-                    engine=args.engine, prefill_buckets=args.prefill_buckets)
+                    engine=args.engine, prefill_buckets=args.prefill_buckets, head_timeout_s=args.head_timeout,
+                    max_connections_per_client=args.max_connections_per_client)
     server.engine.warm()  # compile the prefill buckets and the decode step before taking traffic
     print(f"serving {args.ckpt} as '{server.model_name}' on http://{args.host}:{args.port}", flush=True)
     server.run()  # until SIGTERM/SIGINT; the requests in flight are answered first
