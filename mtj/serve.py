@@ -426,8 +426,9 @@ class Server:
         for job in jobs:
             if job is not None:
                 await self.finished(job)
-        choices = await asyncio.to_thread(lambda: [self._choice(k, p, job, stop, req) for k, ((_, p), job) in
-                                                   enumerate(zip(rows, jobs))])
+        if any(job is not None and job.cancelled for job in jobs):
+            return Response(status_code=499)  # the client has gone: nothing to score or answer
+        choices = await asyncio.to_thread(self._choices, rows, jobs, stop, req)
         completion = sum(c.pop("_generated") for c in choices)
         prompt_tokens = sum(len(p) for p in ids)
         return JSONResponse({**meta, "choices": choices, "usage": {
@@ -445,6 +446,18 @@ class Server:
                 break
             kept.append(t)
         return kept, text, "stop"
+
+    def _choices(self, rows: list, jobs: list[Job | None], stop: list[str], req: CompletionRequest) -> list[dict]:
+        """Every row's choice; a prompt only scored (max_tokens 0) is scored once for its n rows."""
+        choices, scored = [], {}
+        for k, ((i, p), job) in enumerate(zip(rows, jobs)):
+            if job is None and i in scored:
+                choices.append({**scored[i], "index": k})
+                continue
+            choices.append(self._choice(k, p, job, stop, req))
+            if job is None:
+                scored[i] = choices[-1]
+        return choices
 
     def _choice(self, index: int, prompt: list[int], job: Job | None, stop: list[str], req: CompletionRequest) -> dict:
         generated, text, reason = self._cut(job.tokens, stop) if job is not None else ([], "", "length")

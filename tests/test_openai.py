@@ -76,6 +76,9 @@ def test_echo_and_logprobs_equal_the_model(served):
     only = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=0, echo=True, logprobs=1).choices[0]
     ids = lm.tokenizer.encode(PROMPTS[0])
     assert only.text == PROMPTS[0] and len(only.logprobs.token_logprobs) == len(ids)
+    rows = client.completions.create(model="tiny", prompt=PROMPTS[:2], max_tokens=0, echo=True, logprobs=1, n=2).choices
+    assert [c.index for c in rows] == [0, 1, 2, 3] and [c.text for c in rows] == [PROMPTS[0]] * 2 + [PROMPTS[1]] * 2
+    assert rows[0].logprobs == rows[1].logprobs == only.logprobs and rows[2].logprobs == rows[3].logprobs
 
 
 def test_sampling_streams_n_and_usage(served):
