@@ -277,8 +277,9 @@ def post_and_leave(port, body: dict) -> socket.socket:
     return s
 
 
-def test_abandoned_requests_give_back_their_rows(server):
-    body = {"prompt": "Nobody waits for", "n": 16, "max_tokens": 120, "temperature": 1.0}
+@pytest.mark.parametrize("stream", [False, True])
+def test_abandoned_requests_give_back_their_rows(server, stream):
+    body = {"prompt": "Nobody waits for", "n": 16, "max_tokens": 120, "temperature": 1.0, "stream": stream}
     gone = [post_and_leave(server.port, body) for _ in range(4)]  # 64 rows: the whole queue
     deadline = time.monotonic() + 10
     while request_json(server.port, "/health")[1]["queued"] < 32:
