@@ -222,6 +222,16 @@ def hf_logits(path: Path, tokens: np.ndarray) -> np.ndarray:
         return model(torch.tensor(tokens)).logits.numpy()
 
 
+SHARP = dict(initializer_range=0.3)  # random models whose attention is sharp: q, k and positions matter
+
+
+def assert_logits_close(actual: np.ndarray, expected: np.ndarray, rel: float = 2e-5) -> None:
+    """Logits equal to `rel` of their scale (the largest magnitude). Correct fp32 code is within 5e-6 of it on
+    the sharp test models (GPT-Neo's unscaled attention the most), 1e-6 on most; a wrong rotary base, a
+    swapped q and k or a missing bias differ by whole units."""
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=rel * float(np.abs(expected).max()))
+
+
 @pytest.fixture
 def rng() -> np.random.RandomState:
     return np.random.RandomState(0)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import mtj
-from conftest import REPO, hf_gptj, hf_logits
+from conftest import REPO, SHARP, assert_logits_close, hf_gptj, hf_logits
 from mtj.workflows import import_hf
 
 CONFIGS = {
@@ -25,30 +25,30 @@ def run(script: str, *args: str) -> None:
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_hf_round_trip(tmp_path, rng, name):
     kw = CONFIGS[name]
-    hf_dir = hf_gptj(tmp_path / "hf", seed=len(name), **kw)
+    hf_dir = hf_gptj(tmp_path / "hf", seed=len(name), **SHARP, **kw)
     tokens = rng.randint(0, kw["vocab_size"], (3, 20))
     reference = hf_logits(hf_dir, tokens)
 
     # HF directory loaded directly, and through from_hf.py into our checkpoint.
     direct = mtj.load(hf_dir, dtype="float32").logits(tokens)
-    np.testing.assert_allclose(direct, reference, atol=1e-4, rtol=0)
+    assert_logits_close(direct, reference)
     run("from_hf.py", "--hf", hf_dir, "--out", tmp_path / "ckpt", "dtype=float32")
     ours = mtj.load(tmp_path / "ckpt").logits(tokens)
     assert ours.shape == reference.shape  # the padded vocabulary never shows
-    np.testing.assert_allclose(ours, reference, atol=1e-4, rtol=0)
+    assert_logits_close(ours, reference)
 
     # mtj -> HF: transformers' logits of the export equal ours.
     run("to_hf.py", "--ckpt", tmp_path / "ckpt", "--out", tmp_path / "export")
-    np.testing.assert_allclose(hf_logits(tmp_path / "export", tokens), ours, atol=1e-4, rtol=0)
+    assert_logits_close(hf_logits(tmp_path / "export", tokens), ours)
 
 
 def test_odd_vocab_sharded_mp4(tmp_path, rng):
-    hf_dir = hf_gptj(tmp_path / "hf", n_embd=64, n_head=4, rotary_dim=8, vocab_size=1001)
+    hf_dir = hf_gptj(tmp_path / "hf", n_embd=64, n_head=4, rotary_dim=8, vocab_size=1001, **SHARP)
     tokens = rng.randint(0, 1001, (2, 12))
     lm = mtj.load(hf_dir, mp=4, dtype="float32")
     assert lm.config.padded_vocab % 4 == 0 and lm.config.padded_vocab > 1001
     assert lm.params["wte"].sharding.spec[0] == "mp"
-    np.testing.assert_allclose(lm.logits(tokens), hf_logits(hf_dir, tokens), atol=1e-4, rtol=0)
+    assert_logits_close(lm.logits(tokens), hf_logits(hf_dir, tokens))
 
 
 def test_export_dtypes_and_files(tmp_path, rng):
@@ -102,4 +102,4 @@ def test_pickle_needs_explicit_flag(tmp_path):
     tokens = np.arange(10)[None]
     with torch.no_grad():
         ref = model.eval()(torch.tensor(tokens)).logits.numpy()
-    np.testing.assert_allclose(mtj.load(tmp_path / "ckpt").logits(tokens), ref, atol=1e-4, rtol=0)
+    assert_logits_close(mtj.load(tmp_path / "ckpt").logits(tokens), ref)

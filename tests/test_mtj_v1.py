@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import mtj
-from conftest import hf_gptj, hf_logits
+from conftest import SHARP, assert_logits_close, hf_gptj, hf_logits
 from mtj.workflows import import_v1
 from safetensors import safe_open
 
@@ -97,7 +97,7 @@ def original_config(path: Path, **changes) -> Path:
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     return hf_gptj(tmp_path_factory.mktemp("v1") / "hf", vocab_size=1000, n_embd=32, n_head=4, rotary_dim=4,
-                   n_layer=LAYERS)
+                   n_layer=LAYERS, **SHARP)
 
 
 def test_v1_checkpoint_gives_transformers_logits(hf_dir, tmp_path):
@@ -110,7 +110,7 @@ def test_v1_checkpoint_gives_transformers_logits(hf_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     lm = mtj.load(out, dtype="float32")
     tokens = np.random.RandomState(0).randint(0, 1000, (2, 12))
-    np.testing.assert_allclose(lm.logits(tokens), hf_logits(hf_dir, tokens), atol=2e-4, rtol=1e-4)
+    assert_logits_close(lm.logits(tokens), hf_logits(hf_dir, tokens))
     assert lm.tokenizer is not None  # the original's GPT-2 tokenizer
     assert mtj.load(out, mp=2, dtype="float32").generate_tokens([[1, 2, 3]], 8, temperature=0) == \
         lm.generate_tokens([[1, 2, 3]], 8, temperature=0)
@@ -121,7 +121,7 @@ def test_slim_bf16_v1_checkpoint(tmp_path):
     import torch
     import transformers
 
-    path = hf_gptj(tmp_path / "hf", vocab_size=1000, n_embd=32, n_head=4, rotary_dim=4, n_layer=LAYERS)
+    path = hf_gptj(tmp_path / "hf", vocab_size=1000, n_embd=32, n_head=4, rotary_dim=4, n_layer=LAYERS, **SHARP)
     model = transformers.AutoModelForCausalLM.from_pretrained(path)
     with torch.no_grad():  # bf16-exact weights, so the bf16 checkpoint holds them exactly
         for p in model.parameters():
@@ -131,8 +131,8 @@ def test_slim_bf16_v1_checkpoint(tmp_path):
     write_v1(tmp_path / "step_1", leaves, bf16=True)
     import_v1(tmp_path / "step_1", original_config(tmp_path / "tiny.json"), tmp_path / "imported")
     tokens = np.random.RandomState(0).randint(0, 1000, (2, 12))
-    np.testing.assert_allclose(mtj.load(tmp_path / "imported", dtype="float32").logits(tokens),
-                               hf_logits(tmp_path / "hf_bf16", tokens), atol=2e-4, rtol=1e-4)
+    assert_logits_close(mtj.load(tmp_path / "imported", dtype="float32").logits(tokens),
+                        hf_logits(tmp_path / "hf_bf16", tokens))
 
 
 def test_bad_v1_inputs_are_named(hf_dir, tmp_path):

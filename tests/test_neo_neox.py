@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import mtj
-from conftest import REPO, assets, hf_logits
+from conftest import REPO, SHARP, assert_logits_close, assets, hf_logits
 from mtj.config import load_config
 from mtj.model import count_params
 from mtj.tokenizer import load_tokenizer
@@ -58,7 +58,7 @@ CASES = [("neo", n) for n in NEO] + [("neox", n) for n in NEOX]
 @pytest.mark.parametrize("family,name", CASES)
 def test_conversion_sharding_and_generation(tmp_path, rng, family, name):
     kw = (NEO if family == "neo" else NEOX)[name]
-    model = hf_model(tmp_path / "hf", family, len(name), **kw)
+    model = hf_model(tmp_path / "hf", family, len(name), **SHARP, **kw)
     tokens = rng.randint(0, kw["vocab_size"], (2, 24))
     reference = hf_logits(tmp_path / "hf", tokens)
 
@@ -66,14 +66,14 @@ def test_conversion_sharding_and_generation(tmp_path, rng, family, name):
                     "--out", str(tmp_path / "ckpt"), "dtype=float32"], check=True, cwd=REPO)
     lm = mtj.load(tmp_path / "ckpt")
     ours = lm.logits(tokens)
-    np.testing.assert_allclose(ours, reference, atol=1e-4, rtol=0)
+    assert_logits_close(ours, reference)
     for mp in (4, 8):
         if lm.config.n_heads % mp == 0:
-            np.testing.assert_allclose(mtj.load(tmp_path / "ckpt", mp=mp).logits(tokens), ours, atol=1e-5, rtol=0)
+            assert_logits_close(mtj.load(tmp_path / "ckpt", mp=mp).logits(tokens), ours)
 
     subprocess.run([sys.executable, str(REPO / "scripts" / "to_hf.py"), "--ckpt", str(tmp_path / "ckpt"),
                     "--out", str(tmp_path / "export")], check=True, cwd=REPO)
-    np.testing.assert_allclose(hf_logits(tmp_path / "export", tokens), ours, atol=1e-4, rtol=0)
+    assert_logits_close(hf_logits(tmp_path / "export", tokens), ours)
 
     prompts = [[t % kw["vocab_size"] for t in p] for p in PROMPTS]
     assert lm.generate_tokens(prompts, max_new_tokens=16, temperature=0) == hf_greedy(model, prompts, 16)
@@ -133,5 +133,4 @@ def test_small_model_trains_and_exports(tmp_path, family):
     ids = tok("ROMEO: What, ho!")["input_ids"]
     assert ids == load_tokenizer(cfg.tokenizer).encode("ROMEO: What, ho!")
     tokens = np.array([ids])
-    np.testing.assert_allclose(hf_logits(tmp_path / "hf", tokens), mtj.load(tmp_path / "run").logits(tokens),
-                               atol=1e-4, rtol=0)
+    assert_logits_close(hf_logits(tmp_path / "hf", tokens), mtj.load(tmp_path / "run").logits(tokens))
