@@ -139,16 +139,29 @@ def test_overload_gets_503(ckpt):
 
 
 def test_sigterm_finishes_the_work_in_flight(ckpt):
+    """SIGTERM while a stream is midway and another request waits in the queue: both are answered in full."""
     srv = Running(ckpt, "--max-batch", "1")
-    body = {"prompt": "Before the end", "max_tokens": 100, "temperature": 1.0}
-    with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        replies = [pool.submit(request, srv.port, "/v1/completions", body) for _ in range(3)]
-        time.sleep(1.0)  # accepted: one decoding, two queued
-        assert srv.stop() == 0
-        for reply in replies:
-            status, text = reply.result()
-            assert status == 200 and len(json.loads(text)["choices"][0]["text"]) > 0
-    assert "stopped" in srv.proc.stdout.read()
+    stream = json.dumps({"prompt": "Before the end", "max_tokens": 100, "temperature": 1.0, "n": 8, "stream": True,
+                         "seed": 1}).encode()
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=120) as s, \
+            concurrent.futures.ThreadPoolExecutor(1) as pool:
+        s.sendall(post("/v1/completions", stream, f"Content-Length: {len(stream)}\r\n"))
+        seen = b""
+        while b"data: " not in seen:
+            seen += s.recv(65536)
+        waiting = pool.submit(request, srv.port, "/v1/completions", {"prompt": "Queued", "max_tokens": 50})
+        while json.loads(request(srv.port, "/health")[1])["queued"] < 8:  # 7 of the stream's rows and this one
+            time.sleep(0.01)
+        assert b"[DONE]" not in seen  # the stream is midway
+        srv.proc.send_signal(signal.SIGTERM)
+        while chunk := s.recv(65536):
+            seen += chunk
+        status, text = waiting.result()
+    assert status == 200 and json.loads(text)["choices"][0]["text"]
+    events = [json.loads(e.split("\n\n")[0]) for e in seen.decode().split("data: ")[1:] if not e.startswith("[DONE]")]
+    assert b"data: [DONE]" in seen and sorted(c["index"] for e in events for c in e["choices"] if c["finish_reason"]) \
+        == list(range(8))
+    assert srv.proc.wait(timeout=60) == 0 and "stopped" in srv.proc.stdout.read()
 
 
 # --- the audit of the HTTP front: each finding, reproduced ------------------------------------
