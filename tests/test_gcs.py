@@ -77,6 +77,29 @@ def test_old_steps_are_pruned_in_a_bucket(gcs_dir):
     np.testing.assert_array_equal(restored["w"], np.full(4, 4, np.float32))
 
 
+def test_a_step_pruned_from_a_bucket_is_unlisted_before_its_data_goes(gcs_dir, monkeypatch):
+    """A kill during pruning must not leave a step that looks complete without all its objects: the
+    emulator removes a directory's objects in listing order, commit file first, so the kill trials cannot
+    see the order; here the moment the bulk removal starts is observed, whatever order it would take."""
+    mngr = checkpoint.manager(gcs_dir)
+    for step in (1, 2):
+        mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave({"w": np.full(4, step, np.float32)})))
+    mngr.wait_until_finished()
+    mngr.close()
+    gpath = type(epath.Path(gcs_dir))
+    rmtree = gpath.rmtree
+    listed_at_removal = []
+
+    def observed_rmtree(self, *args, **kwargs):
+        listed_at_removal.append(checkpoint.complete_steps(gcs_dir))
+        return rmtree(self, *args, **kwargs)
+
+    monkeypatch.setattr(gpath, "rmtree", observed_rmtree)
+    checkpoint.delete_step(epath.Path(gcs_dir) / "step_1")
+    assert listed_at_removal == [[2]]  # step 1 was no longer a step when its objects began to go
+    assert checkpoint.complete_steps(gcs_dir) == [2]
+
+
 # --- a whole run in a bucket ------------------------------------------------------------------
 
 def cli(script: str, *args: str) -> subprocess.CompletedProcess:
