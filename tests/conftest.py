@@ -120,6 +120,16 @@ def pytest_runtest_call(item: pytest.Item):
     return result
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """With MTJ_NO_SKIPS=1 (CI sets it) a skipped test fails: a missing libtpu or tfds must not leave CI green."""
+    report = yield
+    if report.skipped and os.environ.get("MTJ_NO_SKIPS") == "1" and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = f"skipped with MTJ_NO_SKIPS=1: {report.longrepr}"
+    return report
+
+
 # --- the GCS emulator -----------------------------------------------------------------------
 GCS_BUCKET = "mtj-test"
 _gcs_dirs = itertools.count()
