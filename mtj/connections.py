@@ -6,8 +6,8 @@ has arrived. A waiting connection is closed `head_timeout` seconds after it bega
 sent head is answered 408 first), and it is the first to go when a new connection arrives past a
 cap: the oldest waiting connection of the same client past `per_client` connections, or the oldest
 of all past `max_connections`. Connections busy with a request are never closed for room; a new one
-that finds none to close is refused (503 from uvicorn past the total cap, a closed socket past the
-per-client cap). So slow or silent sockets cost nothing for long, and /health stays reachable.
+that finds none to close is refused (503 from uvicorn past the total cap, 429 and a closed socket
+past the per-client cap). So slow or silent sockets cost nothing for long, and /health stays reachable.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ class ConnectionLimits:
             self.by_client.pop(conn.host, None)
 
     def _close_oldest(self, among: dict[LimitedH11, Any]) -> bool:
-        """Close the connection that has waited longest for a request head among `among`; False if none waits."""
+        """Close the first connection of `among` (oldest first) that waits for a request head; False if none does."""
         oldest = next((c for c in among if c in self.waiting and not c.transport.is_closing()), None)
         if oldest is None:
             return False
