@@ -1,8 +1,25 @@
-"""What the side-by-side benchmarks share: the model arguments and alternating timed rounds."""
+"""What the side-by-side benchmarks share: the model arguments, alternating timed rounds, and a checkout
+of the baseline revision."""
 
 import argparse
+import contextlib
+import subprocess
 import time
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@contextlib.contextmanager
+def revision_tree(revision: str, at: Path) -> Iterator[Path]:
+    """A checkout of `revision` (a git worktree of this repository) at `at`, removed afterwards."""
+    subprocess.run(["git", "worktree", "add", "--detach", "-q", str(at), revision], cwd=REPO, check=True,
+                   capture_output=True)
+    try:
+        yield at
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(at)], cwd=REPO, capture_output=True)
 
 
 def model_parser(description: str) -> argparse.ArgumentParser:

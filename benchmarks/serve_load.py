@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
+from common import REPO, revision_tree
+
 sys.path.insert(0, str(REPO))
 
 
@@ -166,16 +167,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         ckpt = benchmark_model(tmp / "model", args)
-        base = tmp / "baseline"
-        subprocess.run(["git", "worktree", "add", "--detach", str(base), args.baseline], cwd=REPO, check=True,
-                       capture_output=True)
-        try:
+        with revision_tree(args.baseline, tmp / "baseline") as base:
             sides = {f"baseline ({args.baseline})": measure(base / "scripts" / "serve.py", ckpt, requests, args.max_batch,
                                                             args.baseline_args.split()),
                      f"this checkout {args.args}": measure(REPO / "scripts" / "serve.py", ckpt, requests, args.max_batch,
                                                            args.args.split())}
-        finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=REPO, check=False)
     print(f"{cpu_name()}, {os.cpu_count()} cores; {args.requests} requests at {args.rate}/s, max_batch {args.max_batch}")
     print(f"{'server':<40} {'tokens/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} {'lat p50':>8} {'lat p99':>8}")
     for name, r in sides.items():

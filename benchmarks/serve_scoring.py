@@ -11,7 +11,6 @@ pass for each server and the ratios. Run it inside ../shared/bin/offline.
 import argparse
 import json
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -20,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from serve_load import REPO, benchmark_model, cpu_name, free_port, start_server
+from common import REPO, revision_tree
+from serve_load import benchmark_model, cpu_name, free_port, start_server
 
 
 def passes(serve_py: Path, ckpt: Path, prompts: list[list[int]], logprobs: int) -> tuple[float, float]:
@@ -60,14 +60,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         ckpt = benchmark_model(tmp / "model", args)
-        base = tmp / "baseline"
-        subprocess.run(["git", "worktree", "add", "--detach", str(base), args.baseline], cwd=REPO, check=True,
-                       capture_output=True)
-        try:
+        with revision_tree(args.baseline, tmp / "baseline") as base:
             baseline = passes(base / "scripts" / "serve.py", ckpt, prompts, args.logprobs)
             ours = passes(REPO / "scripts" / "serve.py", ckpt, prompts, args.logprobs)
-        finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=REPO, capture_output=True)
     print(f"{cpu_name()}; {args.requests} echo+logprobs={args.logprobs} requests, prompts 8-500 tokens, "
           f"{args.layers} layers d_model {args.d_model}")
     print(f"{'server':<28}{'first pass':>12}{'compiled':>12}")
