@@ -327,15 +327,10 @@ class Server:
 
     def jobs_for(self, ids: list[int], max_new: int | None, temperature: float, top_k: int, top_p: float,
                  seed: int, n: int = 1, stream: bool = False, stop: list[str] | None = None) -> list[Job]:
-        """Jobs for one tokenized prompt; max_new None: up to 256 tokens, as many as fit the context."""
-        seq = self.lm.config.seq
+        """Jobs for one tokenized prompt; max_new None: up to 256 tokens, as many as fit the context. Their
+        values are checked against the model when submitted (`check_job`: context, top_k, ...)."""
         if max_new is None:
-            max_new = max(1, min(256, self.max_tokens, seq - len(ids)))
-        if len(ids) + max_new > seq:
-            raise BadRequest(f"the prompt has {len(ids)} tokens; with {max_new} new tokens that exceeds the "
-                             f"context of {seq} tokens")
-        if top_k > self.lm.config.n_vocab:
-            raise BadRequest(f"'top_k' must be at most the vocabulary size {self.lm.config.n_vocab}")
+            max_new = max(1, min(256, self.max_tokens, self.lm.config.seq - len(ids)))
         return [Job(ids, max_new, temperature, max(top_k, 0), top_p, seed + i, Events(), stream, list(stop or []))
                 for i in range(n)]
 
@@ -344,7 +339,7 @@ class Server:
         listed += jobs
         try:
             self.engine.submit(jobs)
-        except ValueError as e:  # values the model cannot take (the checks above should have caught them)
+        except ValueError as e:  # values the model cannot take
             raise BadRequest(str(e)) from None
 
     async def finished(self, job: Job) -> None:
