@@ -214,6 +214,7 @@ class Engine:
         self.changed = threading.Condition()  # guards `queue` and `failure`
         self.stopping = threading.Event()
         self.failure: BaseException | None = None  # what stopped the thread, if anything did (for /health)
+        self.most_rows = 0  # the most requests decoded together so far (for /health: is batching happening?)
         self.thread = threading.Thread(target=self._guarded, name=name, daemon=True)
 
     @property
@@ -349,6 +350,7 @@ class StaticBatcher(Engine):
                 job.ended = self._finished(job)
             return np.array([job.ended for job in batch])
 
+        self.most_rows = max(self.most_rows, len(batch))
         try:
             self.lm.generate_tokens([j.ids for j in batch], max(j.max_new for j in batch),
                                     [j.temperature for j in batch], [j.top_k for j in batch],
@@ -461,6 +463,7 @@ class SlotEngine(Engine):
     def _decode(self) -> None:
         """Decode steps of every slot: one while a request waits for a free slot, else up to MAX_STEPS."""
         live = np.array([job is not None for job in self.active])
+        self.most_rows = max(self.most_rows, int(live.sum()))
         steps = 1 if (not live.all() and self.queue) else MAX_STEPS
         span = min(bucket(int(self.lengths[live].max()) + steps, SPAN_MIN), self.cfg.seq)
         out, ran = self._decode_call(span, bool((self.temperature[live] == 0).all()), steps)

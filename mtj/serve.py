@@ -356,7 +356,8 @@ class Server:
         if not self.engine.alive:
             reason = f"{type(self.engine.failure).__name__}: {self.engine.failure}" if self.engine.failure else "stopped"
             return JSONResponse({"status": "dead", "model": self.model_name, "error": reason}, 503)
-        return JSONResponse({"status": "ok", "model": self.model_name, "queued": len(self.engine.queue)})
+        return JSONResponse({"status": "ok", "model": self.model_name, "queued": len(self.engine.queue),
+                             "most_rows_decoded_together": self.engine.most_rows})
 
     async def models(self, request: Request) -> JSONResponse:
         return JSONResponse({"object": "list", "data": [

@@ -242,6 +242,16 @@ def assert_logits_close(actual: np.ndarray, expected: np.ndarray, rel: float = 2
     np.testing.assert_allclose(actual, expected, rtol=0, atol=rel * float(np.abs(expected).max()))
 
 
+def assert_greedy(lm, prompt: list[int], new: list[int], rel: float) -> None:
+    """Each of `new` (greedy tokens after `prompt`) is, by `lm`'s full forward pass, its position's likeliest
+    token to within `rel` of the logits' scale: a decoding that differs from the model beyond rounding fails,
+    while ties within the rounding of a low-precision model may go either way."""
+    assert new, "nothing was generated"
+    logits = np.asarray(lm.logits([prompt + new[:-1]]), np.float32)[0, len(prompt) - 1:]
+    margin = logits.max(-1) - logits[np.arange(len(new)), new]
+    assert margin.max() <= rel * float(np.abs(logits).max()), f"greedy tokens short of the best by {margin}"
+
+
 @pytest.fixture
 def rng() -> np.random.RandomState:
     return np.random.RandomState(0)

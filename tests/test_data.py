@@ -1,5 +1,6 @@
 """TFRecord data: format, round trip, sharding across processes, resume, corruption, inputs."""
 
+import collections
 import hashlib
 import io
 import json
@@ -77,7 +78,17 @@ def test_split_files_repack_and_shuffle(tmp_path):
     once = create_tfrecords(str(tmp_path / "a.txt"), "once", tmp_path, tok, seq=8, seed=1, progress=False)
     files = index.read_text().split()
     assert len(files) > 1 and all(f.startswith("big-") for f in files)
-    assert len(TFRecordSource(index, 8)) == 2 * len(TFRecordSource(once, 8))
+    big, first = TFRecordSource(index, 8), TFRecordSource(once, 8)
+    assert len(big) == 2 * len(first)
+    epochs = big.read(np.arange(len(big))).reshape(2, len(first), 9)
+    np.testing.assert_array_equal(epochs[0], first.read(np.arange(len(first))))  # the same seed, the same first epoch
+    assert not np.array_equal(epochs[0], epochs[1])  # the second epoch is reshuffled
+    tokenized = collections.Counter(tuple(tok.encode(d)) for d in DOCS)
+    for epoch in epochs:  # each epoch: whole documents in some order, each at most as often as given
+        text = epoch.reshape(-1).tolist()
+        ends = [i for i, t in enumerate(text) if t == tok.eos_id]
+        whole = collections.Counter(tuple(text[a + 1:b]) for a, b in zip([-1, *ends], ends))
+        assert whole <= tokenized and whole.total() >= len(DOCS) - 2  # the cut-off tail: at most 2 short ones
 
 
 def test_input_kinds(tmp_path):

@@ -65,10 +65,15 @@ def test_echo_and_logprobs_equal_the_model(served):
         assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
         for i in range(1, len(ids)):
             assert math.isclose(lp.token_logprobs[i], ref[i - 1, ids[i]], abs_tol=1e-4)
-            top = sorted(ref[i - 1], reverse=True)[:3]
-            assert len(lp.top_logprobs[i]) <= 3
-            assert math.isclose(max(lp.top_logprobs[i].values()), top[0], abs_tol=1e-4)
-        assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+            alternatives = {}  # the 3 likeliest tokens by text (of two that read alike, the likelier)
+            for t in np.argsort(-ref[i - 1])[:3]:
+                alternatives.setdefault(lm.tokenizer.decode([t]), ref[i - 1, t])
+            assert lp.top_logprobs[i].keys() == alternatives.keys()
+            assert all(math.isclose(lp.top_logprobs[i][k], v, abs_tol=1e-4) for k, v in alternatives.items())
+        # each token's text sits at its offset in the choice's text
+        assert "".join(lp.tokens) == choice.text and len(lp.text_offset) == len(lp.tokens)
+        assert [choice.text[o:o + len(t)] for o, t in zip(lp.text_offset, lp.tokens)] == lp.tokens
+        assert lp.text_offset == list(np.cumsum([0] + [len(t) for t in lp.tokens[:-1]]))
         # generated tokens are greedy: each is its position's best
         for i in range(len(lm.tokenizer.encode(prompt)), len(ids)):
             assert lp.token_logprobs[i] == max(lp.top_logprobs[i].values())

@@ -108,6 +108,9 @@ def test_resume_after_kill_is_exact(tmp_path):
         shutil.rmtree(d)
     crashed = run_cli(path, env={"MTJ_TEST_KILL_DURING_SAVE": "10"})
     assert crashed.returncode == -9
+    # the kill found step 10 half written: a directory with files in it, and no commit
+    half = [p for p in run.iterdir() if p.name.startswith("step_10")]
+    assert half and any(f.is_file() for f in half[0].rglob("*")), sorted(p.name for p in run.iterdir())
     assert mtj.checkpoint.complete_steps(run) == [5]
     assert mtj.checkpoint.read_meta(run)["step"] == 5
     lm = mtj.load(run, mp=1)

@@ -18,6 +18,9 @@ from pathlib import Path
 from bugs import BUGS
 
 REPO = Path(__file__).resolve().parents[2]
+# the copy is not beside ../shared: it finds the assets where this checkout does (tests/conftest.py)
+ASSETS = {} if "MTJ_ASSETS" in os.environ or not (REPO.parent / "shared" / "assets").is_dir() else \
+    {"MTJ_ASSETS": str(REPO.parent / "shared" / "assets")}
 
 
 def copy_checkout(to: Path) -> None:
@@ -51,9 +54,11 @@ def main() -> int:
             start = time.monotonic()
             # the copy's mtj comes first on the path (an editable install of this checkout is found after it)
             run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", *bug.test],
-                                 cwd=root, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(root)})
-            verdict = "caught" if run.returncode == 1 else "SURVIVED" if run.returncode == 0 else f"error {run.returncode}"
+                                 cwd=root, capture_output=True, text=True, env={**os.environ, **ASSETS, "PYTHONPATH": str(root)})
             summary = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else run.stderr[-200:]
+            # caught: a test failed; an error (a fixture that could not start) shows nothing about the bug
+            verdict = ("caught" if run.returncode == 1 and " failed" in summary and " error" not in summary
+                       else "SURVIVED" if run.returncode == 0 else f"error {run.returncode}")
             print(f"{verdict:8s} {time.monotonic() - start:5.0f}s  {bug.name}  [{' '.join(bug.test)}: {summary}]",
                   flush=True)
             if verdict != "caught":
