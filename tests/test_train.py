@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 
 import mtj
-from conftest import REPO, assets
+from conftest import REPO, SHARP, assets, hf_gptj
 from mtj.config import from_dict
 from mtj.corpus import create_tfrecords
 from mtj.tokenizer import load_tokenizer
 from mtj.sharding import make_mesh
-from mtj.train import Trainer, train
+from mtj.train import Trainer, _restore_state, train
+from mtj.workflows import import_hf
 
 
 def config(tmp_path: Path, **kw):
@@ -143,6 +144,32 @@ def test_fine_tune_from_imported_checkpoint(tmp_path):
     train(fresh, progress=False)
     assert rows[1]["loss"] < metrics(tmp_path / "fresh")[1]["loss"]  # it started from the trained weights
 
+    # Fine-tuning keeps the base's optimizer state unless told not to: its first step is the base's state
+    # (schedule from step 0) stepped on the first batch.
+    kept = config(tmp_path, total_steps=1, model_dir=str(tmp_path / "kept"))
+    trainer = Trainer(kept)
+    saved, _ = _restore_state(trainer, tmp_path / "base", with_opt=True, resume=True)
+    batch = next(trainer.loader(kept.train_set, load_tokenizer("gpt2")))
+    expected, _ = trainer.step({**saved, "step": jax.numpy.zeros_like(saved["step"])}, batch)
+    got = train(kept, tune_model_path=str(tmp_path / "base"), progress=False)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
     wrong = config(tmp_path, d_model=32, model_dir=str(tmp_path / "wrong"))
     with pytest.raises(ValueError, match="d_model"):
         train(wrong, tune_model_path=str(tmp_path / "base"), progress=False)
+
+
+def test_fine_tune_from_an_hf_import_starts_from_its_weights(tmp_path):
+    import torch
+    import transformers
+
+    hf = hf_gptj(tmp_path / "hf", vocab_size=50257, n_embd=64, n_head=8, rotary_dim=4, n_layer=2, **SHARP)
+    import_hf(hf, tmp_path / "imported", dtype="float32")  # weights only: the optimizer starts fresh
+    cfg = config(tmp_path, total_steps=1, model_dir=str(tmp_path / "tuned"))
+    batch = next(Trainer(cfg).loader(cfg.train_set, load_tokenizer("gpt2")))[0]
+    train(cfg, tune_model_path=str(tmp_path / "imported"), progress=False)
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    with torch.no_grad():  # the first step's loss is transformers' loss on that batch
+        want = model(torch.tensor(batch, dtype=torch.long), labels=torch.tensor(batch, dtype=torch.long)).loss.item()
+    assert abs(metrics(tmp_path / "tuned")[1]["loss"] - want) < 1e-5 * want
