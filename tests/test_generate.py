@@ -264,3 +264,31 @@ def test_slim_checkpoint_samples_like_the_original(tmp_path, gptj):
     new = slim.generate_tokens([[1, 2, 3]], 8, temperature=0)[0]
     assert len(new) == 8
     assert_greedy(slim, [1, 2, 3], new, rel=0.01)  # decoding on the bf16 weights follows their forward pass
+
+
+def test_sample_command_one_shot_and_interactive(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO, SHARP
+
+    path = hf_gptj(tmp_path / "hf", vocab_size=50257, n_embd=32, n_head=4, rotary_dim=4, bos_token_id=50256,
+                   eos_token_id=50256, **SHARP)
+    load_tokenizer("gpt2").save_pretrained(path)
+    lm = mtj.load(path)
+
+    def alone(prompt: str) -> str:
+        return lm.decode_new(lm.generate_tokens([lm.tokenizer.encode(prompt)], 5, temperature=0)[0])
+
+    def sample(*args: str, stdin: str = "") -> str:
+        done = subprocess.run([sys.executable, str(REPO / "scripts" / "sample.py"), "--ckpt", str(path),
+                               "--max-new-tokens", "5", "--temperature", "0", *args], input=stdin, cwd=REPO,
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    assert sample("--prompt", "Hello there") == "Hello there" + alone("Hello there") + "\n"  # streamed as it decodes
+    # no --prompt: one prompt per line of stdin (blank lines skipped), until its end
+    rows = [json.loads(line) for line in sample("--json", stdin="Hello there\n\nThe king said\n").splitlines()]
+    assert [(r["prompt"], r["completion"]) for r in rows] == [(p, alone(p)) for p in ("Hello there", "The king said")]

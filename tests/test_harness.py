@@ -134,6 +134,21 @@ def test_eval_harness_script_prints_the_harness_table_and_json(gptj, tmp_path):
     assert unknown.returncode == 1 and unknown.stderr.strip().splitlines()[-1] == "error: Tasks not found: no_such_task"
 
 
+def test_num_fewshot_reaches_the_harness(gptj, tmp_path):
+    ckpt, _ = gptj
+    tasks = write_tasks(tmp_path / "tasks")
+    done = eval_script("--ckpt", str(ckpt), "--tasks", "mtj_mc", "--include-path", str(tasks), "--limit", "4",
+                       "--num-fewshot", "2", "--dtype", "float32", "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    want = lm_eval.simple_evaluate(model="mtj", model_args=f"ckpt={ckpt},dtype=float32", tasks=["mtj_mc"], limit=4,
+                                   num_fewshot=2, task_manager=TaskManager(include_path=[str(tasks)]), device="cpu",
+                                   bootstrap_iters=0)  # the harness's default seeds, as the script
+    assert out["n-shot"] == {"mtj_mc": 2} == want["n-shot"]
+    for key in ("acc,none", "acc_norm,none"):
+        assert out["results"]["mtj_mc"][key] == want["results"]["mtj_mc"][key]
+
+
 def test_training_logs_harness_metrics_equal_to_the_script_on_that_step(tmp_path):
     from mtj.train import train
     from test_train import config, metrics

@@ -18,12 +18,14 @@ from mtj.train import Trainer, train
 
 
 def launch(cfg_path, port, *overrides, heartbeat=100):
+    """Process 0 joins by flags, process 1 by the environment variables (MTJ_COORDINATOR, ...)."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    by_flags = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", "0"]
+    by_env = {"MTJ_COORDINATOR": f"127.0.0.1:{port}", "MTJ_NUM_PROCESSES": "2", "MTJ_PROCESS_ID": "1"}
     return [subprocess.Popen([sys.executable, str(REPO / "scripts" / "train.py"), "--config", str(cfg_path),
-                              "--no-progress", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-                              "--process-id", str(i), "--heartbeat-timeout", str(heartbeat), *overrides],
-                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for i in range(2)]
+                              "--no-progress", *flags, "--heartbeat-timeout", str(heartbeat), *overrides],
+                             cwd=REPO, env={**env, **more}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for flags, more in [(by_flags, {}), ([], by_env)]]
 
 
 def test_two_processes_train_like_one(tmp_path):

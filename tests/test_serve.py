@@ -85,9 +85,11 @@ def server(ckpt):
     assert "stopped" in srv.proc.stdout.read()
 
 
-def test_endpoints(server, lm):
+def test_endpoints(server, lm, ckpt):
     status, body = request(server.port, "/health")
     assert status == 200 and json.loads(body)["status"] == "ok"
+    status, body = request(server.port, "/v1/models")  # no --served-model-name: the checkpoint directory's name
+    assert status == 200 and [m["id"] for m in json.loads(body)["data"]] == [ckpt.name]
     status, body = request(server.port, "/complete", {"context": "Hello", "temp": 0, "length": 8})
     assert status == 200 and json.loads(body)["completion"] == alone(lm, "Hello", 8)
     status, body = request(server.port, "/v1/completions",

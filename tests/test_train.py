@@ -173,3 +173,40 @@ def test_fine_tune_from_an_hf_import_starts_from_its_weights(tmp_path):
     with torch.no_grad():  # the first step's loss is transformers' loss on that batch
         want = model(torch.tensor(batch, dtype=torch.long), labels=torch.tensor(batch, dtype=torch.long)).loss.item()
     assert abs(metrics(tmp_path / "tuned")[1]["loss"] - want) < 1e-5 * want
+
+
+def test_validation_keep_every_and_the_cached_cpu_peak(tmp_path, monkeypatch):
+    from mtj.metrics import _cache_path, _cpu_model, flops_per_token
+
+    text = str(assets() / "text" / "tinyshakespeare.txt")
+    cfg = config(tmp_path, total_steps=4, val_set={"shakes": text}, val_every=2, val_batches=2, ckpt_every=1,
+                 keep_last=1, keep_every=2)
+    # MFU divides by the CPU's matmul peak cached per CPU model: a cached value is used as it is
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    _cache_path().parent.mkdir(parents=True)
+    _cache_path().write_text(json.dumps({f"{_cpu_model()} {os.cpu_count()} cores float32": 1e9}))
+    state = train(cfg, progress=False)
+    rows = metrics(tmp_path / "run")
+
+    assert [s for s in rows if "val/shakes" in rows[s]] == [2, 4]  # every val_every steps
+    trainer = Trainer(cfg)
+    want = trainer.evaluate(state["params"], trainer.loader(text, load_tokenizer("gpt2"), shuffle=False), 2)
+    assert abs(rows[4]["val/shakes"] - want) < 1e-6 * want  # the first val_batches batches, in order
+    assert sorted(mtj.checkpoint.complete_steps(tmp_path / "run")) == [2, 4]  # keep_last 1, and every 2nd step kept
+    for row in rows.values():
+        assert row["mfu"] == pytest.approx(row["tokens_per_sec"] * flops_per_token(cfg) / 1e9, rel=1e-9)
+    assert rows[4]["tokens_per_sec"] > 0
+
+
+def test_skip_corrupt_records_reaches_the_loader(tmp_path):
+    from test_data import framed
+
+    index = create_tfrecords(str(assets() / "text" / "tinyshakespeare.txt"), "shakes", tmp_path / "data",
+                             load_tokenizer("gpt2"), seq=32, progress=False)
+    (records,) = (tmp_path / "data").glob("*.tfrecords")
+    good = records.read_bytes()
+    second = 16 + int.from_bytes(good[:8], "little")  # the second record's offset: after the first's frame
+    records.write_bytes(good[:second] + framed(b"\x0a\x07garbage") + good[second:])  # not an Example
+    with pytest.warns(UserWarning, match=rf"skipping corrupt record.*{records.name}.*byte offset {second} "):
+        train(config(tmp_path, total_steps=2, train_set=str(index), skip_corrupt_records=True), progress=False)
+    assert sorted(metrics(tmp_path / "run")) == [1, 2]

@@ -43,7 +43,8 @@ def main() -> None:
     if jax.process_index() != 0:  # every process ran the same requests in lockstep; process 0 reports
         return
     if args.json:
-        print(json.dumps({"results": results["results"], "n-samples": results.get("n-samples", {})}, default=str))
+        print(json.dumps({"results": results["results"], "n-shot": results.get("n-shot", {}),
+                          "n-samples": results.get("n-samples", {})}, default=str))
     else:
         print(make_table(results))
 
