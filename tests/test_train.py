@@ -2,6 +2,7 @@
 
 import json
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -210,3 +211,45 @@ def test_skip_corrupt_records_reaches_the_loader(tmp_path):
     with pytest.warns(UserWarning, match=rf"skipping corrupt record.*{records.name}.*byte offset {second} "):
         train(config(tmp_path, total_steps=2, train_set=str(index), skip_corrupt_records=True), progress=False)
     assert sorted(metrics(tmp_path / "run")) == [1, 2]
+
+
+def wandb_records(path: Path):
+    """The records of a W&B offline run's transaction log (run-*.wandb): a 7-byte header, then LevelDB-log
+    framing (crc32 4, length 2, type 1; FULL=1, FIRST=2, MIDDLE=3, LAST=4) in 32 KiB blocks."""
+    from wandb.proto import wandb_internal_pb2
+
+    raw, pos, block, parts = path.read_bytes(), 7, 32768, b""
+    assert raw[:4] == b":W&B"
+    while pos + 7 <= len(raw):
+        left = block - pos % block
+        _, length, kind = struct.unpack("<IHB", raw[pos:pos + 7]) if left >= 7 else (0, 0, 0)
+        if kind == 0:  # the rest of a block is padding
+            pos += left
+            continue
+        parts, pos = parts + raw[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(parts)
+            parts = b""
+            yield record
+
+
+def test_wandb_gets_the_run_and_every_row(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")  # written to WANDB_DIR; nothing is sent
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = config(tmp_path, total_steps=3, wandb_project="mtj-test", name="tiny run")
+    train(cfg, progress=False)
+    (log,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    runs, history = [], {}
+    for record in wandb_records(log):
+        if record.HasField("run"):
+            runs.append((record.run.project, record.run.display_name))
+        elif record.HasField("history"):
+            row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            history[row["_step"]] = row
+    assert runs[0] == ("mtj-test", "tiny run")
+    rows = metrics(tmp_path / "run")
+    assert sorted(history) == sorted(rows) == [1, 2, 3]
+    for step, row in rows.items():
+        assert {k: history[step][k] for k in row if k != "step"} == {k: v for k, v in row.items() if k != "step"}
