@@ -19,7 +19,7 @@ import uuid
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import uvicorn
-from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError, model_validator
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -90,6 +90,22 @@ class CompletionRequest(Strict):
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     user: str | None = None  # accepted as OpenAI accepts it: an end-user id, no effect on the output
+    # Client libraries send these with their neutral values on every request: those are accepted, others refused.
+    presence_penalty: FiniteFloat = 0.0
+    frequency_penalty: FiniteFloat = 0.0
+    best_of: int | None = None
+    logit_bias: dict[str, FiniteFloat] | None = None
+
+    @model_validator(mode="after")
+    def _neutral_only(self) -> "CompletionRequest":
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) != 0:
+                raise ValueError(f"'{name}' other than 0 is not implemented by mtj")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("'best_of' other than n is not implemented by mtj")
+        if self.logit_bias:
+            raise ValueError("a non-empty 'logit_bias' is not implemented by mtj")
+        return self
 
 
 class CompleteRequest(Strict):
@@ -108,8 +124,12 @@ def _describe(error: ValidationError) -> str:
     parts = []
     for e in error.errors(include_input=False, include_url=False):
         where = ".".join(str(x) for x in e["loc"] if not str(x).startswith(("list[", "str", "int")))
-        parts.append(f"'{where}': {e['msg']}" if e["type"] != "extra_forbidden" else
-                     f"'{where}' is not implemented by mtj")
+        if e["type"] == "extra_forbidden":
+            parts.append(f"'{where}' is not implemented by mtj")
+        elif not where:  # a check of the whole request: its message names the fields
+            parts.append(str(e["ctx"]["error"]) if "error" in e.get("ctx", {}) else e["msg"])
+        else:
+            parts.append(f"'{where}': {e['msg']}")
     return "; ".join(dict.fromkeys(parts))
 
 

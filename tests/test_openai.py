@@ -115,8 +115,16 @@ def test_client_errors_name_the_problem(served):
     client, _ = served
     with pytest.raises(openai.NotFoundError, match="serves 'tiny'"):
         client.completions.create(model="other", prompt="x", max_tokens=1)
-    with pytest.raises(openai.BadRequestError, match="frequency_penalty' is not implemented"):
+    with pytest.raises(openai.BadRequestError, match="'frequency_penalty' other than 0 is not implemented"):
         client.completions.create(model="tiny", prompt="x", max_tokens=1, frequency_penalty=0.5)
+    with pytest.raises(openai.BadRequestError, match="'logit_bias' is not implemented"):
+        client.completions.create(model="tiny", prompt="x", max_tokens=1, logit_bias={"50256": -100})
+    with pytest.raises(openai.BadRequestError, match="'best_of' other than n"):
+        client.completions.create(model="tiny", prompt="x", max_tokens=1, best_of=3)
+    # what client libraries send by default: the neutral values change nothing
+    plain = client.completions.create(model="tiny", prompt="x", max_tokens=4, temperature=0).choices[0].text
+    assert client.completions.create(model="tiny", prompt="x", max_tokens=4, temperature=0, presence_penalty=0,
+                                     frequency_penalty=0, best_of=1, logit_bias={}).choices[0].text == plain
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.completions.create(model="tiny", prompt="x", max_tokens=1, temperature=2.5)
 
