@@ -122,11 +122,32 @@ def published_dir(out: PathLike, last: tuple[str, ...] = ("config.json",)) -> It
                 with open_atomic(out / os.fspath(f.relative_to(tmp))) as dst:
                     _stream(f, dst)
         else:
+            _as_if_created(tmp)
             if out.exists():
                 out.rmdir()  # empty, checked above
             os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask sets it, for every thread at once)."""
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+    return 0o022
+
+
+def _as_if_created(root: epath.Path) -> None:
+    """The permissions a directory and files made in place would have had: mkdtemp makes a private (0700)
+    directory, and some writers make private (0600) files; an output is meant to be shared like any other."""
+    mask = _umask()
+    os.chmod(root, 0o777 & ~mask)
+    for folder, dirs, files in os.walk(root):
+        for name in dirs:
+            os.chmod(os.path.join(folder, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(folder, name), 0o666 & ~mask)
 
 
 @contextlib.contextmanager

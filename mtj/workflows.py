@@ -58,7 +58,8 @@ def export_hf(ckpt: PathLike, out: PathLike, dtype: str = "fp32", max_shard_size
         hf_config["dtype"] = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype]
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
         (tmp / "generation_config.json").write_text(json.dumps(
-            {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos, "max_length": cfg.seq}, indent=2))
+            {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos}, indent=2))  # no max_length: transformers
+        # warns when a generate call's max_new_tokens meets one (the context is config.json's)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp, model_max_length=cfg.seq)
     return user_path(out)

@@ -1,5 +1,6 @@
 """GPT-J against transformers: HF -> mtj and mtj -> HF give the same logits (fp32)."""
 
+import os
 import subprocess
 import sys
 
@@ -72,6 +73,13 @@ def test_export_dtypes_and_files(tmp_path, rng):
     tok = transformers.AutoTokenizer.from_pretrained(out)
     assert tok("Hello world")["input_ids"] == [15496, 995]
     assert not list(tmp_path.glob(".bf16.tmp-*"))  # the temporary directory was renamed away
+    # shared as anything the user makes: the umask's permissions, not a temporary directory's private ones
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~mask
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == {p.name: 0o666 & ~mask for p in out.iterdir()}
+    # the context is config.json's: a max_length here makes transformers warn at every generate(max_new_tokens=...)
+    assert "max_length" not in json.loads((out / "generation_config.json").read_text())
 
     # The export never overwrites existing data.
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "to_hf.py"), "--ckpt", str(tmp_path / "ckpt"),
