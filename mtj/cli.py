@@ -43,5 +43,8 @@ def run(main: Callable[[], None]) -> None:
     except OSError as e:  # unreachable storage: aiohttp (gcsfs) and google-auth errors say host, not URL
         if not isinstance(e, ConnectionError) and type(e).__module__.split(".")[0] not in ("aiohttp", "gcsfs", "google"):
             raise
-        sys.exit(f"error: cannot reach {', '.join(_urls()) or 'the storage'}: {e}. Check the network and the "
+        if not _urls():  # not the user's storage: a download (a harness task's dataset from the hub, ...)
+            sys.exit(f"error: a download failed: {e}. What is not on this machine needs the network (and no "
+                     "HF_HUB_OFFLINE=1); or give a local path")
+        sys.exit(f"error: cannot reach {', '.join(_urls())}: {e}. Check the network and the "
                  "credentials (for a local emulator, STORAGE_EMULATOR_HOST)")

@@ -132,6 +132,11 @@ def test_eval_harness_script_prints_the_harness_table_and_json(gptj, tmp_path):
         assert f"{results[task][metric]:.4f}" in table.stdout, (task, metric)  # the table's numbers
     unknown = eval_script("--ckpt", str(ckpt), "--tasks", "lambada,no_such_task")
     assert unknown.returncode == 1 and unknown.stderr.strip().splitlines()[-1] == "error: Tasks not found: no_such_task"
+    # a task whose data is on the hub, offline: a failed download, not a storage problem
+    offline = eval_script("--ckpt", str(ckpt), "--tasks", "hellaswag", "--limit", "2")
+    last = offline.stderr.strip().splitlines()[-1]
+    assert offline.returncode == 1 and last.startswith("error: a download failed:") and "hellaswag" in last, last
+    assert "STORAGE_EMULATOR_HOST" not in offline.stderr
 
 
 def test_num_fewshot_reaches_the_harness(gptj, tmp_path):
