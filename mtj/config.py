@@ -24,6 +24,7 @@ class ConfigError(ValueError):
 
 MODEL_TYPES = tuple(FAMILIES)
 DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # the command lines' spellings
 ACTIVATIONS = ("gelu_new", "gelu", "gelu_fast", "relu", "silu")
 # What a rematerialised layer saves for the backward pass (MaxText's names): "full" nothing (recompute the
 # layer), "minimal" the projections' outputs (q/k/v, MLP in, output), "save_qkv_proj" the q/k/v projections,
@@ -93,6 +94,10 @@ class Config:
     skip_corrupt_records: bool = False  # skip (with a warning) TFRecords with bad CRCs instead of failing
 
     def __post_init__(self) -> None:
+        for key in ("dtype", "param_dtype", "grad_accum_dtype"):
+            value = getattr(self, key)
+            if isinstance(value, str):
+                setattr(self, key, DTYPE_ALIASES.get(value, value))
         _check_types(self)
         _check_consistency(self)
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import math
 import queue
 import threading
 import time
@@ -30,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtj.generate import argmax, bucket, sample
+from mtj.generate import argmax, bucket, check_sampling, sample
 from mtj.lm import LM
 from mtj.model import Params, join_qkv, joins_qkv, logits_of, output_head, run_layers
 from mtj.sharding import constrain
@@ -66,14 +65,7 @@ def check_job(job: Job, cfg: Any) -> None:
     if job.max_new < 1 or n + job.max_new > cfg.seq:
         raise ValueError(f"the prompt has {n} tokens; with {job.max_new} new tokens that exceeds the context of "
                          f"{cfg.seq} tokens")
-    if not (math.isfinite(job.temperature) and job.temperature >= 0):
-        raise ValueError(f"temperature must be a finite number >= 0, got {job.temperature}")
-    if not 0 <= job.top_k <= cfg.n_vocab:
-        raise ValueError(f"top_k must be in [0, {cfg.n_vocab}] (the vocabulary size), got {job.top_k}")
-    if not 0 < job.top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {job.top_p}")
-    if not 0 <= job.seed < 2**32:
-        raise ValueError(f"seed must be in [0, 2^32), got {job.seed}")
+    check_sampling(job.temperature, job.top_k, job.top_p, job.seed, cfg.n_vocab)
 
 
 COMPUTE_CAST = {"q", "k", "v", "o", "fc_in", "fc_out", "kernel"}  # matmul kernels: cast to the compute dtype at every use

@@ -8,6 +8,7 @@ only and padded key slots are masked. Sampling parameters are per row.
 from __future__ import annotations
 
 import functools
+import math
 import threading
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -24,6 +25,20 @@ from mtj.sharding import constrain
 # (step, new token per row) -> None, or a bool per row: True ends that row (a stop string, a client gone)
 TokenSink = Callable[[int, np.ndarray], "np.ndarray | None"]
 UNROLL_LAYERS = 16  # decode loops of models up to this depth are unrolled over layers
+SEED_LIMIT = 2**32  # seeds are threefry keys' 32-bit words
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float, seed: int, n_vocab: int) -> None:
+    """Raise ValueError naming the value: the one check of sampling values, shared by the Python API,
+    mtj-sample and the server's engines."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+    if not 0 <= top_k <= n_vocab:
+        raise ValueError(f"top_k must be in [0, {n_vocab}] (the vocabulary size; 0 = off), got {top_k}")
+    if not 0 < top_p <= 1:  # (nan fails too)
+        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
+    if not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed must be in [0, 2^32), got {seed}")
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -263,18 +278,22 @@ class Generator:
             valid[i, P - len(p):] = True
         valid[n:, -1] = True  # filler rows: one real token each
 
-        def per_row(value: Any, dtype: Any) -> np.ndarray:
-            arr = np.broadcast_to(np.asarray(value, dtype), (n,)) if np.ndim(value) == 0 else np.asarray(value, dtype)
-            if arr.shape != (n,):
-                raise ValueError(f"per-prompt sampling parameters need {n} values, got {arr.shape[0]}")
+        rows = {}  # each sampling parameter per prompt, checked before any cast could wrap it
+        for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("seed", seed)):
+            rows[name] = list(value) if np.ndim(value) else [value] * n
+            if len(rows[name]) != n:
+                raise ValueError(f"per-prompt sampling parameters need {n} values, got {len(rows[name])} for {name}")
+        for t, k, p, s in zip(rows["temperature"], rows["top_k"], rows["top_p"], rows["seed"]):
+            check_sampling(float(t), int(k), float(p), int(s), self.cfg.n_vocab)
+
+        def per_row(name: str, dtype: Any) -> np.ndarray:
+            arr = np.asarray(rows[name], dtype)
             return np.concatenate([arr, np.repeat(arr[:1], B - n)])
 
-        temps = per_row(temperature, np.float32)
-        if (temps < 0).any():
-            raise ValueError("temperature must be >= 0")
+        temps = per_row("temperature", np.float32)
         args = (jnp.asarray(tokens), jnp.asarray(valid), jnp.int32(max_new_tokens), jnp.asarray(temps),
-                jnp.asarray(per_row(top_k, np.int32)), jnp.asarray(per_row(top_p, np.float32)),
-                jnp.asarray(per_row(seed, np.uint32)), jnp.int32(self.eos_id))
+                jnp.asarray(per_row("top_k", np.int32)), jnp.asarray(per_row("top_p", np.float32)),
+                jnp.asarray(per_row("seed", np.uint32)), jnp.int32(self.eos_id))
         with self._lock, jax.set_mesh(self.mesh):
             self._sink, self._rows = on_tokens, n
             try:

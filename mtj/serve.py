@@ -28,11 +28,11 @@ from starlette.routing import Route
 from mtj.connections import ConnectionLimits
 from mtj.engine import EngineStopped, Job, SlotEngine, StaticBatcher, powers_of_two
 from mtj.evaluate import TOP_LOGPROBS
+from mtj.generate import SEED_LIMIT
 from mtj.lm import LM, truncate_at_stop
 from mtj.tokenizer import Tokenizer
 
 MAX_LOGPROBS = TOP_LOGPROBS
-SEED_LIMIT = 2**32
 DRAIN_BYTES = 64 << 20  # the most of an oversized body read (and dropped) so that its client reads the 413
 
 

@@ -83,3 +83,11 @@ def test_missing_and_malformed_files(tmp_path):
     (tmp_path / "bad.json").write_text("{layers: 2")
     with pytest.raises(ConfigError, match="not valid JSON"):
         load_config(tmp_path / "bad.json")
+
+
+def test_dtypes_take_the_command_lines_spellings():
+    from mtj.config import from_dict
+
+    cfg = from_dict({"dtype": "bf16", "param_dtype": "fp32", "grad_accum_dtype": "fp16"})
+    assert (cfg.dtype, cfg.param_dtype, cfg.grad_accum_dtype) == ("bfloat16", "float32", "float16")
+    assert cfg.replace(dtype="fp32").dtype == "float32"

@@ -242,6 +242,12 @@ def test_seeds_and_stop(tmp_path):
         assert lm.generate("Hello there", max_new_tokens=12, temperature=1.0, seed=5, stop=[stop])[0] == text[:text.find(stop)]
     with pytest.raises(ValueError, match="exceeds the model's context"):
         lm.generate_tokens([[1] * 60], max_new_tokens=10)
+    # the sampling values are checked as the server checks them, before any cast could wrap them
+    for bad, named in [(dict(top_p=0.0), "top_p"), (dict(top_p=float("nan")), "top_p"), (dict(top_k=-1), "top_k"),
+                       (dict(top_k=lm.config.n_vocab + 1), "top_k"), (dict(temperature=float("inf")), "temperature"),
+                       (dict(seed=2**32), "seed"), (dict(seed=[0, -1]), "seed")]:
+        with pytest.raises(ValueError, match=named):
+            lm.generate_tokens([[1, 2], [3]], max_new_tokens=2, **bad)
     assert bucket(1) == 16 and bucket(17) == 32 and bucket(3, 1) == 4
 
 
@@ -266,29 +272,80 @@ def test_slim_checkpoint_samples_like_the_original(tmp_path, gptj):
     assert_greedy(slim, [1, 2, 3], new, rel=0.01)  # decoding on the bf16 weights follows their forward pass
 
 
-def test_sample_command_one_shot_and_interactive(tmp_path):
-    import json
+@pytest.fixture(scope="module")
+def sampler(tmp_path_factory):
+    """A small sharp GPT-J with the GPT-2 tokenizer (context 64), its LM here, and mtj-sample on it."""
     import subprocess
     import sys
 
     from conftest import REPO, SHARP
 
-    path = hf_gptj(tmp_path / "hf", vocab_size=50257, n_embd=32, n_head=4, rotary_dim=4, bos_token_id=50256,
-                   eos_token_id=50256, **SHARP)
+    path = hf_gptj(tmp_path_factory.mktemp("sample") / "hf", vocab_size=50257, n_embd=32, n_head=4, rotary_dim=4,
+                   bos_token_id=50256, eos_token_id=50256, **SHARP)
     load_tokenizer("gpt2").save_pretrained(path)
-    lm = mtj.load(path)
 
-    def alone(prompt: str) -> str:
-        return lm.decode_new(lm.generate_tokens([lm.tokenizer.encode(prompt)], 5, temperature=0)[0])
+    def sample(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(REPO / "scripts" / "sample.py"), "--ckpt", str(path), *args],
+                              input=stdin, cwd=REPO, capture_output=True, text=True)
 
-    def sample(*args: str, stdin: str = "") -> str:
-        done = subprocess.run([sys.executable, str(REPO / "scripts" / "sample.py"), "--ckpt", str(path),
-                               "--max-new-tokens", "5", "--temperature", "0", *args], input=stdin, cwd=REPO,
-                              capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr[-2000:]
-        return done.stdout
+    return mtj.load(path), sample
 
-    assert sample("--prompt", "Hello there") == "Hello there" + alone("Hello there") + "\n"  # streamed as it decodes
+
+def greedy_text(lm, prompt: str, new: int) -> str:
+    return lm.decode_new(lm.generate_tokens([lm.tokenizer.encode(prompt)], new, temperature=0)[0])
+
+
+def test_sample_command_one_shot_and_interactive(sampler):
+    import json
+
+    lm, sample = sampler
+    done = sample("--prompt", "Hello there", "--max-new-tokens", "5", "--temperature", "0")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout == "Hello there" + greedy_text(lm, "Hello there", 5) + "\n"  # streamed as it decodes
     # no --prompt: one prompt per line of stdin (blank lines skipped), until its end
-    rows = [json.loads(line) for line in sample("--json", stdin="Hello there\n\nThe king said\n").splitlines()]
-    assert [(r["prompt"], r["completion"]) for r in rows] == [(p, alone(p)) for p in ("Hello there", "The king said")]
+    done = sample("--json", "--max-new-tokens", "5", "--temperature", "0", stdin="Hello there\n\nThe king said\n")
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [(r["prompt"], r["completion"]) for r in rows] == \
+        [(p, greedy_text(lm, p, 5)) for p in ("Hello there", "The king said")]
+    # --stop ends the text before it, streamed or not
+    full = greedy_text(lm, "The king said", 12)
+    stop = full[3:5]
+    for mode in ([], ["--json"]):
+        done = sample("--prompt", "The king said", "--max-new-tokens", "12", "--temperature", "0", "--stop", stop, *mode)
+        text = json.loads(done.stdout)["completion"] if mode else done.stdout[len("The king said"):-1]
+        assert text == full[:full.index(stop)], (mode, done.stdout, done.stderr[-500:])
+
+
+def test_sample_command_fits_the_context_checks_values_and_reports_its_seed(sampler):
+    import concurrent.futures
+    import re
+
+    lm, sample = sampler
+    ids = lm.tokenizer.encode("Hello there")
+    # the default 128 new tokens do not fit a context of 64: it generates what fits, and says so
+    done = sample("--prompt", "Hello there", "--temperature", "0")
+    assert done.returncode == 0, done.stderr[-2000:]
+    room = lm.config.seq - len(ids)
+    assert done.stdout == "Hello there" + greedy_text(lm, "Hello there", room) + "\n"
+    assert f"note: {room} new tokens fit" in done.stderr
+    long = sample("--prompt", "word " * 80)
+    assert long.returncode == 1 and long.stderr.strip().splitlines()[-1] == \
+        f"error: the prompt has {len(lm.tokenizer.encode('word ' * 80))} tokens and fills the model's context of 64: shorten it"
+    bad = [(["--top-p", "0"], "top_p"), (["--top-p", "1.5"], "top_p"), (["--top-k", "-3"], "top_k"),
+           (["--temperature", "nan"], "temperature"), (["--temperature", "-1"], "temperature"),
+           (["--num-samples", "0"], "--num-samples"), (["--max-new-tokens", "0"], "--max-new-tokens"),
+           (["--seed", "-1"], "--seed")]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:  # refused before the model loads: each takes an import
+        refusals = list(pool.map(lambda args: sample("--prompt", "x", *args), [args for args, _ in bad]))
+    for (args, named), refused in zip(bad, refusals):
+        assert refused.returncode == 2 and named in refused.stderr.strip().splitlines()[-1], (args, refused.stderr)
+    too_big = sample("--prompt", "x", "--top-k", "60000")
+    assert too_big.returncode == 1 and too_big.stderr.strip().splitlines()[-1].startswith("error: top_k must be in")
+    # sampling is random unless seeded; each run reports the seed that repeats it
+    runs = [sample("--prompt", "Hello there", "--max-new-tokens", "24", "--temperature", "2") for _ in range(2)]
+    assert runs[0].stdout != runs[1].stdout
+    seed = re.search(r"seed (\d+) \(--seed \1 repeats this\)", runs[0].stderr).group(1)
+    again = sample("--prompt", "Hello there", "--max-new-tokens", "24", "--temperature", "2", "--seed", seed)
+    assert again.stdout == runs[0].stdout and "repeats this" not in again.stderr
+    # --help shows every default, 0 included
+    assert "(default: 0)" in sample("--help").stdout

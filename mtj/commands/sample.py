@@ -2,40 +2,62 @@
 
 import argparse
 import json
+import secrets
 import sys
+
+import numpy as np
 
 import mtj
 from mtj import distributed
-from mtj.lm import LM
+from mtj.generate import SEED_LIMIT, check_sampling
+from mtj.lm import LM, truncate_at_stop
 from mtj.paths import user_path
 from mtj.cli import HelpFormatter, run
 
 
-def complete(lm: LM, prompt: str, args: argparse.Namespace) -> None:
-    tok = lm.require_tokenizer()
+def complete(lm: LM, prompt: str, args: argparse.Namespace, seed: int) -> None:
+    """Print the samples of one prompt; a prompt that fills the context raises ValueError."""
+    tok, seq = lm.require_tokenizer(), lm.config.seq
     ids = tok.encode(prompt)
     if not ids:
         print("empty prompt: type some text", file=sys.stderr)
         return
-    n = args.num_samples
+    if len(ids) >= seq:
+        raise ValueError(f"the prompt has {len(ids)} tokens and fills the model's context of {seq}: shorten it")
+    new = min(args.max_new_tokens, seq - len(ids))
+    if new < args.max_new_tokens:  # as transformers does: stop at the end of the context, and say so
+        print(f"note: {new} new tokens fit after the prompt's {len(ids)} in the context of {seq}; "
+              f"generating {new}, not {args.max_new_tokens}", file=sys.stderr)
+    n, stops = args.num_samples, args.stop
+    hold = max((len(s) for s in stops), default=1) - 1  # text that may yet become a stop string waits
     stream = n == 1 and not args.json
-    shown, streamed = [0], []
+    rows: list[list[int]] = [[] for _ in range(n)]
+    done = np.zeros(n, bool)  # a row ends at EOS or at a stop string
+    shown = [0]
 
-    def on_tokens(step, tokens):  # print text as soon as it decodes cleanly
-        streamed.append(int(tokens[0]))
-        text = lm.decode_new(streamed)
-        if not text.endswith("\ufffd"):
-            print(text[shown[0]:], end="", flush=True)
-            shown[0] = len(text)
+    def on_tokens(step: int, tokens: np.ndarray) -> np.ndarray:
+        for i, token in enumerate(tokens.tolist()):
+            if not done[i]:
+                rows[i].append(token)
+                text = lm.decode_new(rows[i]) if stops or (stream and i == 0) else ""
+                done[i] = token == tok.eos_id or truncate_at_stop(text, stops) != text
+                if stream and i == 0:  # print text as soon as it decodes cleanly and cannot begin a stop string
+                    cut = truncate_at_stop(text, stops)
+                    ready = cut if len(cut) < len(text) else cut[:len(cut) - hold]
+                    if len(ready) > shown[0] and not ready.endswith("\ufffd"):
+                        print(ready[shown[0]:], end="", flush=True)
+                        shown[0] = len(ready)
+        return done.copy()
 
     if stream:
         print(prompt, end="", flush=True)
-    outs = lm.generate_tokens([ids] * n, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                              [args.seed + i for i in range(n)], on_tokens if stream else None)
+    outs = lm.generate_tokens([ids] * n, new, args.temperature, args.top_k, args.top_p,
+                              [seed + i for i in range(n)], on_tokens)
     for i, out in enumerate(outs):
-        text = lm.decode_new(out)
+        text = truncate_at_stop(lm.decode_new(out), stops)
         if args.json:
-            print(json.dumps({"prompt": prompt, "completion": text, "tokens": out, "sample": i}), flush=True)
+            print(json.dumps({"prompt": prompt, "completion": text, "tokens": out, "sample": i, "seed": seed + i}),
+                  flush=True)
         elif stream:
             print(text[shown[0]:], flush=True)
         else:
@@ -47,26 +69,65 @@ def main() -> None:
     ap.add_argument("--ckpt", required=True, help="model_dir, step directory, or HF model directory")
     ap.add_argument("--prompt", help="prompt text (omit both --prompt and --prompt-file for an interactive loop)")
     ap.add_argument("--prompt-file", help="read the prompt from this file")
-    ap.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per sample at most")
+    ap.add_argument("--max-new-tokens", type=int, default=128,
+                    help="tokens generated per sample at most (fewer where the context ends first)")
     ap.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     ap.add_argument("--top-k", type=int, default=0, help="0 = no top-k filtering")
     ap.add_argument("--top-p", type=float, default=1.0, help="1 = no nucleus filtering")
-    ap.add_argument("--seed", type=int, default=0, help="sampling seed (sample i uses seed + i)")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="sampling seed (sample i uses seed + i); default: a random one, printed so a run can be repeated")
+    ap.add_argument("--stop", action="append", default=[], help="end a sample before this text (repeatable)")
     ap.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
     ap.add_argument("--mp", type=int, default=1, help="tensor-parallel devices")
+    ap.add_argument("--dtype", default=None, help="compute dtype, e.g. float32 (default: the checkpoint's)")
     ap.add_argument("--json", action="store_true", help="one JSON object per sample and line")
     distributed.add_arguments(ap)
     args = ap.parse_args()
+    if args.max_new_tokens < 1:
+        ap.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.num_samples < 1:
+        ap.error(f"--num-samples must be at least 1, got {args.num_samples}")
+    if args.seed is not None and not 0 <= args.seed <= SEED_LIMIT - args.num_samples:
+        ap.error(f"--seed must be in [0, 2^32 - num_samples], got {args.seed}")
+    if args.top_k < 0:
+        ap.error(f"top_k must be at least 0 (0 = off), got {args.top_k}")
+    try:  # before the (slow) load what the model does not bound; after it top_k against the vocabulary
+        check_sampling(args.temperature, 0, args.top_p, 0, 0)
+    except ValueError as e:
+        ap.error(str(e))
     distributed.initialize(args)
-    lm = mtj.load(args.ckpt, mp=args.mp)
+    lm = mtj.load(args.ckpt, mp=args.mp, **({"dtype": args.dtype} if args.dtype else {}))
+    try:
+        check_sampling(args.temperature, args.top_k, args.top_p, 0, lm.config.n_vocab)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+    def seed_for(k: int) -> int:
+        """Prompt k's seed: from --seed (the whole session repeats), else a fresh one, printed."""
+        if args.seed is not None:
+            return (args.seed + k * args.num_samples) % (SEED_LIMIT - args.num_samples + 1)
+        seed = secrets.randbelow(SEED_LIMIT - args.num_samples + 1)
+        if args.temperature > 0:
+            print(f"seed {seed} (--seed {seed} repeats this)", file=sys.stderr, flush=True)
+        return seed
+
     if args.prompt is not None or args.prompt_file:
-        complete(lm, args.prompt if args.prompt is not None else user_path(args.prompt_file).read_text(), args)
+        try:
+            complete(lm, args.prompt if args.prompt is not None else user_path(args.prompt_file).read_text(), args,
+                     seed_for(0))
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
         return
     if sys.stdin.isatty():
         print("Interactive sampling: type a prompt and press Enter (Ctrl-D to quit).", file=sys.stderr)
+    k = 0
     for line in sys.stdin:
         if line.strip():
-            complete(lm, line.rstrip("\n"), args)
+            try:
+                complete(lm, line.rstrip("\n"), args, seed_for(k))
+            except ValueError as e:  # this prompt only: the loop goes on
+                print(f"error: {e}", file=sys.stderr, flush=True)
+            k += 1
 
 
 def cli() -> None:
