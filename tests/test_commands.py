@@ -67,3 +67,17 @@ def test_scripts_in_a_checkout_are_the_commands():
         text = script.read_text()
         assert "sys.path" not in text, script
         assert re.search(r"^from mtj\.commands\.\w+ import cli$", text, re.M), script
+
+
+def test_no_tpu_detection_noise_on_a_machine_without_tpus():
+    """libtpu is installed here (compile_check's AOT tests); on a machine without TPU chips nothing may print
+    its detection errors (`E0000 ... unexpected worker hostname`, `could not determine TPU ...`)."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}  # JAX picks its platforms itself
+    uses = subprocess.run([sys.executable, "-c", "import mtj, jax; jax.devices(); print(jax.default_backend())"],
+                          cwd=REPO, env=env, capture_output=True, text=True)
+    helps = subprocess.run([sys.executable, str(REPO / "scripts" / "sample.py"), "--help"], cwd=REPO, env=env,
+                           capture_output=True, text=True)
+    assert uses.returncode == 0 and uses.stdout.strip() == "cpu", uses.stderr[-2000:]
+    assert helps.returncode == 0
+    for stderr in (uses.stderr, helps.stderr):
+        assert "TPU" not in stderr and "E0000" not in stderr, stderr[-2000:]

@@ -169,4 +169,7 @@ BUGS = [
     Bug("an export keeps its temporary directory's private permissions",
         [("mtj/paths.py", "            _as_if_created(tmp)\n", "")],
         ["tests/test_gptj_parity.py", "-k", "export_dtypes"]),
+    Bug("JAX starts the TPU runtime on a machine without TPU chips (libtpu's detection errors on every command)",
+        [("mtj/__init__.py", "skip_absent_tpu()  # before", "pass  # before")],
+        ["tests/test_commands.py", "-k", "tpu_detection"]),
 ]
