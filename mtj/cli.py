@@ -24,6 +24,19 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def parser(prog: str, description: str | None) -> argparse.ArgumentParser:
+    """A command's parser: every option's default shown, and --version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    ap = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
+    try:
+        release = version("mtj")
+    except PackageNotFoundError:  # a checkout that is not installed
+        release = "unknown"
+    ap.add_argument("--version", action="version", version=f"{prog} (mtj) {release}")
+    return ap
+
+
 def _urls() -> list[str]:
     return [word.split("=", 1)[-1] for word in sys.argv[1:] if "://" in word]
 

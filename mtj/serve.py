@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import queue
 import secrets
 import signal
@@ -33,6 +34,7 @@ from mtj.lm import LM, truncate_at_stop
 from mtj.tokenizer import Tokenizer
 
 MAX_LOGPROBS = TOP_LOGPROBS
+log = logging.getLogger(__name__)  # a line per request (mtj-serve prints them; --no-request-log)
 DRAIN_BYTES = 64 << 20  # the most of an oversized body read (and dropped) so that its client reads the 413
 
 
@@ -288,24 +290,32 @@ class Server:
         argument, and they are cancelled as soon as the client goes away."""
         jobs: list[Job] = []
         watcher = None
+        began = time.monotonic()
         try:
             if not self.engine.alive:
                 raise BadRequest("the engine has stopped; see /health", 503)
             body = await self.body(request)
             watcher = asyncio.create_task(self._cancel_when_gone(request, jobs))
-            return await handle(body, jobs)
+            response = await handle(body, jobs)
         except ClientDisconnect:
-            return Response(status_code=499)  # nobody to answer: the connection is gone
+            response = Response(status_code=499)  # nobody to answer: the connection is gone
         except BadRequest as e:
-            return self.error(e.status, str(e), {"Connection": "close"} if e.status == 413 else None)
+            response = self.error(e.status, str(e), {"Connection": "close"} if e.status == 413 else None)
         except (queue.Full, EngineStopped) as e:
             busy = "too many queued requests, retry later" if isinstance(e, queue.Full) else str(e)
-            return self.error(503, f"the server cannot take this request: {busy}")
+            response = self.error(503, f"the server cannot take this request: {busy}")
         except Exception as e:  # noqa: BLE001 -- a server fault answers 500; the server keeps serving
-            return self.error(500, f"{type(e).__name__}: {str(e)[:300]}")
+            response = self.error(500, f"{type(e).__name__}: {str(e)[:300]}")
         finally:
             if watcher is not None:  # (a streaming response listens for the disconnect itself)
                 watcher.cancel()
+        # One line per request, never its text: who, what, the answer, the rows and tokens, the time.
+        streamed = isinstance(response, StreamingResponse)
+        log.info("%s %s %s %d rows=%d prompt_tokens=%d new_tokens=%s %.3fs%s", request.client.host if request.client
+                 else "-", request.method, request.url.path, response.status_code, sum(1 for job in jobs if job),
+                 sum(len(job.ids) for job in jobs if job), "-" if streamed else sum(len(job.tokens) for job in jobs if job),
+                 time.monotonic() - began, " (streaming)" if streamed else "")
+        return response
 
     async def _cancel_when_gone(self, request: Request, jobs: list[Job]) -> None:
         while (await request.receive())["type"] != "http.disconnect":

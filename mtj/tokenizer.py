@@ -14,7 +14,8 @@ from mtj.paths import PathLike, local_copy, user_path
 
 EOS = "<|endoftext|>"
 # Known names resolve inside $MTJ_ASSETS (offline copies of the hub files).
-KNOWN = {"gpt2": "gpt2", "gpt-neox-20b": "neox/20B_tokenizer.json"}
+KNOWN = {"gpt2": "gpt2", "gpt-neox-20b": "neox/20B_tokenizer.json"}  # name -> its place under $MTJ_ASSETS
+HUB = {"gpt2": "openai-community/gpt2", "gpt-neox-20b": "EleutherAI/gpt-neox-20b"}  # ... or on the Hugging Face hub
 
 
 class Tokenizer:
@@ -87,10 +88,14 @@ def load_tokenizer(spec: str | None, model_type: str = "gptj") -> Tokenizer:
     path = user_path(spec)
     if not path.exists() and spec in KNOWN:
         assets = assets_dir()
-        if assets is None:
-            raise FileNotFoundError(
-                f"tokenizer '{spec}' is a known name but MTJ_ASSETS is not set; "
-                f"set MTJ_ASSETS to the folder holding {KNOWN[spec]} or pass a path")
+        if assets is None:  # no local copy named: the hub's, as transformers would fetch it
+            try:
+                return Tokenizer(tokenizers.Tokenizer.from_pretrained(HUB[spec]))
+            except Exception as e:  # noqa: BLE001 -- offline, or the hub refused: say both ways out
+                raise FileNotFoundError(
+                    f"tokenizer '{spec}' is a known name, but MTJ_ASSETS is not set and {HUB[spec]} could not be "
+                    f"fetched from the Hugging Face hub ({type(e).__name__}); set MTJ_ASSETS to a folder holding "
+                    f"{KNOWN[spec]} (docs/assets.md) or give a tokenizer path") from None
         path = assets / KNOWN[spec]
     if not path.exists():
         raise FileNotFoundError(f"tokenizer '{spec}' not found: give a tokenizer.json, a directory with "

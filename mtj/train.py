@@ -16,13 +16,13 @@ from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from mtj import checkpoint, harness
+from mtj import checkpoint, convert, harness
 from mtj.checkpoint import CheckpointError
 from mtj.config import Config, ConfigError
 from mtj.data import Loader, open_source
-from mtj.metrics import MetricsLog, flops_per_token, peak_flops, plot_loss_curve
+from mtj.metrics import MetricsLog, flops_per_token, peak_flops, plot_loss_curve, read_metrics
 from mtj.loss import head_cross_entropy
-from mtj.model import Params, hidden, init_params, output_head, param_shardings
+from mtj.model import Params, count_params, hidden, init_params, output_head, param_shardings
 from mtj.optim import optimizer, schedule
 from mtj.paths import PathLike, user_path
 from mtj.sharding import make_mesh
@@ -210,6 +210,9 @@ def train(cfg: Config, tune_model_path: str | None = None, fresh_opt: bool = Fal
         if lead:
             print(f"resuming {out} from step {resumed}")
     elif tune_model_path:
+        if convert.is_hf_dir(tune_model_path):
+            raise ConfigError(f"--tune-model-path {tune_model_path} is a Hugging Face model directory: convert it "
+                              f"first (mtj-from-hf --hf {tune_model_path} --out CKPT) and give CKPT")
         state, _ = _restore_state(trainer, tune_model_path, with_opt=not fresh_opt, resume=False)
         if lead:
             print(f"fine-tuning from {tune_model_path}" + (" with a fresh optimizer" if fresh_opt else ""))
@@ -217,6 +220,10 @@ def train(cfg: Config, tune_model_path: str | None = None, fresh_opt: bool = Fal
         state = trainer.init()
     if lead:
         cfg.save(out / "config.json")
+        print(summary(cfg, trainer, loader, out), flush=True)
+        if resumed >= cfg.total_steps:
+            print(f"{out} is already at step {resumed} of total_steps={cfg.total_steps}: nothing to train "
+                  f"(to go on, raise total_steps, e.g. total_steps={resumed + cfg.total_steps})")
     # Opened after the restore: a step set aside above is gone from its list of steps.
     mngr = checkpoint.manager(out, keep_last=cfg.keep_last, keep_every=cfg.keep_every, async_save=True)
     log = MetricsLog(out, cfg, enabled=lead, keep_until=resumed)
@@ -235,6 +242,7 @@ def train(cfg: Config, tune_model_path: str | None = None, fresh_opt: bool = Fal
             os.kill(os.getpid(), signal.SIGKILL)  # the async write is in flight
 
     harness = _harness(cfg, trainer, state["params"], tokenizer, lead)
+    began = time.perf_counter()
     start = int(state["step"])
     bar = tqdm(total=cfg.total_steps, initial=start, disable=not (lead and progress), unit="step", dynamic_ncols=True)
     t_last, step_last = time.perf_counter(), start
@@ -254,6 +262,9 @@ def train(cfg: Config, tune_model_path: str | None = None, fresh_opt: bool = Fal
                 if harness is not None:
                     row.update(harness(state["params"]))
                 t_last = time.perf_counter()
+                if lead:
+                    bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()
+                                                          if k.startswith(("val/", "eval/"))))
             log.write(row)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tps:,.0f}")
         bar.update(1)
@@ -267,5 +278,23 @@ def train(cfg: Config, tune_model_path: str | None = None, fresh_opt: bool = Fal
     mngr.close()
     if lead:
         plot_loss_curve(log.path, out / "loss.png")
+        if cfg.total_steps > start:
+            last = read_metrics(log.path)[-1]
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k == "loss" or k.startswith(("val/", "eval/")))
+            print(f"trained steps {start + 1}-{cfg.total_steps} in {time.perf_counter() - began:.0f} s; step "
+                  f"{last['step']}: {shown}; checkpoints: {out} (steps {sorted(checkpoint.complete_steps(out))})")
     log.close()
     return state
+
+
+def summary(cfg: Config, trainer: Trainer, loader: Loader, out: epath.Path) -> str:
+    """What a run is, in a few lines: the model, the devices and mesh, the batch and the data."""
+    return "\n".join([
+        f"model: {cfg.model_type}, {count_params(cfg) / 1e6:,.1f}M parameters ({cfg.layers} layers, d_model "
+        f"{cfg.d_model}, {cfg.n_heads} heads, context {cfg.seq}, vocabulary {cfg.n_vocab}), compute {cfg.dtype}",
+        f"devices: {trainer.mesh.size} x {trainer.mesh.devices.flat[0].device_kind} over {jax.process_count()} process(es), "
+        f"mesh {dict(trainer.mesh.shape)}",
+        f"batch: {cfg.gradient_accumulation_steps} x {trainer.global_batch} sequences of {cfg.seq} tokens = "
+        f"{cfg.gradient_accumulation_steps * trainer.global_batch * cfg.seq:,} tokens per step",
+        f"data: {cfg.train_set} ({len(loader.source):,} sequences, {loader.steps_per_epoch:,} steps per epoch); "
+        f"run: {out}, to step {cfg.total_steps}"])

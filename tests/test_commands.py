@@ -10,6 +10,10 @@ import tomllib
 
 from conftest import REPO, assets
 
+def mtj_version() -> str:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+
+
 COMMANDS = sorted(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"])
 
 
@@ -47,6 +51,9 @@ def test_a_wheel_installed_in_a_fresh_venv_gives_working_commands(tmp_path):
         for block in blocks:
             assert re.search(r"\S {2,}\S", block.splitlines()[0]) or "\n" in block, (command, block)
     assert "(default: 5000)" in helps["mtj-serve"].stdout
+    version = subprocess.run([str(venv / "bin" / "mtj-train"), "--version"], cwd=tmp_path, env=env, capture_output=True,
+                             text=True)
+    assert version.returncode == 0 and version.stdout.strip() == f"mtj-train (mtj) {mtj_version()}", version
 
     # A real command end to end, and a user's mistake as one line.
     text = tmp_path / "text.txt"
@@ -81,3 +88,16 @@ def test_no_tpu_detection_noise_on_a_machine_without_tpus():
     assert helps.returncode == 0
     for stderr in (uses.stderr, helps.stderr):
         assert "TPU" not in stderr and "E0000" not in stderr, stderr[-2000:]
+
+
+def test_a_known_tokenizer_without_mtj_assets_says_where_to_get_it(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "MTJ_ASSETS"}
+    env["HF_HOME"] = str(tmp_path / "hf")  # an empty hub cache: offline, the hub's copy cannot be had
+    (tmp_path / "a.txt").write_text("Some text. " * 50)
+    made = subprocess.run([sys.executable, str(REPO / "scripts" / "create_tfrecords.py"), str(tmp_path / "a.txt"), "a",
+                           "--output-dir", str(tmp_path / "out"), "--tokenizer", "gpt2"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+    last = made.stderr.strip().splitlines()[-1]
+    assert made.returncode == 1 and last.startswith("error: tokenizer 'gpt2' is a known name"), made.stderr[-2000:]
+    assert "MTJ_ASSETS" in last and "docs/assets.md" in last and "openai-community/gpt2" in last
+    assert (REPO / "docs" / "assets.md").is_file()

@@ -91,3 +91,32 @@ def test_dtypes_take_the_command_lines_spellings():
     cfg = from_dict({"dtype": "bf16", "param_dtype": "fp32", "grad_accum_dtype": "fp16"})
     assert (cfg.dtype, cfg.param_dtype, cfg.grad_accum_dtype) == ("bfloat16", "float32", "float16")
     assert cfg.replace(dtype="fp32").dtype == "float32"
+
+
+def test_docs_config_md_lists_every_key_with_its_type_and_default():
+    import dataclasses
+    import json
+    import re
+    import types
+    import typing
+
+    from conftest import REPO
+    from mtj.config import Config
+
+    rows = re.findall(r"^\| `(\w+)` \| (.+?) \| `(.+?)` \| (.+) \|$", (REPO / "docs" / "config.md").read_text(), re.M)
+    documented = {key: (kind.replace("\\|", "|"), default, meaning) for key, kind, default, meaning in rows}
+    assert len(documented) == len(rows)  # each key once
+    hints = typing.get_type_hints(Config)
+
+    def type_name(tp) -> str:  # as the table writes it: "int | null", "dict[str, str]"
+        parts = typing.get_args(tp) if isinstance(tp, types.UnionType) else (tp,)
+        return " | ".join("null" if t is type(None) else str(t) if typing.get_args(t) else t.__name__ for t in parts)
+
+    fields = dataclasses.fields(Config)
+    assert sorted(documented) == sorted(f.name for f in fields), "docs/config.md and mtj.config.Config differ"
+    for f in fields:
+        kind, default, meaning = documented[f.name]
+        value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        assert kind == type_name(hints[f.name]), (f.name, kind)
+        assert json.loads(default) == value, (f.name, default, value)
+        assert len(meaning) > 5, f.name

@@ -2,6 +2,7 @@
 
 import concurrent.futures
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -131,6 +132,24 @@ def test_bad_requests_get_400_and_server_keeps_serving(server):
     assert request(server.port, "/complete", {"context": None})[0] == 400
     assert request(server.port, "/nope", {})[0] == 404
     assert request(server.port, "/complete", {"context": "still here", "length": 2, "temp": 0})[0] == 200
+
+
+def test_a_log_line_per_request_without_its_text(ckpt):
+    srv = Running(ckpt, "--max-batch", "2")
+    try:
+        assert request(srv.port, "/complete", {"context": "Secret words", "temp": 0, "length": 3})[0] == 200
+        assert request(srv.port, "/v1/completions", {"prompt": ["Secret", "words"], "max_tokens": 2})[0] == 200
+        assert request(srv.port, "/v1/completions", {"prompt": 3})[0] == 400
+    finally:
+        assert srv.stop() == 0
+    out = srv.proc.stdout.read()
+    assert "Secret" not in out and "words" not in out
+    lines = [line.split(" ", 2)[2] for line in out.splitlines() if " 127.0.0.1 " in line]  # after the time stamp
+    assert len(lines) == 3, out[-3000:]
+    assert re.fullmatch(r"127\.0\.0\.1 POST /complete 200 rows=1 prompt_tokens=2 new_tokens=3 \d+\.\d{3}s", lines[0])
+    assert re.fullmatch(r"127\.0\.0\.1 POST /v1/completions 200 rows=2 prompt_tokens=2 new_tokens=4 \d+\.\d{3}s",
+                        lines[1])
+    assert lines[2].startswith("127.0.0.1 POST /v1/completions 400 rows=0 prompt_tokens=0 new_tokens=0 ")
 
 
 def test_overload_gets_503(ckpt):

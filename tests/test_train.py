@@ -253,3 +253,28 @@ def test_wandb_gets_the_run_and_every_row(tmp_path, monkeypatch):
     assert sorted(history) == sorted(rows) == [1, 2, 3]
     for step, row in rows.items():
         assert {k: history[step][k] for k in row if k != "step"} == {k: v for k, v in row.items() if k != "step"}
+
+
+def test_the_command_says_what_the_run_is_and_what_it_did(tmp_path):
+    text = str(assets() / "text" / "tinyshakespeare.txt")
+    cfg = config(tmp_path, total_steps=2, val_set={"shakes": text}, val_every=2, val_batches=1)
+    cfg.save(tmp_path / "cfg.json")
+    first = run_cli(tmp_path / "cfg.json")
+    assert first.returncode == 0, first.stderr[-2000:]
+    lines = first.stdout.splitlines()
+    assert lines[0].startswith("model: gptj, ") and "M parameters (2 layers, d_model 64" in lines[0]
+    assert lines[1].startswith("devices: 8 x cpu over 1 process(es), mesh {'dp': 8, 'mp': 1}"), lines[1]
+    assert lines[2] == "batch: 1 x 8 sequences of 32 tokens = 256 tokens per step"
+    assert lines[3].startswith(f"data: {text} (") and "steps per epoch); run: " in lines[3]
+    val = metrics(tmp_path / "run")[2]["val/shakes"]
+    assert f"step 2: val/shakes {val:.4f}" in lines  # validation is shown, not only logged
+    assert lines[-1].startswith("trained steps 1-2 in ") and f"val/shakes {val:.4f}" in lines[-1]
+    assert lines[-1].endswith(f"checkpoints: {tmp_path / 'run'} (steps [2])")
+    again = run_cli(tmp_path / "cfg.json")  # a finished run says so
+    assert again.returncode == 0 and "is already at step 2 of total_steps=2: nothing to train" in again.stdout
+    fresh = run_cli(tmp_path / "cfg.json", "--fresh-opt")
+    assert fresh.returncode == 2 and "--fresh-opt applies to --tune-model-path" in fresh.stderr
+    hf = hf_gptj(tmp_path / "hf", vocab_size=50257, n_embd=64, n_head=8, rotary_dim=4, n_layer=2)
+    tune = run_cli(tmp_path / "cfg.json", "--tune-model-path", str(hf), f"model_dir={tmp_path / 'tuned'}")
+    last = tune.stderr.strip().splitlines()[-1]
+    assert tune.returncode == 1 and last.startswith("error: --tune-model-path") and "mtj-from-hf" in last, last

@@ -1,7 +1,6 @@
 """Will this config train on that TPU pod? Compiles the real train step for the topology here and reports
 memory per device; when it does not fit, the overrides that make it fit, or the smallest slice that holds it."""
 
-import argparse
 import json
 import os
 import sys
@@ -11,7 +10,7 @@ os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 
 from mtj.compile_check import check, remat_table
 from mtj.config import load_config
-from mtj.cli import HelpFormatter, run
+from mtj.cli import parser, run
 
 
 def overrides(fixes: dict) -> str:
@@ -27,8 +26,8 @@ def memory(r: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="mtj-compile-check", description=__doc__, formatter_class=HelpFormatter)
-    ap.add_argument("--config", required=True, help="JSON config (SPEC §2) of the run to check")
+    ap = parser("mtj-compile-check", __doc__)
+    ap.add_argument("--config", required=True, help="JSON config (keys: docs/config.md) of the run to check")
     ap.add_argument("--topology", required=True, help="v3-8, v3-32, v4-32, v5e-8, ... or cpu-N")
     ap.add_argument("--json", action="store_true", help="one JSON object")
     ap.add_argument("--no-advice", action="store_true", help="do not search for fixes when it does not fit")

@@ -1,14 +1,13 @@
 """Tokenize a corpus into TFRecords in the original Mesh Transformer JAX format, plus an .index file."""
 
-import argparse
 
 from mtj.corpus import create_tfrecords
 from mtj.tokenizer import load_tokenizer
-from mtj.cli import HelpFormatter, run
+from mtj.cli import parser, run
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="mtj-create-tfrecords", description=__doc__, formatter_class=HelpFormatter)
+    ap = parser("mtj-create-tfrecords", __doc__)
     ap.add_argument("input", help=".txt/.jsonl/.jsonl.zst/.tar.gz file, a directory, or a glob")
     ap.add_argument("name", help="output name: NAME_N.tfrecords and NAME.index")
     ap.add_argument("--output-dir", required=True, help="folder (or gs:// URL) for the .tfrecords files and NAME.index")

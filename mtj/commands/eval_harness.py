@@ -4,17 +4,16 @@ Any harness task by name, or a task YAML file; the harness's own definitions, pr
 with mtj as the model. LAMBADA (`lambada`, `lambada_openai`) reads $MTJ_ASSETS/eval/lambada_test.jsonl.
 """
 
-import argparse
 import json
 
 import jax
 
 from mtj import distributed, harness
-from mtj.cli import HelpFormatter, run
+from mtj.cli import parser, run
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="mtj-eval", description=__doc__, formatter_class=HelpFormatter)
+    ap = parser("mtj-eval", __doc__)
     ap.add_argument("--ckpt", required=True, help="model_dir, step directory, or HF model directory")
     ap.add_argument("--tasks", required=True, help="comma-separated harness task names or task YAML files")
     ap.add_argument("--limit", type=int, default=None, help="only the first N examples of each task")

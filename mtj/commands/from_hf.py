@@ -1,14 +1,13 @@
 """Convert a Hugging Face GPT-J / GPT-Neo / GPT-NeoX directory into an mtj checkpoint."""
 
-import argparse
 
 from mtj.config import parse_overrides
 from mtj.workflows import import_hf
-from mtj.cli import HelpFormatter, run
+from mtj.cli import parser, run
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="mtj-from-hf", description=__doc__, formatter_class=HelpFormatter)
+    ap = parser("mtj-from-hf", __doc__)
     ap.add_argument("--hf", required=True, help="HF model directory (config.json + *.safetensors)")
     ap.add_argument("--out", required=True, help="output checkpoint directory (step_0 is written inside)")
     ap.add_argument("--allow-pickle", action="store_true",

@@ -1,14 +1,13 @@
 """Convert an original Mesh Transformer JAX (v1) checkpoint, e.g. GPT-J-6B's step_383500, into an mtj checkpoint."""
 
-import argparse
 
 from mtj.config import parse_overrides
 from mtj.workflows import import_v1
-from mtj.cli import HelpFormatter, run
+from mtj.cli import parser, run
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="mtj-from-mtj-v1", description=__doc__, formatter_class=HelpFormatter)
+    ap = parser("mtj-from-mtj-v1", __doc__)
     ap.add_argument("--ckpt", required=True, help="v1 step directory (holding shard_0 .. shard_{cores_per_replica-1})")
     ap.add_argument("--config", required=True, help="the model's original config JSON, e.g. configs/6B_roto_256.json")
     ap.add_argument("--out", required=True, help="output checkpoint directory (step_0 is written inside)")

@@ -12,7 +12,7 @@ from mtj import distributed
 from mtj.generate import SEED_LIMIT, check_sampling
 from mtj.lm import LM, truncate_at_stop
 from mtj.paths import user_path
-from mtj.cli import HelpFormatter, run
+from mtj.cli import parser, run
 
 
 def complete(lm: LM, prompt: str, args: argparse.Namespace, seed: int) -> None:
@@ -65,7 +65,7 @@ def complete(lm: LM, prompt: str, args: argparse.Namespace, seed: int) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="mtj-sample", description=__doc__, formatter_class=HelpFormatter)
+    ap = parser("mtj-sample", __doc__)
     ap.add_argument("--ckpt", required=True, help="model_dir, step directory, or HF model directory")
     ap.add_argument("--prompt", help="prompt text (omit both --prompt and --prompt-file for an interactive loop)")
     ap.add_argument("--prompt-file", help="read the prompt from this file")

@@ -2,12 +2,14 @@
 streaming, GET /v1/models), GET /health."""
 
 import argparse
+import logging
+import sys
 
 import mtj
 from mtj import distributed
 from mtj.paths import user_path
 from mtj.serve import Server
-from mtj.cli import HelpFormatter, run
+from mtj.cli import parser, run
 
 
 def int_list(text: str) -> list[int]:
@@ -18,7 +20,7 @@ def int_list(text: str) -> list[int]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="mtj-serve", description=__doc__, formatter_class=HelpFormatter)
+    ap = parser("mtj-serve", __doc__)
     ap.add_argument("--ckpt", required=True, help="model_dir, step directory, or HF model directory")
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on")
     ap.add_argument("--port", type=int, default=5000, help="port to listen on")
@@ -42,8 +44,16 @@ def main() -> None:
     ap.add_argument("--body-timeout", type=float, default=30.0, help="seconds a request body may take to arrive (408)")
     ap.add_argument("--served-model-name", default=None, help="the model name of the OpenAI API (default: the checkpoint's)")
     ap.add_argument("--mp", type=int, default=1, help="tensor-parallel devices")
+    ap.add_argument("--no-request-log", action="store_true",
+                    help="no line per request on stdout (client, path, status, rows, tokens, time; never the text)")
     distributed.add_arguments(ap)
     args = ap.parse_args()
+    if not args.no_request_log:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        serve_log = logging.getLogger("mtj.serve")
+        serve_log.addHandler(handler)
+        serve_log.setLevel(logging.INFO)
     distributed.initialize(args)
     lm = mtj.load(args.ckpt, mp=args.mp)
     server = Server(lm, args.host, args.port, args.max_batch, args.max_queue, args.max_tokens,

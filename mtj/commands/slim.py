@@ -1,13 +1,12 @@
 """Write a params-only copy of a checkpoint in bf16 or fp16 (no optimizer state), for sampling and serving."""
 
-import argparse
 
 from mtj.workflows import slim
-from mtj.cli import HelpFormatter, run
+from mtj.cli import parser, run
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="mtj-slim", description=__doc__, formatter_class=HelpFormatter)
+    ap = parser("mtj-slim", __doc__)
     ap.add_argument("--ckpt", required=True, help="a model_dir (latest step) or one step_N directory")
     ap.add_argument("--out", required=True, help="output checkpoint directory (must not exist or be empty)")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"], help="dtype of the slimmed weights")

@@ -4,11 +4,11 @@ import argparse
 
 from mtj.convert import parse_size
 from mtj.workflows import export_hf
-from mtj.cli import HelpFormatter, run
+from mtj.cli import parser, run
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="mtj-to-hf", description=__doc__, formatter_class=HelpFormatter)
+    ap = parser("mtj-to-hf", __doc__)
     ap.add_argument("--ckpt", required=True, help="a model_dir (latest step) or one step_N directory")
     ap.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="dtype of the exported weights")

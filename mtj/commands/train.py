@@ -1,22 +1,23 @@
 """Train or fine-tune a model on the device mesh; rerunning the same command resumes."""
 
-import argparse
 
 from mtj import distributed
 from mtj.config import load_config
 from mtj.train import train
-from mtj.cli import HelpFormatter, run
+from mtj.cli import parser, run
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="mtj-train", description=__doc__, formatter_class=HelpFormatter)
-    ap.add_argument("--config", required=True, help="JSON config (SPEC §2)")
+    ap = parser("mtj-train", __doc__)
+    ap.add_argument("--config", required=True, help="JSON config (keys: docs/config.md)")
     ap.add_argument("--tune-model-path", help="start from this checkpoint's weights at step 0 (fine-tuning)")
     ap.add_argument("--fresh-opt", action="store_true", help="with --tune-model-path: drop its optimizer state")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     distributed.add_arguments(ap)
     ap.add_argument("overrides", nargs="*", help="config key=value overrides")
     args = ap.parse_args()
+    if args.fresh_opt and not args.tune_model_path:
+        ap.error("--fresh-opt applies to --tune-model-path (a resumed run keeps its optimizer state)")
     distributed.initialize(args)
     cfg = load_config(args.config, args.overrides)
     train(cfg, tune_model_path=args.tune_model_path, fresh_opt=args.fresh_opt, progress=not args.no_progress)
