@@ -34,6 +34,9 @@ TOPOLOGIES = {
     "v3-256": ("v3:8x16", 32),
     "v4-8": ("v4:2x2x1", 32), "v4-16": ("v4:2x2x2", 32), "v4-32": ("v4:2x2x4", 32), "v4-64": ("v4:2x4x4", 32),
     "v5e-4": ("v5e:2x2", 16), "v5e-8": ("v5e:2x4", 16), "v5e-16": ("v5e:4x4", 16),
+    "v5p-8": ("v5p:2x2x1", 95), "v5p-16": ("v5p:2x2x2", 95), "v5p-32": ("v5p:2x2x4", 95), "v5p-64": ("v5p:2x4x4", 95),
+    "v6e-4": ("v6e:2x2", 32), "v6e-8": ("v6e:2x4", 32), "v6e-16": ("v6e:4x4", 32), "v6e-32": ("v6e:4x8", 32),
+    "v6e-64": ("v6e:8x8", 32), "v6e-256": ("v6e:16x16", 32),
 }
 
 
@@ -105,8 +108,8 @@ def _train_step(cfg: Config, devices: list, hbm: float | None) -> dict[str, Any]
         if required:
             report["temporaries_gib"] = float(required.group(1))
             report["total_gib"] = round(report["arguments_gib"] + report["temporaries_gib"], 2)
-        if available:
-            report["hbm_per_device_gib"] = float(available.group(1))
+        if available:  # what XLA can use of it, below the chip's nominal HBM (hbm_per_device_gib)
+            report["hbm_available_gib"] = float(available.group(1))
         return report
     return {**report, "compile_seconds": round(time.perf_counter() - start, 1), **_memory(compiled, hbm)}
 

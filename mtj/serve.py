@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import logging.handlers
 import queue
 import secrets
 import signal
@@ -118,7 +119,7 @@ class CompleteRequest(Strict):
     temp: FiniteFloat = Field(1.0, ge=0, le=2)
     length: int | None = Field(None, ge=1)
     top_k: int = Field(0, ge=0)
-    seed: int = Field(0, ge=0, lt=SEED_LIMIT)
+    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)  # None: a random one, as /v1/completions
 
 
 def _describe(error: ValidationError) -> str:
@@ -201,6 +202,32 @@ def max_token_chars(tokenizer: Tokenizer) -> int:
     so a prompt can be found too long for the context before it is tokenized."""
     pieces = tokenizer.backend.decode_batch([[i] for i in range(tokenizer.vocab_size)], skip_special_tokens=False)
     return max(1, *map(len, pieces))
+
+
+class _DroppingQueueHandler(logging.handlers.QueueHandler):
+    """Never blocks, never grows without bound: past `maxsize` waiting lines, a line is dropped (and counted)."""
+
+    dropped = 0
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            type(self).dropped += 1
+
+
+def request_log(stream: Any, maxsize: int = 10_000) -> logging.handlers.QueueListener:
+    """Send the request lines to `stream` from a thread of their own: the event loop only queues them, so a
+    stream nobody reads (a full pipe, a stalled terminal) cannot stop the server."""
+    lines: queue.Queue = queue.Queue(maxsize)
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    listener = logging.handlers.QueueListener(lines, handler)
+    listener.start()
+    log.addHandler(_DroppingQueueHandler(lines))
+    log.setLevel(logging.INFO)
+    log.propagate = False  # not also through a handler some library put on the root logger (it would block)
+    return listener
 
 
 # --- the app ---------------------------------------------------------------------
@@ -398,7 +425,8 @@ class Server:
             req = parse(CompleteRequest, body)
             self.check_shape(1, True, [req.context], self.least_new(req.length))
             ids = (await asyncio.to_thread(self.tokenize, [req.context]))[0]
-            jobs = self.jobs_for(ids, req.length, req.temp, req.top_k, req.top_p, req.seed)
+            seed = req.seed if req.seed is not None else secrets.randbelow(SEED_LIMIT)
+            jobs = self.jobs_for(ids, req.length, req.temp, req.top_k, req.top_p, seed)
             self.submit(jobs, listed)
             await self.finished(jobs[0])
             return JSONResponse({"completion": self.lm.decode_new(jobs[0].tokens)})

@@ -288,6 +288,7 @@ def sampler(tmp_path_factory):
         return subprocess.run([sys.executable, str(REPO / "scripts" / "sample.py"), "--ckpt", str(path), *args],
                               input=stdin, cwd=REPO, capture_output=True, text=True)
 
+    sample.path = path
     return mtj.load(path), sample
 
 
@@ -349,3 +350,7 @@ def test_sample_command_fits_the_context_checks_values_and_reports_its_seed(samp
     assert again.stdout == runs[0].stdout and "repeats this" not in again.stderr
     # --help shows every default, 0 included
     assert "(default: 0)" in sample("--help").stdout
+    # --dtype takes the command lines' spellings; greedy text in fp32 is the fp32 model's
+    fp32 = sample("--prompt", "Hello there", "--max-new-tokens", "6", "--temperature", "0", "--dtype", "fp32")
+    want = greedy_text(mtj.load(sample.path, dtype="float32"), "Hello there", 6)
+    assert fp32.returncode == 0 and fp32.stdout == "Hello there" + want + "\n", fp32.stderr

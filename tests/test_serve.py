@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -36,15 +37,20 @@ def request(port: int, path: str, body=None, raw: bytes | None = None, timeout: 
 
 
 class Running:
+    """serve.py in its own process; its output is read as it comes (as a terminal or a log collector would)."""
+
     def __init__(self, ckpt, *args):
         self.port = free_port()
         self.proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "serve.py"), "--ckpt", str(ckpt),
                                       "--port", str(self.port), *args], cwd=REPO, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
+        self.reader.start()
         deadline = time.time() + 180
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(self.proc.stdout.read())
+                raise RuntimeError(self.output())
             try:
                 if request(self.port, "/health", timeout=2)[0] == 200:
                     return
@@ -52,11 +58,17 @@ class Running:
                 time.sleep(0.5)
         raise TimeoutError("server did not start")
 
+    def output(self) -> str:
+        """What it printed so far (all of it once it has exited)."""
+        if self.proc.poll() is not None:
+            self.reader.join(timeout=30)
+        return "".join(self.lines)
+
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
         code = self.proc.wait(timeout=60)
         if code != 0:
-            print(self.proc.stdout.read()[-5000:])  # pytest shows it with the failure
+            print(self.output()[-5000:])  # pytest shows it with the failure
         return code
 
 
@@ -83,7 +95,7 @@ def server(ckpt):
     srv = Running(ckpt, "--max-batch", "8", "--max-queue", "64", "--engine", "static")  # continuous: test_openai
     yield srv
     assert srv.stop() == 0  # SIGTERM: a graceful exit
-    assert "stopped" in srv.proc.stdout.read()
+    assert "stopped" in srv.output()
 
 
 def test_endpoints(server, lm, ckpt):
@@ -93,6 +105,10 @@ def test_endpoints(server, lm, ckpt):
     assert status == 200 and [m["id"] for m in json.loads(body)["data"]] == [ckpt.name]
     status, body = request(server.port, "/complete", {"context": "Hello", "temp": 0, "length": 8})
     assert status == 200 and json.loads(body)["completion"] == alone(lm, "Hello", 8)
+    # sampled: random unless seeded, as /v1/completions
+    sampled = [json.loads(request(server.port, "/complete", {"context": "Hello", "temp": 2, "length": 16, **seed})[1])
+               ["completion"] for seed in ({}, {}, {"seed": 7}, {"seed": 7})]
+    assert sampled[0] != sampled[1] and sampled[2] == sampled[3]
     status, body = request(server.port, "/v1/completions",
                            {"prompt": ["Hello", "The king"], "max_tokens": 8, "temperature": 0, "n": 2})
     out = json.loads(body)
@@ -142,7 +158,7 @@ def test_a_log_line_per_request_without_its_text(ckpt):
         assert request(srv.port, "/v1/completions", {"prompt": 3})[0] == 400
     finally:
         assert srv.stop() == 0
-    out = srv.proc.stdout.read()
+    out = srv.output()
     assert "Secret" not in out and "words" not in out
     lines = [line.split(" ", 2)[2] for line in out.splitlines() if " 127.0.0.1 " in line]  # after the time stamp
     assert len(lines) == 3, out[-3000:]
@@ -150,6 +166,31 @@ def test_a_log_line_per_request_without_its_text(ckpt):
     assert re.fullmatch(r"127\.0\.0\.1 POST /v1/completions 200 rows=2 prompt_tokens=2 new_tokens=4 \d+\.\d{3}s",
                         lines[1])
     assert lines[2].startswith("127.0.0.1 POST /v1/completions 400 rows=0 prompt_tokens=0 new_tokens=0 ")
+
+
+def test_an_unread_output_does_not_stop_the_server(ckpt):
+    """The request log must not block the server when nobody reads its output (a full pipe, a stalled terminal)."""
+    import fcntl
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "serve.py"), "--ckpt", str(ckpt), "--port",
+                             str(port)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    fcntl.fcntl(proc.stdout.fileno(), 1031, 4096)  # F_SETPIPE_SZ: a pipe of 4 KiB, full after ~40 lines
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert proc.poll() is None and time.time() < deadline
+            try:
+                if request(port, "/health", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.5)
+        for _ in range(200):  # each answered (400) and logged; nobody reads the log
+            assert request(port, "/v1/completions", {"prompt": 3}, timeout=10)[0] == 400
+        assert request(port, "/complete", {"context": "still", "length": 2, "temp": 0}, timeout=60)[0] == 200
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_overload_gets_503(ckpt):
@@ -188,7 +229,7 @@ def test_sigterm_finishes_the_work_in_flight(ckpt):
     events = [json.loads(e.split("\n\n")[0]) for e in seen.decode().split("data: ")[1:] if not e.startswith("[DONE]")]
     assert b"data: [DONE]" in seen and sorted(c["index"] for e in events for c in e["choices"] if c["finish_reason"]) \
         == list(range(8))
-    assert srv.proc.wait(timeout=60) == 0 and "stopped" in srv.proc.stdout.read()
+    assert srv.proc.wait(timeout=60) == 0 and "stopped" in srv.output()
 
 
 # --- the audit of the HTTP front: each finding, reproduced ------------------------------------

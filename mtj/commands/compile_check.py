@@ -3,12 +3,13 @@ memory per device; when it does not fit, the overrides that make it fit, or the 
 
 import json
 import os
+import re
 import sys
 
 os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v3-8")  # quiets libtpu's host probing; the topology is explicit
 os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 
-from mtj.compile_check import check, remat_table
+from mtj.compile_check import TOPOLOGIES, check, remat_table
 from mtj.config import load_config
 from mtj.cli import parser, run
 
@@ -22,13 +23,15 @@ def memory(r: dict) -> str:
              f" (arguments {r['arguments_gib']})" if "parameters_gib" in r else f"arguments {r['arguments_gib']}"]
     parts += [f"{k} {r[k + '_gib']}" for k in ("temporaries", "outputs", "total") if r.get(k + "_gib") is not None]
     hbm = f" of {r['hbm_per_device_gib']} HBM" if r.get("hbm_per_device_gib") else ""
+    if r.get("hbm_available_gib"):
+        hbm += f" ({r['hbm_available_gib']} usable)"
     return ", ".join(parts) + f" GiB per device{hbm}"
 
 
 def main() -> None:
     ap = parser("mtj-compile-check", __doc__)
     ap.add_argument("--config", required=True, help="JSON config (keys: docs/config.md) of the run to check")
-    ap.add_argument("--topology", required=True, help="v3-8, v3-32, v4-32, v5e-8, ... or cpu-N")
+    ap.add_argument("--topology", required=True, help="a TPU slice (v3-8, v4-32, v5e-8, v5p-8, v6e-8, ...) or cpu-N")
     ap.add_argument("--json", action="store_true", help="one JSON object")
     ap.add_argument("--no-advice", action="store_true", help="do not search for fixes when it does not fit")
     ap.add_argument("--no-decode", action="store_true", help="do not also compile generation")
@@ -36,6 +39,8 @@ def main() -> None:
                     help="also compile the step under each remat_policy (and without remat): a memory table")
     ap.add_argument("overrides", nargs="*", help="config key=value overrides, e.g. remat=true")
     args = ap.parse_args()
+    if args.topology not in TOPOLOGIES and not re.fullmatch(r"cpu(-[1-9]\d*)?", args.topology):
+        ap.error(f"unknown --topology '{args.topology}'; known: {', '.join(TOPOLOGIES)}, cpu-N")
     cfg = load_config(args.config, args.overrides)
     r = check(cfg, args.topology, advise=not args.no_advice, decode=not args.no_decode)
     if args.remat_policies:

@@ -2,13 +2,12 @@
 streaming, GET /v1/models), GET /health."""
 
 import argparse
-import logging
 import sys
 
 import mtj
 from mtj import distributed
 from mtj.paths import user_path
-from mtj.serve import Server
+from mtj.serve import Server, request_log
 from mtj.cli import parser, run
 
 
@@ -49,11 +48,7 @@ def main() -> None:
     distributed.add_arguments(ap)
     args = ap.parse_args()
     if not args.no_request_log:
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-        serve_log = logging.getLogger("mtj.serve")
-        serve_log.addHandler(handler)
-        serve_log.setLevel(logging.INFO)
+        request_log(sys.stdout)
     distributed.initialize(args)
     lm = mtj.load(args.ckpt, mp=args.mp)
     server = Server(lm, args.host, args.port, args.max_batch, args.max_queue, args.max_tokens,
