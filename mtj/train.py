@@ -282,7 +282,7 @@ def train(cfg: Config, tune_model_path: str | None = None, fresh_opt: bool = Fal
             last = read_metrics(log.path)[-1]
             shown = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k == "loss" or k.startswith(("val/", "eval/")))
             print(f"trained steps {start + 1}-{cfg.total_steps} in {time.perf_counter() - began:.0f} s; step "
-                  f"{last['step']}: {shown}; checkpoints: {out} (steps {sorted(checkpoint.complete_steps(out))})")
+                  f"{last['step']}: {shown}; checkpoints: {out}")  # (no listing here: Orbax's syncs all processes)
     log.close()
     return state
 

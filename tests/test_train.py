@@ -269,7 +269,7 @@ def test_the_command_says_what_the_run_is_and_what_it_did(tmp_path):
     val = metrics(tmp_path / "run")[2]["val/shakes"]
     assert f"step 2: val/shakes {val:.4f}" in lines  # validation is shown, not only logged
     assert lines[-1].startswith("trained steps 1-2 in ") and f"val/shakes {val:.4f}" in lines[-1]
-    assert lines[-1].endswith(f"checkpoints: {tmp_path / 'run'} (steps [2])")
+    assert lines[-1].endswith(f"checkpoints: {tmp_path / 'run'}")
     again = run_cli(tmp_path / "cfg.json")  # a finished run says so
     assert again.returncode == 0 and "is already at step 2 of total_steps=2: nothing to train" in again.stdout
     fresh = run_cli(tmp_path / "cfg.json", "--fresh-opt")
