@@ -10,6 +10,7 @@ the static batcher (decodes what arrived together as one batch).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import logging.handlers
@@ -205,15 +206,11 @@ def max_token_chars(tokenizer: Tokenizer) -> int:
 
 
 class _DroppingQueueHandler(logging.handlers.QueueHandler):
-    """Never blocks, never grows without bound: past `maxsize` waiting lines, a line is dropped (and counted)."""
-
-    dropped = 0
+    """Never blocks, never grows without bound: past `maxsize` waiting lines, a line is dropped."""
 
     def enqueue(self, record: logging.LogRecord) -> None:
-        try:
+        with contextlib.suppress(queue.Full):
             self.queue.put_nowait(record)
-        except queue.Full:
-            type(self).dropped += 1
 
 
 def request_log(stream: Any, maxsize: int = 10_000) -> logging.handlers.QueueListener:

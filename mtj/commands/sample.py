@@ -40,9 +40,9 @@ def complete(lm: LM, prompt: str, args: argparse.Namespace, seed: int) -> None:
             if not done[i]:
                 rows[i].append(token)
                 text = lm.decode_new(rows[i]) if stops or (stream and i == 0) else ""
-                done[i] = token == tok.eos_id or truncate_at_stop(text, stops) != text
+                cut = truncate_at_stop(text, stops)
+                done[i] = token == tok.eos_id or cut != text
                 if stream and i == 0:  # print text as soon as it decodes cleanly and cannot begin a stop string
-                    cut = truncate_at_stop(text, stops)
                     ready = cut if len(cut) < len(text) else cut[:len(cut) - hold]
                     if len(ready) > shown[0] and not ready.endswith("\ufffd"):
                         print(ready[shown[0]:], end="", flush=True)
