@@ -199,10 +199,11 @@ def deletion_trials(template_of, trials: int) -> None:
             before = digests(run / "step_4")
             zygote.stdin.write(f"{run}\n")
             zygote.stdin.flush()
-            pid = None
-            for _ in range(2):  # "pid N" and "start", in either order
+            pid, started = None, False
+            while pid is None or not started:  # "pid N" and "start", in either order; a killed trial's "end" may precede them
                 words = zygote.stdout.readline().split()
                 pid = int(words[1]) if words[0] == "pid" else pid
+                started = started or words[0] == "start"
             t0 = time.perf_counter()
             if n == 0:  # calibration: how long the deletion takes unkilled
                 assert zygote.stdout.readline().strip() == "end"
