@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import json
 import logging
 import logging.handlers
@@ -24,10 +26,13 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 import uvicorn
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError, model_validator
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from mtj.access import Keys, RequireKey, Shares, TooMany, caller_of
 from mtj.connections import ConnectionLimits
 from mtj.engine import EngineStopped, Job, SlotEngine, StaticBatcher, powers_of_two
 from mtj.evaluate import TOP_LOGPROBS
@@ -51,20 +56,37 @@ class BadRequest(ValueError):
 # --- jobs ------------------------------------------------------------------------
 
 class Events:
-    """What the engine thread tells one request's coroutine, delivered on that coroutine's event loop."""
+    """What the engine thread tells one request's coroutine, delivered on that coroutine's event loop;
+    `on_done` is called there once, at the job's first "done"."""
 
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
+        self.on_done: Callable[[], None] | None = None
 
     def put(self, item: tuple) -> None:
         try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+            self.loop.call_soon_threadsafe(self._deliver, item)
         except RuntimeError:  # the loop is closed: nobody is waiting any more
             pass
 
+    def _deliver(self, item: tuple) -> None:
+        self.queue.put_nowait(item)
+        if item[0] == "done" and self.on_done is not None:
+            on_done, self.on_done = self.on_done, None
+            on_done()
+
     async def get(self) -> tuple:
         return await self.queue.get()
+
+
+@dataclasses.dataclass
+class Call:
+    """One request as the server sees it: who sent it (access.caller_of) and the jobs it queued, which are
+    cancelled as soon as its client goes away."""
+
+    caller: str
+    jobs: list[Job] = dataclasses.field(default_factory=list)
 
 
 # --- requests --------------------------------------------------------------------
@@ -236,7 +258,9 @@ class Server:
                  max_tokens: int | None = None, model_name: str = "mtj", max_body_bytes: int = 4 << 20,
                  max_connections: int = 256, body_timeout_s: float = 30.0, engine: str = "continuous",
                  prefill_buckets: list[int] | None = None, head_timeout_s: float = 10.0,
-                 max_connections_per_client: int = 64):
+                 max_connections_per_client: int = 64, api_keys: list[str] | None = None,
+                 max_queue_per_key: int | None = None, allowed_origins: list[str] | None = None,
+                 ssl_keyfile: str | None = None, ssl_certfile: str | None = None):
         if lm.tokenizer is None:
             raise ValueError("serving needs a tokenizer: this checkpoint has none")
         self.lm, self.model_name = lm, model_name
@@ -250,7 +274,15 @@ class Server:
         self.score_widths = getattr(self.engine, "prefill_buckets", None) or powers_of_two(16, lm.config.seq)
         self.token_chars = max_token_chars(lm.tokenizer)
         self.created = int(time.time())
-        app = Starlette(routes=[
+        self.keyed = bool(api_keys)
+        self.shares = Shares(max_queue_per_key) if max_queue_per_key is not None else None
+        if bool(ssl_keyfile) != bool(ssl_certfile):
+            raise ValueError("TLS needs both --ssl-keyfile and --ssl-certfile")
+        # outermost first: a browser's CORS preflight carries no key, so CORS answers it before the key check
+        middleware = [Middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["GET", "POST"],
+                                 allow_headers=["Authorization", "Content-Type"])] if allowed_origins else []
+        middleware += [Middleware(RequireKey, keys=Keys(api_keys))] if api_keys else []
+        app = Starlette(middleware=middleware, routes=[
             Route("/health", self.health, methods=["GET"]),
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/complete", self.complete, methods=["POST"]),
@@ -260,7 +292,8 @@ class Server:
         self.uvicorn = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
                                                      http=limits.protocol(), limit_concurrency=max_connections + 1,
                                                      timeout_keep_alive=5, timeout_graceful_shutdown=120,
-                                                     access_log=False))
+                                                     access_log=False, ssl_keyfile=ssl_keyfile,
+                                                     ssl_certfile=ssl_certfile))
 
     def run(self) -> None:
         """Serve until SIGTERM/SIGINT, answer the requests in flight, stop the engine, return."""
@@ -274,7 +307,7 @@ class Server:
     @staticmethod
     def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
         kind = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error",
-                408: "timeout", 503: "overloaded"}.get(status, "server_error")
+                408: "timeout", 429: "rate_limit_exceeded", 503: "overloaded"}.get(status, "server_error")
         return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": None}}, status,
                             headers=headers)
 
@@ -309,10 +342,11 @@ class Server:
                              f"at most {self.max_body}", 413)
         return b"".join(chunks)
 
-    async def answer(self, request: Request, handle: Callable[[bytes, list[Job]], Awaitable[Response]]) -> Response:
-        """Run an endpoint's handler on the request's body; it lists the jobs it queues in its second
-        argument, and they are cancelled as soon as the client goes away."""
-        jobs: list[Job] = []
+    async def answer(self, request: Request, handle: Callable[[bytes, Call], Awaitable[Response]]) -> Response:
+        """Run an endpoint's handler on the request's body; it lists the jobs it queues in its Call, and
+        they are cancelled as soon as the client goes away."""
+        call = Call(caller_of(request.scope))
+        jobs = call.jobs
         watcher = None
         began = time.monotonic()
         try:
@@ -320,11 +354,13 @@ class Server:
                 raise BadRequest("the engine has stopped; see /health", 503)
             body = await self.body(request)
             watcher = asyncio.create_task(self._cancel_when_gone(request, jobs))
-            response = await handle(body, jobs)
+            response = await handle(body, call)
         except ClientDisconnect:
             response = Response(status_code=499)  # nobody to answer: the connection is gone
         except BadRequest as e:
             response = self.error(e.status, str(e), {"Connection": "close"} if e.status == 413 else None)
+        except TooMany as e:
+            response = self.error(429, str(e), {"Retry-After": "1"})
         except (queue.Full, EngineStopped) as e:
             busy = "too many queued requests, retry later" if isinstance(e, queue.Full) else str(e)
             response = self.error(503, f"the server cannot take this request: {busy}")
@@ -335,8 +371,8 @@ class Server:
                 watcher.cancel()
         # One line per request, never its text: who, what, the answer, the rows and tokens, the time.
         streamed = isinstance(response, StreamingResponse)
-        log.info("%s %s %s %d rows=%d prompt_tokens=%d new_tokens=%s %.3fs%s", request.client.host if request.client
-                 else "-", request.method, request.url.path, response.status_code, sum(1 for job in jobs if job),
+        log.info("%s%s %s %s %d rows=%d prompt_tokens=%d new_tokens=%s %.3fs%s", request.client.host if request.client
+                 else "-", f" {call.caller}" if self.keyed else "", request.method, request.url.path, response.status_code, sum(1 for job in jobs if job),
                  sum(len(job.ids) for job in jobs if job), "-" if streamed else sum(len(job.tokens) for job in jobs if job),
                  time.monotonic() - began, " (streaming)" if streamed else "")
         return response
@@ -388,13 +424,24 @@ class Server:
         return [Job(ids, max_new, temperature, max(top_k, 0), top_p, seed + i, Events(), stream, list(stop or []))
                 for i in range(n)]
 
-    def submit(self, jobs: list[Job], listed: list[Job]) -> None:
-        """Queue jobs, listed first so that they are cancelled if the client leaves."""
-        listed += jobs
+    def submit(self, jobs: list[Job], call: Call) -> None:
+        """Queue jobs within the caller's share (TooMany past it), listed in the call first so that they are
+        cancelled if the client leaves."""
+        if self.shares is not None:
+            self.shares.take(call.caller, len(jobs))
+            for job in jobs:
+                job.events.on_done = functools.partial(self.shares.give_back, call.caller)
+        call.jobs += jobs
         try:
             self.engine.submit(jobs)
-        except ValueError as e:  # values the model cannot take
-            raise BadRequest(str(e)) from None
+        except BaseException as e:
+            if self.shares is not None:  # nothing was queued: no "done" will give the rows back
+                self.shares.give_back(call.caller, len(jobs))
+                for job in jobs:
+                    job.events.on_done = None
+            if isinstance(e, ValueError):  # values the model cannot take
+                raise BadRequest(str(e)) from None
+            raise
 
     async def finished(self, job: Job) -> None:
         """Wait until a job is done; re-raise its error."""
@@ -418,13 +465,13 @@ class Server:
             {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "mtj"}]})
 
     async def complete(self, request: Request) -> Response:
-        async def handle(body: bytes, listed: list[Job]) -> Response:
+        async def handle(body: bytes, call: Call) -> Response:
             req = parse(CompleteRequest, body)
             self.check_shape(1, True, [req.context], self.least_new(req.length))
             ids = (await asyncio.to_thread(self.tokenize, [req.context]))[0]
             seed = req.seed if req.seed is not None else secrets.randbelow(SEED_LIMIT)
             jobs = self.jobs_for(ids, req.length, req.temp, req.top_k, req.top_p, seed)
-            self.submit(jobs, listed)
+            self.submit(jobs, call)
             await self.finished(jobs[0])
             return JSONResponse({"completion": self.lm.decode_new(jobs[0].tokens)})
 
@@ -433,7 +480,7 @@ class Server:
     async def completions(self, request: Request) -> Response:
         return await self.answer(request, self._completions)
 
-    async def _completions(self, body: bytes, listed: list[Job]) -> Response:
+    async def _completions(self, body: bytes, call: Call) -> Response:
         req = parse(CompletionRequest, body)
         if req.model is not None and req.model != self.model_name:
             raise BadRequest(f"the model '{_shown(req.model)}' is not served here; this server serves "
@@ -468,7 +515,7 @@ class Server:
             else:
                 jobs += self.jobs_for(p, req.max_tokens, req.temperature, req.top_k, req.top_p, seed + k % req.n,
                                       stream=req.stream, stop=stop)
-        self.submit([j for j in jobs if j is not None], listed)
+        self.submit([j for j in jobs if j is not None], call)
         meta = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
                 "model": self.model_name}
         if req.stream:

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import shlex
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import pytest
 from conftest import REPO
 from mtj.compile_check import candidate_fixes, larger_topologies
 from mtj.config import Config
+from test_readme import readme_commands
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason="libtpu (a test dependency on Linux x86_64) describes TPU topologies")
@@ -25,6 +27,14 @@ def run(*args: str, timeout: int = 300) -> dict:
     return report
 
 
+def readme_lines() -> list[list[str]]:
+    """The README's compile_check command lines, as arguments: these tests run them as written (with --json
+    added) and check their answers; tests/test_readme.py leaves them to this file."""
+    lines = [shlex.split(c)[2:] for c in readme_commands() if "scripts/compile_check.py" in c]
+    assert len(lines) == 3, lines
+    return lines
+
+
 def as_args(fixes: dict) -> list[str]:
     return [f"{k}={json.dumps(v)}" for k, v in fixes.items()]
 
@@ -32,7 +42,9 @@ def as_args(fixes: dict) -> list[str]:
 @needs_libtpu
 def test_gptj_6b_fits_v3_8_out_of_the_box():
     # The original run's defaults: every layer rematerialised, a bf16 gradient accumulator (GAS 16).
-    r = run("--config", "configs/6B_roto_256.json", "--topology", "v3-8")
+    args = readme_lines()[0]
+    assert args == ["--config", "configs/6B_roto_256.json", "--topology", "v3-8"]
+    r = run(*args)
     assert r["fits"] is True and r["mesh"] == {"dp": 1, "mp": 8} and r["fixes"] == {}
     assert r["total_gib"] <= 14 and r["hbm_per_device_gib"] == 16
     assert r["arguments_gib"] == pytest.approx(r["parameters_gib"] + r["optimizer_state_gib"], abs=0.02)
@@ -46,8 +58,10 @@ def test_gptj_6b_fits_v3_8_out_of_the_box():
 
 @needs_libtpu
 def test_settings_that_do_not_fit_get_the_overrides_that_do():
+    args = readme_lines()[1]
     explicit = ["remat=false", "grad_accum_dtype=float32"]  # what mtj defaulted to before
-    r = run("--config", "configs/6B_roto_256.json", "--topology", "v3-8", *explicit, "--no-decode")
+    assert args == ["--config", "configs/6B_roto_256.json", "--topology", "v3-8", *explicit]
+    r = run(*args)
     assert r["fits"] is False and r["temporaries_gib"] > r["hbm_per_device_gib"] == 16  # the chip's, as when it fits
     assert 15 < r["hbm_available_gib"] < 16  # what XLA said it can use of it
     assert r["fixes"] == {"remat": True, "grad_accum_dtype": "bfloat16"} and r["smallest_topology"] is None
@@ -58,7 +72,9 @@ def test_settings_that_do_not_fit_get_the_overrides_that_do():
 
 @needs_libtpu
 def test_20b_names_the_smallest_v3_slice_that_holds_it():
-    r = run("--config", "configs/gpt_neox_20B.json", "--topology", "v3-8")
+    args = readme_lines()[2]
+    assert args == ["--config", "configs/gpt_neox_20B.json", "--topology", "v3-8"]
+    r = run(*args)
     assert r["fits"] is False and r["fixes"] is None
     assert r["parameters_gib"] + r["optimizer_state_gib"] > r["hbm_per_device_gib"]  # no compile could help
     smallest = r["smallest_topology"]

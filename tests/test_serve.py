@@ -25,12 +25,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def request(port: int, path: str, body=None, raw: bytes | None = None, timeout: float = 120):
+def request(port: int, path: str, body=None, raw: bytes | None = None, timeout: float = 120, headers=None,
+            tls=None):
+    """(status, body); `tls`: an ssl.SSLContext to speak https with."""
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data,
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(f"{'https' if tls else 'http'}://127.0.0.1:{port}{path}", data=data,
+                                 headers={"Content-Type": "application/json", **(headers or {})})
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
+        with urllib.request.urlopen(req, timeout=timeout, context=tls) as r:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
@@ -39,11 +41,11 @@ def request(port: int, path: str, body=None, raw: bytes | None = None, timeout: 
 class Running:
     """serve.py in its own process; its output is read as it comes (as a terminal or a log collector would)."""
 
-    def __init__(self, ckpt, *args):
+    def __init__(self, ckpt, *args, env=None, tls=None):
         self.port = free_port()
         self.proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "serve.py"), "--ckpt", str(ckpt),
                                       "--port", str(self.port), *args], cwd=REPO, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)
+                                     stderr=subprocess.STDOUT, text=True, env=env)
         self.lines: list[str] = []
         self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
         self.reader.start()
@@ -52,7 +54,7 @@ class Running:
             if self.proc.poll() is not None:
                 raise RuntimeError(self.output())
             try:
-                if request(self.port, "/health", timeout=2)[0] == 200:
+                if request(self.port, "/health", timeout=2, tls=tls)[0] == 200:
                     return
             except OSError:
                 time.sleep(0.5)
@@ -365,3 +367,10 @@ def test_health_reports_a_stopped_engine(ckpt):
     health = client.get("/health")
     assert health.status_code == 503 and health.json()["status"] == "dead"
     assert client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}).status_code == 503
+
+
+def test_no_cors_headers_unless_origins_are_allowed(server):
+    """CORS is off by default: a browser page from another origin cannot read the answers (test_access: on)."""
+    response = raw_http(server.port, b"GET /health HTTP/1.1\r\nHost: x\r\nOrigin: https://page.example\r\n"
+                        b"Connection: close\r\n\r\n")
+    assert status_of(response) == 200 and b"access-control" not in response.lower()

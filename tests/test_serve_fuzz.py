@@ -1,4 +1,5 @@
-"""A seeded fuzz of the real server on each engine: 500 requests mixing valid and invalid values of every
+"""A seeded fuzz of the real server on each engine: 500 requests (150 on the static batcher, whose every new
+batch shape compiles) mixing valid and invalid values of every
 field, mangled JSON, streaming and not, some clients hanging up midway, 8 at a time. Every answer is a
 clean 2xx/4xx/503 (no 500, no error inside a stream), and afterwards the server is healthy and a greedy
 request returns the tokens it returned before."""
@@ -14,7 +15,7 @@ import pytest
 from test_serve import Running, request
 from test_serve_faults import ckpt  # noqa: F401 -- the same sharp tiny GPT-J
 
-REQUESTS = 500
+REQUESTS = {"continuous": 500, "static": 150}
 ALLOWED = {200, 400, 404, 408, 413, 429, 503}
 GREEDY = {"prompt": "The fuzz is over", "max_tokens": 12, "temperature": 0}
 
@@ -126,7 +127,7 @@ def test_fuzz(ckpt, engine):  # noqa: F811
     try:
         before = request(srv.port, "/v1/completions", GREEDY)
         rng = np.random.default_rng(0 if engine == "continuous" else 1)
-        cases = [(*draw(rng), str(rng.choice(["read"] * 8 + ["now", "midway"]))) for _ in range(REQUESTS)]
+        cases = [(*draw(rng), str(rng.choice(["read"] * 8 + ["now", "midway"]))) for _ in range(REQUESTS[engine])]
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             answers = list(pool.map(lambda case: exchange(srv.port, *case), cases))
         statuses, refusals = collections.Counter(), collections.Counter()
@@ -138,7 +139,8 @@ def test_fuzz(ckpt, engine):  # noqa: F811
             assert b'"server_error"' not in out, (path, raw[:300], out[-600:])  # (also inside a stream)
             if status == 400:
                 refusals[json.loads(out.partition(b"\r\n\r\n")[2])["error"]["message"][:40]] += 1
-        assert statuses[200] > 100 and statuses[400] > 100, (statuses, refusals.most_common(12))  # both kinds were exercised
+        read = sum(statuses.values())  # both kinds were exercised
+        assert statuses[200] > read / 5 and statuses[400] > read / 5, (statuses, refusals.most_common(12))
         assert request(srv.port, "/health")[0] == 200
         assert text_of(request(srv.port, "/v1/completions", GREEDY)) == text_of(before)
     finally:

@@ -2,10 +2,11 @@
 streaming, GET /v1/models), GET /health."""
 
 import argparse
+import os
 import sys
 
 import mtj
-from mtj import distributed
+from mtj import access, distributed
 from mtj.paths import user_path
 from mtj.serve import Server, request_log
 from mtj.cli import parser, run
@@ -45,8 +46,36 @@ def main() -> None:
     ap.add_argument("--mp", type=int, default=1, help="tensor-parallel devices")
     ap.add_argument("--no-request-log", action="store_true",
                     help="no line per request on stdout (client, path, status, rows, tokens, time; never the text)")
+    sharing = ap.add_argument_group("sharing the server (see README: Sharing a server)")
+    sharing.add_argument("--api-key", action="append", metavar="KEY",
+                         help="a key clients send as 'Authorization: Bearer KEY' (repeatable; every path but /health "
+                              f"needs one). Other users of this machine can read a command line: prefer --api-key-file "
+                              f"or {access.ENV_KEY}")
+    sharing.add_argument("--api-key-file", metavar="FILE", help="API keys, one per line")
+    sharing.add_argument("--allow-unauthenticated", action="store_true",
+                         help="serve a --host other than loopback without an API key")
+    sharing.add_argument("--max-queue-per-key", type=int, default=None, metavar="N",
+                         help="rows one key (or, without keys, one client address) may have queued or decoding; past "
+                              "it 429 with Retry-After (default: no bound but --max-queue)")
+    sharing.add_argument("--ssl-keyfile", metavar="FILE", help="TLS private key (PEM): serve https")
+    sharing.add_argument("--ssl-certfile", metavar="FILE", help="TLS certificate chain (PEM)")
+    sharing.add_argument("--allowed-origins", metavar="ORIGIN,...", type=lambda s: [o.strip() for o in s.split(",")],
+                         help="browser origins allowed to call the API (CORS; '*' for any); default: none")
     distributed.add_arguments(ap)
     args = ap.parse_args()
+    # what can be wrong with the access settings is said before the model loads
+    try:
+        keys = access.load_keys(args.api_key, args.api_key_file)
+        warning = access.check_exposure(args.host, args.port, keys, args.allow_unauthenticated)
+    except access.AccessError as e:
+        sys.exit(f"error: {e}")
+    if bool(args.ssl_keyfile) != bool(args.ssl_certfile):
+        ap.error("TLS needs both --ssl-keyfile and --ssl-certfile")
+    for path in (args.ssl_keyfile, args.ssl_certfile):
+        if path and not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such file (TLS)")
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     if not args.no_request_log:
         request_log(sys.stdout)
     distributed.initialize(args)
@@ -55,9 +84,13 @@ def main() -> None:
                     model_name=args.served_model_name or user_path(args.ckpt).name, max_body_bytes=args.max_body_bytes,
                     max_connections=args.max_connections, body_timeout_s=args.body_timeout,
                     engine=args.engine, prefill_buckets=args.prefill_buckets, head_timeout_s=args.head_timeout,
-                    max_connections_per_client=args.max_connections_per_client)
+                    max_connections_per_client=args.max_connections_per_client, api_keys=keys,
+                    max_queue_per_key=args.max_queue_per_key, allowed_origins=args.allowed_origins,
+                    ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile)
     server.engine.warm()  # compile the prefill buckets and the decode step before taking traffic
-    print(f"serving {args.ckpt} as '{server.model_name}' on http://{args.host}:{args.port}", flush=True)
+    scheme = "https" if args.ssl_certfile else "http"
+    guarded = f", {len(keys)} API key{'s' * (len(keys) > 1)}" if keys else ""
+    print(f"serving {args.ckpt} as '{server.model_name}' on {scheme}://{args.host}:{args.port}{guarded}", flush=True)
     server.run()  # until SIGTERM/SIGINT; the requests in flight are answered first
     print("stopped", flush=True)
 
