@@ -16,6 +16,8 @@ from typing import Any
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from mtj.paths import user_path
+
 ENV_KEY = "MTJ_API_KEY"
 OPEN_PATHS = ("/health",)  # a load balancer's probe needs no key
 
@@ -44,11 +46,10 @@ def load_keys(given: list[str] | None, key_file: str | None, environ: dict[str, 
     environ = os.environ if environ is None else environ
     keys = [_checked(k, f"--api-key number {i + 1}") for i, k in enumerate(given or [])]
     if key_file:
-        with open(key_file, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                line = line.strip()
-                if line and not line.startswith("#"):
-                    keys.append(_checked(line, f"{key_file} line {n}"))
+        for n, line in enumerate(user_path(key_file).read_text().splitlines(), 1):
+            line = line.strip()
+            if line and not line.startswith("#"):
+                keys.append(_checked(line, f"{key_file} line {n}"))
         if not keys:
             raise AccessError(f"{key_file} holds no API key (one per line)")
     if environ.get(ENV_KEY):
