@@ -1,13 +1,15 @@
-"""Training data: sources of fixed-length token windows and a resumable, sharded loader.
+"""Training data: sources of fixed-length token windows and resumable, sharded loaders.
 
 A source is random access: `len(source)` windows of `seq+1` tokens and
 `source.read(indices)`. The loader walks a seeded permutation of the windows
 per epoch, so its position is two integers (epoch, step) and resuming costs
-O(1): nothing already consumed is re-read.
+O(1): nothing already consumed is re-read. A tfds: dataset is a stream of
+documents tokenized as they are read (StreamLoader), resumable as exactly.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import os
 import warnings
@@ -18,8 +20,9 @@ import numpy as np
 from etils import epath
 
 from mtj.corpus import expand_inputs, iter_documents, tokenize_documents, windows
-from mtj.paths import PathLike, is_remote, user_path
-from mtj.tfrecord import RecordError, check_record, decode_example, scan_offsets
+from mtj.paths import PathLike, is_remote
+from mtj.tfrecord import (FOOTER, HEADER, RecordError, check_record, decode_example, listed_files, offsets_of,
+                          parse_sidecar, scan_lengths, sidecar_of)
 from mtj.tokenizer import Tokenizer
 
 
@@ -62,44 +65,62 @@ def text_source(spec: str, seq: int, tokenizer: Tokenizer) -> ArraySource:
 class TFRecordSource:
     """The sequences of the TFRecord files listed in an .index file, by random access.
 
-    Index entries are taken as written when absolute (a path or a URL) and relative to the index's
-    own location otherwise, so a data folder can be copied into a bucket whole. Opening reads only
-    the 12-byte record headers (a truncated file fails here, naming file and offset); each record's
-    data CRC is checked when it is read. From a bucket, a batch's records are fetched as concurrent
-    range reads (the loader reads batches ahead on a thread).
+    Opening reads each file's sidecar (its records' data lengths, written by create_tfrecords and
+    mtj-index) and its first record (a file written with another seq fails now, not mid-run); files are
+    opened concurrently. A file without a sidecar, or with one that does not describe it, has its 12-byte
+    record headers scanned instead, with a warning. Memory: 12 bytes per record (offset and length).
+    A record is read whole and checked: its header must frame the length its offsets say (a stale sidecar
+    fails loudly, never yields another record), its data CRC, its length seq + 1, and its token ids must
+    lie in [0, n_vocab) (data tokenized for another model would otherwise train silently on clamped ids).
+    With `skip_corrupt`, every record is read and checked at opening and the bad ones are left out.
+    From a bucket, a batch's records are fetched as concurrent range reads (the loader reads ahead).
     """
 
     max_open_files = 64  # local files kept open for reading; the least recently used is closed beyond this
+    open_threads = 32  # files whose sidecars (or headers) are read at once
 
-    def __init__(self, index: PathLike, seq: int, skip_corrupt: bool = False):
-        index = user_path(index)
-        if not index.is_file():
-            raise FileNotFoundError(f"index file {index} does not exist")
-        lines = [line.strip() for line in index.read_text().splitlines() if line.strip()]
-        self.files = [user_path(p) if p.startswith("/") or is_remote(p) else index.parent / p for p in lines]
-        if not self.files:
-            raise ValueError(f"index file {index} lists no TFRecord files")
-        self.seq, self.name, self.skip_corrupt = seq, str(index), skip_corrupt
-        file_ids, offsets, lengths = [], [], []
-        for i, path in enumerate(self.files):
-            if not path.is_file():
-                raise FileNotFoundError(f"{index} lists {path}, which does not exist")
-            records = scan_offsets(path, skip_corrupt=skip_corrupt)
-            if skip_corrupt:
-                records = self._verified(path, records)
-            file_ids += [i] * len(records)
-            offsets += [o for o, _ in records]
-            lengths += [n for _, n in records]
-        if not offsets:
+    def __init__(self, index: PathLike, seq: int, skip_corrupt: bool = False, n_vocab: int | None = None):
+        self.files = listed_files(index)
+        self.seq, self.name, self.skip_corrupt, self.n_vocab = seq, str(index), skip_corrupt, n_vocab
+        with concurrent.futures.ThreadPoolExecutor(self.open_threads) as pool:
+            per_file = list(pool.map(lambda path: self._records(path, index), self.files))
+        scanned = [path for path, (_, _, why) in zip(self.files, per_file) if why]
+        if scanned:
+            reasons = collections.Counter(why for _, _, why in per_file if why)
+            warnings.warn(f"{len(scanned)} of the {len(self.files)} files of {index} were scanned for their records "
+                          f"({', '.join(f'{n}: {why}' for why, n in reasons.most_common())}; first: {scanned[0]}). "
+                          f"`mtj-index {index}` writes their sidecars, so that opening them reads no record")
+        self.starts = np.concatenate([[0], np.cumsum([len(o) for o, _, _ in per_file])]).astype(np.int64)
+        if self.starts[-1] == 0:
             raise ValueError(f"the TFRecord files of {index} hold no records")
-        self.file_ids, self.offsets, self.lengths = np.array(file_ids), np.array(offsets), np.array(lengths)
+        self.offsets = np.concatenate([o for o, _, _ in per_file])  # int64: each record's data offset in its file
+        self.lengths = np.concatenate([n for _, n, _ in per_file]).astype(np.uint32)
         self._handles: dict[int, IO[bytes]] = {}  # in order of use, oldest first
         self._remote = {i: fsspec.core.url_to_fs(os.fspath(p)) for i, p in enumerate(self.files) if is_remote(p)}
-        # Fail now, not mid-run, on a file written with another seq: the first record of each file.
-        self.read(np.unique(self.file_ids, return_index=True)[1])
+        self.read(self.starts[:-1][np.diff(self.starts) > 0])  # the first record of each file
 
-    def _tokens(self, path: epath.Path, offset: int, length: int, raw: bytes) -> np.ndarray:
-        """The tokens of one record read as data + CRC bytes, checked: CRC, Example, length seq + 1."""
+    def _records(self, path: epath.Path, index: PathLike) -> tuple[np.ndarray, np.ndarray, str | None]:
+        """One file's records (data offsets, lengths), and why it was scanned (None: from its sidecar)."""
+        try:
+            size = path.stat().length
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{index} lists {path}, which does not exist") from None
+        why = None
+        try:
+            lengths = parse_sidecar(sidecar_of(path).read_bytes(), size)
+        except FileNotFoundError:
+            why = "no sidecar"
+        except ValueError as e:
+            why = f"a sidecar that does not describe it: {e}"
+        if why:
+            lengths = scan_lengths(path, skip_corrupt=self.skip_corrupt)
+        offsets = offsets_of(lengths)
+        if self.skip_corrupt:
+            offsets, lengths = self._verified(path, offsets, lengths)
+        return offsets, lengths, why and why.split(":")[0]
+
+    def _checked(self, path: epath.Path, offset: int, raw: bytes, length: int) -> np.ndarray:
+        """The tokens of one record read whole, checked: framing, CRC, Example, length seq + 1, token ids."""
         where = f"{path}: the record at byte offset {offset - 12}"
         data = check_record(raw, path, offset, length)
         try:
@@ -109,22 +130,34 @@ class TFRecordSource:
         if len(tokens) != self.seq + 1:
             raise RecordError(f"{where} has {len(tokens)} tokens but seq+1={self.seq + 1} are needed; set 'seq' "
                               "to match the data or re-run create_tfrecords.py with --seq")
+        self._check_ids(tokens[None], [where])
         return tokens
 
-    def _verified(self, path: epath.Path, records: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    def _check_ids(self, tokens: np.ndarray, where: list[str]) -> None:
+        """RecordError naming the first record (of `where`, by row) holding an id outside the vocabulary."""
+        if self.n_vocab is None:
+            return
+        bad = (tokens < 0) | (tokens >= self.n_vocab)
+        if bad.any():
+            row, col = np.argwhere(bad)[0]
+            raise RecordError(f"{where[row]} holds the token id {int(tokens[row, col])} (position {col}), outside the "
+                              f"model's vocabulary [0, {self.n_vocab}): was the data tokenized for another model? "
+                              "(skip_corrupt_records=true leaves such records out)")
+
+    def _verified(self, path: epath.Path, offsets: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         good = []
         with path.open("rb") as f:
-            for offset, length in records:
+            for k, (offset, length) in enumerate(zip(offsets.tolist(), lengths.tolist())):
                 try:
-                    f.seek(offset)
-                    self._tokens(path, offset, length, f.read(length + 4))
-                    good.append((offset, length))
+                    f.seek(offset - HEADER)
+                    self._checked(path, offset, f.read(HEADER + length + FOOTER), length)
+                    good.append(k)
                 except RecordError as e:
                     warnings.warn(f"skipping corrupt record: {e}")
-        return good
+        return offsets[good], lengths[good]
 
     def __len__(self) -> int:
-        return len(self.offsets)
+        return int(self.starts[-1])
 
     def _handle(self, fid: int) -> IO[bytes]:
         f = self._handles.pop(fid, None) or self.files[fid].open("rb")
@@ -133,55 +166,69 @@ class TFRecordSource:
             self._handles.pop(next(iter(self._handles))).close()
         return f
 
-    def _raw(self, indices: list[int]) -> list[bytes]:
-        """Each record's data and CRC bytes: local files by seek and read, remote ones in one concurrent call."""
+    def _raw(self, indices: np.ndarray, fids: np.ndarray) -> list[bytes]:
+        """Each record read whole (header, data, CRC): local files by seek and read, remote ones in one
+        concurrent call."""
+        starts = (self.offsets[indices] - HEADER).tolist()
+        ends = (self.offsets[indices] + self.lengths[indices] + FOOTER).tolist()
         out: dict[int, bytes] = {}
-        remote = [i for i in indices if int(self.file_ids[i]) in self._remote]
+        remote = [k for k, f in enumerate(fids.tolist()) if f in self._remote]
         if remote:
-            fs = self._remote[int(self.file_ids[remote[0]])][0]
-            paths = [self._remote[int(self.file_ids[i])][1] for i in remote]
-            starts = [int(self.offsets[i]) for i in remote]
-            ends = [int(self.offsets[i] + self.lengths[i]) + 4 for i in remote]
-            out.update(zip(remote, fs.cat_ranges(paths, starts, ends)))
-        for i in indices:
-            if i not in out:
-                f = self._handle(int(self.file_ids[i]))
-                f.seek(int(self.offsets[i]))
-                out[i] = f.read(int(self.lengths[i]) + 4)
-        return [out[i] for i in indices]
+            fs = self._remote[int(fids[remote[0]])][0]
+            paths = [self._remote[int(fids[k])][1] for k in remote]
+            out.update(zip(remote, fs.cat_ranges(paths, [starts[k] for k in remote], [ends[k] for k in remote])))
+        for k, fid in enumerate(fids.tolist()):
+            if k not in out:
+                f = self._handle(fid)
+                f.seek(starts[k])
+                out[k] = f.read(ends[k] - starts[k])
+        return [out[k] for k in range(len(indices))]
 
     def read(self, indices: np.ndarray) -> np.ndarray:
-        raws = self._raw([int(i) for i in indices])
-        return np.stack([self._tokens(self.files[int(self.file_ids[i])], int(self.offsets[i]), int(self.lengths[i]), raw)
-                         for i, raw in zip(indices, raws)]).astype(np.int32)
+        indices = np.asarray(indices, np.int64)
+        fids = np.searchsorted(self.starts, indices, side="right") - 1
+        tokens = [self._checked(self.files[f], int(self.offsets[i]), raw, int(self.lengths[i]))
+                  for i, f, raw in zip(indices.tolist(), fids.tolist(), self._raw(indices, fids))]
+        return np.stack(tokens).astype(np.int32)
 
 
-def tfds_source(spec: str, seq: int, tokenizer: Tokenizer) -> ArraySource:
-    """`tfds:NAME[:SPLIT]`: the "text" feature of a locally prepared TFDS dataset (array_record format),
-    found in $TFDS_DATA_DIR (default ~/tensorflow_datasets); tokenized in memory."""
-    try:
-        import tensorflow_datasets as tfds
-    except ImportError:
-        raise ImportError("tfds: data needs tensorflow-datasets: pip install tensorflow-datasets array_record") from None
-    _, name, *rest = spec.split(":")
-    split = rest[0] if rest else "train"
-    data_dir = os.environ.get("TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets"))
-    source = tfds.data_source(name, split=split, data_dir=data_dir)
-    texts = (source[i]["text"] for i in range(len(source)))
-    docs = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in texts]
-    return document_source(docs, seq, tokenizer, spec)
+class TfdsDocuments:
+    """`tfds:NAME[:SPLIT]`: the "text" feature of a locally prepared TFDS dataset (array_record format, found in
+    $TFDS_DATA_DIR, default ~/tensorflow_datasets), by random access: len() and the text of document i."""
+
+    def __init__(self, spec: str):
+        try:
+            import tensorflow_datasets as tfds
+        except ImportError:
+            raise ImportError("tfds: data needs tensorflow-datasets: pip install tensorflow-datasets array_record") from None
+        _, name, *rest = spec.split(":")
+        data_dir = os.environ.get("TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets"))
+        self.source = tfds.data_source(name, split=rest[0] if rest else "train", data_dir=data_dir)
+        self.name = spec
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def texts(self, indices: list[int]) -> list[str]:
+        texts = (self.source[i]["text"] for i in indices)
+        return [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in texts]
 
 
-def open_source(spec: str, seq: int, tokenizer: Tokenizer, skip_corrupt: bool = False) -> Source:
-    """A data source from a `train_set`/`val_set` value: an .index file of TFRecords, tfds:NAME[:SPLIT],
-    or text files (a file, a directory or a glob) tokenized on the fly."""
+def open_source(spec: str, seq: int, tokenizer: Tokenizer, skip_corrupt: bool = False, n_vocab: int | None = None) -> Source:
+    """A data source from a `train_set`/`val_set` value: an .index file of TFRecords, or text files (a file, a
+    directory or a glob) tokenized in memory (tfds:NAME[:SPLIT] streams: `loader`). With `n_vocab`, a token id outside
+    [0, n_vocab) is an error (TFRecords: when its record is read)."""
     if not spec:
         raise ValueError("no data given: set 'train_set' to an .index file, text files or tfds:NAME[:SPLIT]")
-    if spec.endswith(".index"):
-        return TFRecordSource(spec, seq, skip_corrupt)
     if spec.startswith("tfds:"):
-        return tfds_source(spec, seq, tokenizer)
-    return text_source(spec, seq, tokenizer)
+        raise ValueError(f"'{spec}' is read as a stream: use mtj.data.loader")
+    if spec.endswith(".index"):
+        return TFRecordSource(spec, seq, skip_corrupt, n_vocab)
+    source = text_source(spec, seq, tokenizer)
+    if n_vocab is not None and len(source) and int(source.windows.max()) >= n_vocab:
+        raise ValueError(f"'{spec}': the tokenizer gives the token id {int(source.windows.max())}, outside the model's "
+                         f"vocabulary [0, {n_vocab}): use the model's own tokenizer")
+    return source
 
 
 class Loader:
@@ -250,3 +297,118 @@ class Loader:
         batch = self._ahead.pop(self._position(0)).result()
         self.epoch, self.step = self._position(1)
         return batch
+
+    def describe(self) -> str:
+        return f"{len(self.source):,} sequences, {self.steps_per_epoch:,} steps per epoch"
+
+
+class StreamLoader:
+    """Loader's batches from documents tokenized as they are read (tfds:NAME[:SPLIT]), so memory holds a few
+    documents' tokens and the epoch's document order, not the split.
+
+    Each epoch walks a seeded permutation of the documents (their stored order when not shuffled), each
+    followed by EOS, concatenated and cut into seq + 1 windows; a step takes the next gas x global_batch
+    windows and process p its slice of each micro-batch (every process tokenizes the stream); what is left
+    at the end of an epoch, short of a step, is dropped. Unshuffled, the batches are Loader's over the same
+    windows held in memory. The position is (epoch, the document the next window starts in, how many of
+    its tokens are already used): resuming tokenizes from there, O(1) in the steps already taken.
+    """
+
+    chunk = 64  # documents tokenized together (the tokenizers library batches across cores)
+
+    def __init__(self, docs: TfdsDocuments, seq: int, tokenizer: Tokenizer, gas: int, global_batch: int,
+                 seed: int = 0, shuffle: bool = True, process_index: int = 0, process_count: int = 1,
+                 n_vocab: int | None = None):
+        if global_batch % process_count:
+            raise ValueError(f"global batch {global_batch} is not divisible by {process_count} processes")
+        if tokenizer.eos_id is None:
+            raise ValueError("the tokenizer has no <|endoftext|> token to separate documents")
+        if len(docs) == 0:
+            raise ValueError(f"'{docs.name}' holds no documents")
+        self.docs, self.seq, self.tokenizer, self.gas, self.global_batch = docs, seq, tokenizer, gas, global_batch
+        self.seed, self.shuffle, self.n_vocab = seed, shuffle, n_vocab
+        self.process_index, self.process_count = process_index, process_count
+        self.per_step = gas * global_batch
+        self.steps_per_epoch = None  # known once an epoch has been read
+        self._perm_epoch, self._perm = -1, np.arange(0)
+        self.reset()
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "step": self.step, "doc": self.doc, "used": self.used, "seed": self.seed}
+
+    def restore(self, state: dict) -> None:
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.doc, self.used = int(state["doc"]), int(state["used"])
+        self._tokens = np.zeros(0, np.int32)  # from token `used` of document `doc` on
+        self._counts: collections.deque[int] = collections.deque()  # tokens of each document in _tokens, in order
+        self._next = self.doc  # the next document to tokenize
+
+    def reset(self) -> None:
+        self.restore({"epoch": 0, "step": 0, "doc": 0, "used": 0})
+
+    def describe(self) -> str:
+        return f"{len(self.docs):,} documents, tokenized as they are read"
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch != self._perm_epoch:
+            n = len(self.docs)
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+            self._perm_epoch = epoch
+        return self._perm
+
+    def _fill(self, need: int) -> None:
+        """Tokenize documents until `need` tokens are buffered or the epoch's documents are all read."""
+        order = self._order(self.epoch)
+        while len(self._tokens) < need and self._next < len(order):
+            picked = order[self._next:self._next + self.chunk].tolist()
+            ids = [np.array([*t, self.tokenizer.eos_id], np.int32) for t in self.tokenizer.encode_batch(self.docs.texts(picked))]
+            if self._next == self.doc:  # resuming inside this document
+                ids[0] = ids[0][self.used:]
+            if self.n_vocab is not None and max(int(t.max()) for t in ids if len(t)) >= self.n_vocab:
+                raise ValueError(f"'{self.docs.name}': the tokenizer gives a token id outside the model's vocabulary "
+                                 f"[0, {self.n_vocab}): use the model's own tokenizer")
+            self._counts.extend(len(t) for t in ids)
+            self._tokens = np.concatenate([self._tokens, *ids])
+            self._next += len(picked)
+
+    def _consume(self, n: int) -> None:
+        """Drop n buffered tokens, moving the position past them."""
+        self._tokens = self._tokens[n:]
+        while n:
+            if n < self._counts[0]:
+                self._counts[0] -= n
+                self.used += n
+                return
+            n -= self._counts.popleft()
+            self.doc, self.used = self.doc + 1, 0
+
+    def __iter__(self) -> "StreamLoader":
+        return self
+
+    def __next__(self) -> np.ndarray:
+        need = self.per_step * (self.seq + 1)
+        self._fill(need)
+        if len(self._tokens) < need:  # the epoch ends: what is left is short of a step
+            if self.step == 0:
+                raise ValueError(f"'{self.docs.name}' holds fewer tokens than one step needs ({need}: "
+                                 "gradient_accumulation_steps x global batch x (seq + 1))")
+            self.steps_per_epoch = self.step
+            self.restore({"epoch": self.epoch + 1, "step": 0, "doc": 0, "used": 0})
+            self._fill(need)
+        batch = self._tokens[:need].reshape(self.gas, self.global_batch, self.seq + 1)
+        local = self.global_batch // self.process_count
+        batch = batch[:, self.process_index * local:(self.process_index + 1) * local].copy()
+        self._consume(need)
+        self.step += 1
+        return batch
+
+
+def loader(spec: str, seq: int, tokenizer: Tokenizer, gas: int, global_batch: int, seed: int = 0, shuffle: bool = True,
+           process_index: int = 0, process_count: int = 1, skip_corrupt: bool = False,
+           n_vocab: int | None = None) -> Loader | StreamLoader:
+    """The batches of a `train_set`/`val_set` value: a stream for tfds:NAME[:SPLIT], else Loader over its source."""
+    if spec.startswith("tfds:"):
+        return StreamLoader(TfdsDocuments(spec), seq, tokenizer, gas, global_batch, seed, shuffle, process_index,
+                            process_count, n_vocab)
+    return Loader(open_source(spec, seq, tokenizer, skip_corrupt, n_vocab), gas, global_batch, seed, shuffle,
+                  process_index, process_count)

@@ -8,6 +8,7 @@ varints are packed and unpacked with numpy.
 
 from __future__ import annotations
 
+import io
 import struct
 import warnings
 from typing import IO, Iterable
@@ -15,7 +16,7 @@ from typing import IO, Iterable
 import google_crc32c
 import numpy as np
 
-from mtj.paths import PathLike, open_atomic, user_path
+from mtj.paths import PathLike, is_remote, open_atomic, user_path, write_atomic
 
 
 class RecordError(ValueError):
@@ -138,36 +139,99 @@ def decode_example(data: bytes, feature: str = "text") -> np.ndarray:
 
 # --- files -----------------------------------------------------------------------
 
+HEADER, FOOTER = 12, 4  # a record's length + its CRC before the data; the data's CRC after
+SIDECAR = ".offsets.npz"  # beside each file: its records' data lengths, so that opening it reads no record
+SIDECAR_VERSION = 1
+
+
+def sidecar_of(path: PathLike):
+    path = user_path(path)
+    return path.parent / (path.name + SIDECAR)
+
+
+def offsets_of(lengths: np.ndarray) -> np.ndarray:
+    """Each record's data offset in its file, from the data lengths of the records before it."""
+    lengths = np.asarray(lengths, np.int64)
+    return HEADER + np.concatenate([[0], np.cumsum(lengths + HEADER + FOOTER)[:-1]]).astype(np.int64)
+
+
+def sidecar_bytes(lengths: np.ndarray, file_size: int) -> bytes:
+    """The sidecar of a file of records with these data lengths: a compressed .npz (numpy reads it) holding
+    the shortest length and each length's excess over it in the narrowest unsigned type (a file's records
+    are about equally long: about half a byte per record once compressed)."""
+    lengths = np.asarray(lengths, np.int64)
+    base = int(lengths.min()) if len(lengths) else 0
+    excess = lengths - base
+    narrowest = next(t for t in (np.uint8, np.uint16, np.uint32, np.uint64) if excess.max(initial=0) <= np.iinfo(t).max)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, version=np.int64(SIDECAR_VERSION), file_size=np.int64(file_size), base=np.int64(base),
+                        excess=excess.astype(narrowest))
+    return buf.getvalue()
+
+
+def parse_sidecar(data: bytes, file_size: int) -> np.ndarray:
+    """The data lengths a sidecar holds; ValueError saying why when it is unreadable or does not describe a
+    file of `file_size` bytes (a file rewritten or truncated since: its framing would be wrong)."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            version, size = int(z["version"]), int(z["file_size"])
+            lengths = int(z["base"]) + z["excess"].astype(np.int64)
+    except Exception as e:  # noqa: BLE001 -- whatever is wrong with it, the file is scanned instead
+        raise ValueError(f"unreadable ({type(e).__name__}: {e})") from None
+    if version != SIDECAR_VERSION:
+        raise ValueError(f"version {version}, not {SIDECAR_VERSION}")
+    if size != file_size:
+        raise ValueError(f"it describes a file of {size} bytes, the file has {file_size}")
+    if int(lengths.sum()) + (HEADER + FOOTER) * len(lengths) != file_size or (len(lengths) and lengths.min() < 0):
+        raise ValueError(f"its {len(lengths)} records do not add up to the file's {file_size} bytes")
+    return lengths
+
+
+def listed_files(index: PathLike) -> list:
+    """The TFRecord files an .index file lists, one per line: as written when absolute (a path or a URL),
+    relative to the index's own location otherwise (so a data folder can be copied into a bucket whole)."""
+    index = user_path(index)
+    if not index.is_file():
+        raise FileNotFoundError(f"index file {index} does not exist")
+    lines = [line.strip() for line in index.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"index file {index} lists no TFRecord files")
+    return [user_path(p) if p.startswith("/") or is_remote(p) else index.parent / p for p in lines]
+
+
 def write_tfrecords(path: PathLike, sequences: Iterable[np.ndarray]) -> int:
-    """Write sequences as Examples atomically (aside, then renamed into place); returns the count."""
-    count = 0
+    """Write sequences as Examples atomically (aside, then renamed into place), then the file's sidecar;
+    returns the count."""
+    lengths = []
     with open_atomic(path) as f:
         for seq in sequences:
             data = encode_example(seq)
             header = struct.pack("<Q", len(data))
             f.write(header + struct.pack("<I", masked_crc32c(header)) + data + struct.pack("<I", masked_crc32c(data)))
-            count += 1
-    return count
+            lengths.append(len(data))
+    write_atomic(sidecar_of(path), sidecar_bytes(np.array(lengths, np.int64),
+                                                 sum(lengths) + (HEADER + FOOTER) * len(lengths)))
+    return len(lengths)
 
 
-def scan_offsets(path: PathLike, skip_corrupt: bool = False) -> list[tuple[int, int]]:
-    """(offset of data, length) of every record, reading only the 12-byte headers (a file in a bucket is
+def scan_lengths(path: PathLike, skip_corrupt: bool = False) -> np.ndarray:
+    """The data length of every record, found by reading only the 12-byte headers (a file in a bucket is
     streamed through in blocks: memory holds one)."""
     path = user_path(path)
     size = path.stat().length
-    offsets = []
+    lengths = []
     with path.open("rb") as f:
         pos = 0
         while pos < size:
-            header = f.read(12)
+            header = f.read(HEADER)
             error = None
-            if len(header) < 12:
+            if len(header) < HEADER:
                 error = f"{path}: truncated record header at byte offset {pos} (file size {size})"
             else:
                 length, crc = struct.unpack("<QI", header)
                 if crc != masked_crc32c(header[:8]):
                     error = f"{path}: bad length CRC at byte offset {pos}"
-                elif pos + 12 + length + 4 > size:
+                elif pos + HEADER + length + FOOTER > size:
                     error = (f"{path}: record at byte offset {pos} needs {length + 16} bytes but the file "
                              f"ends at {size} (truncated)")
             if error:
@@ -176,29 +240,57 @@ def scan_offsets(path: PathLike, skip_corrupt: bool = False) -> list[tuple[int, 
                 # Without a valid length the rest of the file cannot be framed.
                 warnings.warn(f"skipping the rest of the file: {error}")
                 break
-            offsets.append((pos + 12, length))
-            pos += 12 + length + 4
+            lengths.append(length)
+            pos += HEADER + length + FOOTER
             f.seek(pos)
-    return offsets
+    return np.array(lengths, np.int64)
 
 
 def check_record(raw: bytes, path: PathLike, offset: int, length: int) -> bytes:
-    """The data of a record read as `length` data bytes + 4 CRC bytes from `offset`, verified."""
-    if len(raw) < length + 4:
-        raise RecordError(f"{path}: truncated record at byte offset {offset - 12}")
-    (crc,) = struct.unpack("<I", raw[length:length + 4])
-    if crc != masked_crc32c(raw[:length]):
-        raise RecordError(f"{path}: bad data CRC in the record at byte offset {offset - 12}")
-    return raw[:length]
+    """The data of a record read whole (header, data, CRC) from `offset - 12`, verified: a header that does
+    not frame `length` bytes means the offsets are not this file's (a stale sidecar)."""
+    where = f"{path}: the record at byte offset {offset - HEADER}"
+    if len(raw) < HEADER + length + FOOTER:
+        raise RecordError(f"{where} is truncated")
+    (found,) = struct.unpack("<Q", raw[:8])
+    if found != length or struct.unpack("<I", raw[8:HEADER])[0] != masked_crc32c(raw[:8]):
+        raise RecordError(f"{where} is not framed as its offsets say: the file changed after they were taken (from "
+                          f"its sidecar {sidecar_of(path).name}, or a scan when it was opened). If it was rewritten, "
+                          "run mtj-index on it")
+    data = raw[HEADER:HEADER + length]
+    if struct.unpack("<I", raw[HEADER + length:HEADER + length + FOOTER])[0] != masked_crc32c(data):
+        raise RecordError(f"{path}: bad data CRC in the record at byte offset {offset - HEADER}")
+    return data
 
 
 def read_record(f: IO[bytes], path: PathLike, offset: int, length: int) -> bytes:
-    f.seek(offset)
-    return check_record(f.read(length + 4), path, offset, length)
+    f.seek(offset - HEADER)
+    return check_record(f.read(HEADER + length + FOOTER), path, offset, length)
 
 
 def iter_records(path: PathLike) -> Iterable[bytes]:
     path = user_path(path)
+    lengths = scan_lengths(path)
     with path.open("rb") as f:
-        for offset, length in scan_offsets(path):
+        for offset, length in zip(offsets_of(lengths).tolist(), lengths.tolist()):
             yield read_record(f, path, offset, length)
+
+
+def write_sidecar(path: PathLike, force: bool = False) -> int | None:
+    """Write a TFRecord file's sidecar from a scan of its headers; the record count, or None when the
+    sidecar there already describes the file (and not `force`): so a stopped run of mtj-index resumes."""
+    path = user_path(path)
+    try:
+        size = path.stat().length
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such TFRecord file") from None
+    sidecar = sidecar_of(path)
+    if not force:
+        try:
+            parse_sidecar(sidecar.read_bytes(), size)
+            return None
+        except (FileNotFoundError, ValueError):
+            pass
+    lengths = scan_lengths(path)
+    write_atomic(sidecar, sidecar_bytes(lengths, size))
+    return len(lengths)

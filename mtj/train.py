@@ -16,10 +16,10 @@ from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from mtj import checkpoint, convert, harness
+from mtj import checkpoint, convert, data, harness
 from mtj.checkpoint import CheckpointError
 from mtj.config import Config, ConfigError
-from mtj.data import Loader, open_source
+from mtj.data import Loader, StreamLoader
 from mtj.metrics import MetricsLog, flops_per_token, peak_flops, plot_loss_curve, read_metrics
 from mtj.loss import head_cross_entropy
 from mtj.model import Params, count_params, hidden, init_params, output_head, param_shardings
@@ -135,11 +135,11 @@ class Trainer:
             losses = [self._eval(params, self.global_array(next(loader))) for _ in range(batches)]
         return float(np.mean([float(x) for x in losses]))
 
-    def loader(self, spec: str, tokenizer: Tokenizer, shuffle: bool = True) -> Loader:
-        return Loader(open_source(spec, self.cfg.seq, tokenizer, self.cfg.skip_corrupt_records),
-                      self.cfg.gradient_accumulation_steps,
-                      self.global_batch, seed=self.cfg.seed, shuffle=shuffle,
-                      process_index=jax.process_index(), process_count=jax.process_count())
+    def loader(self, spec: str, tokenizer: Tokenizer, shuffle: bool = True) -> Loader | StreamLoader:
+        return data.loader(spec, self.cfg.seq, tokenizer, self.cfg.gradient_accumulation_steps, self.global_batch,
+                           seed=self.cfg.seed, shuffle=shuffle, process_index=jax.process_index(),
+                           process_count=jax.process_count(), skip_corrupt=self.cfg.skip_corrupt_records,
+                           n_vocab=self.cfg.n_vocab)
 
 
 def run_dir(cfg: Config) -> str:
@@ -296,5 +296,5 @@ def summary(cfg: Config, trainer: Trainer, loader: Loader, out: epath.Path) -> s
         f"mesh {dict(trainer.mesh.shape)}",
         f"batch: {cfg.gradient_accumulation_steps} x {trainer.global_batch} sequences of {cfg.seq} tokens = "
         f"{cfg.gradient_accumulation_steps * trainer.global_batch * cfg.seq:,} tokens per step",
-        f"data: {cfg.train_set} ({len(loader.source):,} sequences, {loader.steps_per_epoch:,} steps per epoch); "
+        f"data: {cfg.train_set} ({loader.describe()}); "
         f"run: {out}, to step {cfg.total_steps}"])

@@ -1,6 +1,7 @@
 """TFRecord data: format, round trip, sharding across processes, resume, corruption, inputs."""
 
 import collections
+import functools
 import hashlib
 import io
 import json
@@ -9,13 +10,14 @@ import struct
 import subprocess
 import sys
 import tarfile
+import tracemalloc
 
 import numpy as np
 import pytest
 
 from conftest import REPO
-from mtj.corpus import create_tfrecords, expand_inputs, iter_documents
-from mtj.data import ArraySource, Loader, TFRecordSource, open_source
+from mtj.corpus import create_tfrecords, expand_inputs, iter_documents, tokenize_documents, windows as cut
+from mtj.data import ArraySource, Loader, StreamLoader, TFRecordSource, loader, open_source
 from mtj.tfrecord import RecordError, decode_example, encode_example, iter_records, masked_crc32c, write_tfrecords
 from mtj.tokenizer import load_tokenizer
 
@@ -262,11 +264,14 @@ def test_cli_writes_original_format(tmp_path):
     assert all(len(set(decode_example(r).tolist())) >= 5 and len(decode_example(r)) == 9 for r in records)
 
 
-def test_tfds_source(tmp_path, monkeypatch):
+@functools.cache
+def corpus_builder():
+    """A TFDS builder of the documents in its class attribute `documents`, prepared offline as array_record."""
     tfds = pytest.importorskip("tensorflow_datasets")
 
-    class MtjTestCorpus(tfds.core.GeneratorBasedBuilder):  # prepared offline, stored as array_record
+    class MtjTestCorpus(tfds.core.GeneratorBasedBuilder):
         VERSION = tfds.core.Version("1.0.0")
+        documents: list[str] = []
 
         def _info(self):
             return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
@@ -275,16 +280,74 @@ def test_tfds_source(tmp_path, monkeypatch):
             return {"train": self._generate_examples()}
 
         def _generate_examples(self):
-            for i, doc in enumerate(DOCS):
+            for i, doc in enumerate(self.documents):
                 yield i, {"text": doc}
 
-    MtjTestCorpus(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
-    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
-    tok = load_tokenizer("gpt2")
-    source = open_source("tfds:mtj_test_corpus:train", 16, tok)
-    stream = source.read(np.arange(len(source))).reshape(-1).tolist()
-    stored = tfds.data_source("mtj_test_corpus", split="train", data_dir=str(tmp_path))  # TFDS's own order
-    docs = [stored[i]["text"].decode() for i in range(len(stored))]
+    return MtjTestCorpus
+
+
+def tfds_corpus(folder, documents, monkeypatch) -> list[str]:
+    """Prepare `documents` as tfds:mtj_test_corpus in `folder` (TFDS_DATA_DIR); their stored order."""
+    import tensorflow_datasets as tfds
+
+    builder = corpus_builder()
+    builder.documents = documents
+    builder(data_dir=str(folder), file_format="array_record").download_and_prepare()
+    monkeypatch.setenv("TFDS_DATA_DIR", str(folder))
+    stored = tfds.data_source("mtj_test_corpus", split="train", data_dir=str(folder))
+    return [stored[i]["text"].decode() for i in range(len(stored))]
+
+
+def stream(tok, **kw):
+    return loader("tfds:mtj_test_corpus:train", 16, tok, gas=2, global_batch=2, **kw)
+
+
+def test_tfds_streams_the_batches_of_its_windows_in_memory(tmp_path, monkeypatch):
+    docs = tfds_corpus(tmp_path, DOCS, monkeypatch)
     assert sorted(docs) == sorted(DOCS)
-    expected = [t for d in docs for t in (*tok.encode(d), tok.eos_id)]
-    assert len(source) == len(expected) // 17 and stream == expected[: len(stream)]
+    tok = load_tokenizer("gpt2")
+    windows = ArraySource(cut(np.concatenate(tokenize_documents(docs, tok)), 16))
+    in_memory = [Loader(windows, 2, 4, shuffle=False, process_index=p, process_count=2) for p in range(2)]
+    streamed = [loader("tfds:mtj_test_corpus", 16, tok, 2, 4, shuffle=False, process_index=p, process_count=2)
+                for p in range(2)]
+    assert isinstance(streamed[0], StreamLoader) and "12 documents" in streamed[0].describe()
+    for _ in range(2 * in_memory[0].steps_per_epoch + 1):  # into the third epoch
+        for mine, theirs in zip(streamed, in_memory):
+            np.testing.assert_array_equal(next(mine), next(theirs))
+    assert streamed[0].steps_per_epoch == in_memory[0].steps_per_epoch
+
+
+def test_tfds_stream_resumes_exactly_and_reshuffles_each_epoch(tmp_path, monkeypatch):
+    docs = [" ".join(f"w{i}x{j}" for j in range(i % 7 + 1)) for i in range(40)]  # documents of 2 to 22 tokens
+    tfds_corpus(tmp_path, docs, monkeypatch)
+    tok = load_tokenizer("gpt2")
+    run = stream(tok, seed=3)
+    states, batches = [], []
+    for _ in range(12):
+        states.append(json.loads(json.dumps(run.state())))  # as a checkpoint keeps it
+        batches.append(next(run))
+    assert run.epoch >= 1 and run.steps_per_epoch  # an epoch boundary was crossed
+    for k in (1, 3, run.steps_per_epoch, run.steps_per_epoch + 1, 10):
+        resumed = stream(tok, seed=3)
+        resumed.restore(states[k])
+        for want in batches[k:]:
+            np.testing.assert_array_equal(next(resumed), want)
+    epochs = [stream(tok, seed=3) for _ in range(2)]
+    epochs[1].restore({"epoch": 1, "step": 0, "doc": 0, "used": 0})
+    assert not np.array_equal(next(epochs[0]), next(epochs[1]))  # another document order
+
+
+def test_tfds_stream_memory_does_not_grow_with_the_split(tmp_path, monkeypatch):
+    tok = load_tokenizer("gpt2")
+    peaks = []
+    for n in (500, 10_000):
+        tfds_corpus(tmp_path / str(n), [f"document {i} " + "lorem ipsum dolor sit amet " * 20 for i in range(n)],
+                    monkeypatch)
+        tracemalloc.start()
+        run = stream(tok, seed=1)
+        for _ in range(3):
+            next(run)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    # the larger split's ~1.1M tokens would take 4.4 MB as int32; the stream holds its permutation (8 B a document)
+    assert peaks[1] - peaks[0] < 9_500 * 8 + 200_000, peaks
