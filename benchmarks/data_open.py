@@ -1,7 +1,7 @@
 """Opening a TFRecord dataset at scale: time, host memory per record and bytes fetched from a bucket, mtj
 (record-offset sidecars) against a baseline revision (a scan of every record's header), side by side.
 
-Builds F files x M short records (each file a copy of one, so building is quick), in a local folder and in a
+Builds files of M short records (each file a copy of one, so building is quick), in a local folder and in a
 fake-gcs-server on 127.0.0.1 reached through a byte-counting proxy, then opens the dataset with
 `TFRecordSource` in a fresh process per side and size: seconds, resident memory kept after opening (per
 record), and the bytes the bucket sent. The baseline's tree is a git worktree of `--baseline`.
@@ -40,6 +40,9 @@ def status(field):  # kB in /proc/self/status
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
+if sys.argv[2].startswith("gs://"):  # the storage client's own imports are not the dataset's memory
+    import fsspec
+    fsspec.filesystem("gs")
 gc.collect()
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # the peak resident size starts again from here
@@ -153,7 +156,8 @@ def cpu_name() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--records", default="100000,1000000,10000000", help="dataset sizes, comma-separated")
-    ap.add_argument("--files", type=int, default=64, help="files per dataset")
+    ap.add_argument("--per-file", type=int, default=50_000,
+                    help="records per file (create_tfrecords' default: 1M records are 20 files)")
     ap.add_argument("--seq", type=int, default=63, help="records hold seq + 1 tokens")
     ap.add_argument("--baseline", default="3dfade8", help="the revision to compare with (before sidecars)")
     ap.add_argument("--no-bucket", action="store_true", help="local files only")
@@ -163,7 +167,7 @@ def main() -> None:
                     help="the largest size the baseline opens in the bucket (it downloads all of it, slowly)")
     args = ap.parse_args()
     sizes = [int(n) for n in args.records.split(",")]
-    print(f"CPU: {cpu_name()} ({os.cpu_count()} cores); {args.files} files of records of {args.seq + 1} tokens; "
+    print(f"CPU: {cpu_name()} ({os.cpu_count()} cores); files of {args.per_file} records of {args.seq + 1} tokens; "
           f"baseline {args.baseline}", flush=True)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -177,7 +181,7 @@ def main() -> None:
                       f"{'peak B/rec':>10} {'fetched':>12} {'of data':>8}", flush=True)
                 for n in sizes:
                     folder = tmp / f"data-{n}"
-                    data_bytes = build(folder, args.files, n // args.files, args.seq)
+                    data_bytes = build(folder, max(1, n // args.per_file), min(n, args.per_file), args.seq)
                     wheres = [("local", str(folder / "data.index"))]
                     if gcs and n <= args.bucket_records:
                         os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{gcs[1]}"

@@ -67,7 +67,7 @@ class TFRecordSource:
 
     Opening reads each file's sidecar (its records' data lengths, written by create_tfrecords and
     mtj-index) and its first record (a file written with another seq fails now, not mid-run); files are
-    opened concurrently. A file without a sidecar, or with one that does not describe it, has its 12-byte
+    opened concurrently (in a bucket). A file without a sidecar, or with one that does not describe it, has its 12-byte
     record headers scanned instead, with a warning. Memory: 12 bytes per record (offset and length).
     A record is read whole and checked: its header must frame the length its offsets say (a stale sidecar
     fails loudly, never yields another record), its data CRC, its length seq + 1, and its token ids must
@@ -77,13 +77,16 @@ class TFRecordSource:
     """
 
     max_open_files = 64  # local files kept open for reading; the least recently used is closed beyond this
-    open_threads = 32  # files whose sidecars (or headers) are read at once
+    open_threads = 32  # files in a bucket whose sidecars (or headers) are read at once
 
     def __init__(self, index: PathLike, seq: int, skip_corrupt: bool = False, n_vocab: int | None = None):
         self.files = listed_files(index)
         self.seq, self.name, self.skip_corrupt, self.n_vocab = seq, str(index), skip_corrupt, n_vocab
-        with concurrent.futures.ThreadPoolExecutor(self.open_threads) as pool:
-            per_file = list(pool.map(lambda path: self._records(path, index), self.files))
+        if any(is_remote(p) for p in self.files):  # a bucket answers each request in ~ms: many at once
+            with concurrent.futures.ThreadPoolExecutor(min(self.open_threads, len(self.files))) as pool:
+                per_file = list(pool.map(lambda path: self._records(path, index), self.files))
+        else:  # a local file's sidecar is read in ~0.1 ms: starting threads would cost more
+            per_file = [self._records(path, index) for path in self.files]
         scanned = [path for path, (_, _, why) in zip(self.files, per_file) if why]
         if scanned:
             reasons = collections.Counter(why for _, _, why in per_file if why)

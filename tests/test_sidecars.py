@@ -60,7 +60,7 @@ def test_a_dataset_without_sidecars_gives_the_same_batches(tmp_path):
     """As the original trainer wrote them: no sidecars. They are scanned (one warning naming mtj-index)."""
     index = dataset(tmp_path / "with")
     shutil.copytree(tmp_path / "with", tmp_path / "without")
-    for sidecar in (tmp_path / "without").glob("*.offsets.npz"):
+    for sidecar in (tmp_path / "without").glob("*.offsets"):
         sidecar.unlink()
     with pytest.warns(UserWarning, match=r"3 of the 3 files .* were scanned .*3: no sidecar.*mtj-index"):
         scanned = batches(tmp_path / "without" / "data.index")
@@ -161,7 +161,7 @@ def test_mtj_index_on_a_bucket_prefix(tmp_path, gcs_dir):
     assert done.returncode == 0 and "wrote 3 sidecars (18 records); 0 files already had theirs" in done.stdout, done.stderr
     assert "indexing" in done.stderr and "3/3" in done.stderr  # the progress bar
     for name in local.read_text().split():
-        assert (remote / (name + ".offsets.npz")).read_bytes() == sidecar_of(tmp_path / name).read_bytes()
+        assert (remote / (name + ".offsets")).read_bytes() == sidecar_of(tmp_path / name).read_bytes()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for want, got in zip(scanned, batches(str(remote / "data.index"), steps=3)):
