@@ -66,9 +66,9 @@ class TFRecordSource:
     """The sequences of the TFRecord files listed in an .index file, by random access.
 
     Opening reads each file's sidecar (its records' data lengths, written by create_tfrecords and
-    mtj-index) and its first record (a file written with another seq fails now, not mid-run); files are
-    opened concurrently (in a bucket). A file without a sidecar, or with one that does not describe it, has its 12-byte
-    record headers scanned instead, with a warning. Memory: 12 bytes per record (offset and length).
+    mtj-index) and its first record (a file written with another seq fails now, not mid-run); in a
+    bucket, many files at once. A file without a sidecar, or with one that does not describe it, has its
+    12-byte record headers scanned instead, with a warning. Memory: 12 bytes per record (offset, length).
     A record is read whole and checked: its header must frame the length its offsets say (a stale sidecar
     fails loudly, never yields another record), its data CRC, its length seq + 1, and its token ids must
     lie in [0, n_vocab) (data tokenized for another model would otherwise train silently on clamped ids).
@@ -87,11 +87,12 @@ class TFRecordSource:
                 per_file = list(pool.map(lambda path: self._records(path, index), self.files))
         else:  # a local file's sidecar is read in ~0.1 ms: starting threads would cost more
             per_file = [self._records(path, index) for path in self.files]
-        scanned = [path for path, (_, _, why) in zip(self.files, per_file) if why]
+        scanned = [(path, why) for path, (_, _, why) in zip(self.files, per_file) if why]
         if scanned:
-            reasons = collections.Counter(why for _, _, why in per_file if why)
+            reasons = collections.Counter(why.split(":")[0] for _, why in scanned)
             warnings.warn(f"{len(scanned)} of the {len(self.files)} files of {index} were scanned for their records "
-                          f"({', '.join(f'{n}: {why}' for why, n in reasons.most_common())}; first: {scanned[0]}). "
+                          f"({', '.join(f'{n}: {why}' for why, n in reasons.most_common())}; first: {scanned[0][0]}, "
+                          f"{scanned[0][1]}). "
                           f"`mtj-index {index}` writes their sidecars, so that opening them reads no record")
         self.starts = np.concatenate([[0], np.cumsum([len(o) for o, _, _ in per_file])]).astype(np.int64)
         if self.starts[-1] == 0:
@@ -120,7 +121,7 @@ class TFRecordSource:
         offsets = offsets_of(lengths)
         if self.skip_corrupt:
             offsets, lengths = self._verified(path, offsets, lengths)
-        return offsets, lengths, why and why.split(":")[0]
+        return offsets, lengths, why
 
     def _checked(self, path: epath.Path, offset: int, raw: bytes, length: int) -> np.ndarray:
         """The tokens of one record read whole, checked: framing, CRC, Example, length seq + 1, token ids."""
