@@ -41,6 +41,10 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be restored; the message names the step directory and why."""
 
 
+class StepUnreadable(CheckpointError):
+    """A step that could not be read for a reason that is not its files' (permissions, memory, storage down)."""
+
+
 def delete_step(step_dir: epath.Path) -> None:
     """Delete a step so that a kill at any moment leaves either the whole step or one no reader takes.
 
@@ -200,23 +204,97 @@ def _set_aside(bad_dirs: list[epath.Path], good: epath.Path) -> None:
         multihost_utils.sync_global_devices("mtj: unrestorable steps set aside")
 
 
+# Failures that say nothing about the step's files: raised (after retries for the passing ones), never a
+# reason to set a good step aside and resume from an older one. Matched on the exception chain's types and
+# on the status names TensorStore and the storage clients put in their messages.
+PASSING = (ConnectionError, TimeoutError)
+PASSING_HTTP, NOT_DAMAGE_HTTP = {408, 429, 500, 502, 503, 504}, {401, 403}  # a storage client's error `code`
+PASSING_STATUS = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED", "503 Service Unavailable", "429 Too Many Requests")
+NOT_DAMAGE = (PermissionError, MemoryError)
+NOT_DAMAGE_STATUS = ("PERMISSION_DENIED", "UNAUTHENTICATED", "RESOURCE_EXHAUSTED", "Forbidden", "Unauthorized")
+RETRIES = (1.0, 4.0)  # seconds before each retry of a passing failure
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    while error is not None and error not in seen:
+        seen.append(error)
+        error = error.__cause__ or error.__context__
+    return seen
+
+
+def kind_of_failure(error: BaseException) -> str:
+    """'passing' (retry), 'fatal' (raise: permissions, memory) or 'damage' (the step's files are wrong)."""
+    chain = _chain(error)
+    text = " ".join(str(e) for e in chain)
+    codes = {getattr(e, "code", None) for e in chain}
+    if any(isinstance(e, PASSING) for e in chain) or codes & PASSING_HTTP or any(s in text for s in PASSING_STATUS):
+        return "passing"
+    if any(isinstance(e, NOT_DAMAGE) for e in chain) or codes & NOT_DAMAGE_HTTP or any(s in text for s in NOT_DAMAGE_STATUS):
+        return "fatal"
+    return "damage"
+
+
+def _access_error(step_dir: epath.Path) -> OSError | None:
+    """The error reading the step's tree raises, if any: Orbax reports a directory it may not read as
+    missing, which would look like damage. Lists every directory (and locally reads a byte of each file)."""
+    folders = [step_dir]
+    try:
+        while folders:
+            for path in folders.pop().iterdir():
+                if path.is_dir():
+                    folders.append(path)
+                elif not is_remote(path):
+                    with path.open("rb") as f:
+                        f.read(1)
+    except (PermissionError, ConnectionError, TimeoutError) as e:
+        return e
+    except OSError:  # a missing or broken file: damage indeed
+        return None
+    return None
+
+
+def _restore_step(restore: Callable[[epath.Path], T], step_dir: epath.Path) -> T:
+    """restore(step_dir), retried after passing failures; a failure that is not damage is raised naming the step."""
+    for wait in (*RETRIES, None):
+        try:
+            return restore(step_dir)
+        except ConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- sorted below: only damage is returned to the caller's loop
+            kind = kind_of_failure(e)
+            if kind == "damage":
+                denied = _access_error(step_dir)
+                if denied is None:
+                    raise
+                e, kind = denied, kind_of_failure(denied)
+            if kind == "passing" and wait is not None:
+                warnings.warn(f"reading {step_dir} failed ({_reason(e)}); retrying in {wait:g} s")
+                time.sleep(wait)
+                continue
+            raise StepUnreadable(f"cannot read {step_dir}: {_reason(e)}. The step itself was not found damaged, so it "
+                                  "is kept and the run stops here: fix the cause and start again") from e
+    raise AssertionError("unreachable")
+
+
 def restore_newest(ckpt: PathLike, restore: Callable[[epath.Path], T], set_aside: bool = False) -> tuple[T, epath.Path]:
     """`restore(step_dir)` for the newest step of `ckpt` that restores, and that step's directory.
 
-    A step that fails is skipped with a warning naming it and the reason. With `set_aside` (a run
-    that resumes and will write those step numbers again) the newer failed steps are renamed to
-    `step_N.unrestorable-<time>`, kept for inspection. A ConfigError (the request does not fit the
-    checkpoint, whatever the step) is raised at once; a step directory named explicitly is not
-    replaced by another.
+    A damaged step (missing or undecodable files, data loss) is skipped with a warning naming it and
+    the reason. With `set_aside` (a run that resumes and will write those step numbers again) the
+    newer damaged steps are renamed to `step_N.unrestorable-<time>`, kept for inspection. A passing
+    storage failure is retried, then raised like a permission or memory error: they say nothing about
+    the step, which is kept. A ConfigError (the request does not fit the checkpoint, whatever the
+    step) is raised at once; a step directory named explicitly is not replaced by another.
     """
     candidates = step_dirs(ckpt)
     failed: list[tuple[epath.Path, Exception]] = []
     for step_dir in candidates:
         try:
-            result = restore(step_dir)
-        except ConfigError:
+            result = _restore_step(restore, step_dir)
+        except (ConfigError, StepUnreadable):
             raise
-        except Exception as e:  # noqa: BLE001 -- any failure to read a step is a reason to try the one before
+        except Exception as e:  # noqa: BLE001 -- damage: a reason to try the step before
             failed.append((step_dir, e))
             if len(candidates) > 1:
                 warnings.warn(f"checkpoint {step_dir} does not restore ({_reason(e)}); trying the step before it")

@@ -2,13 +2,17 @@
 answered by resuming from the step before, or by an error naming the step; nothing earlier changes."""
 
 import hashlib
+import http.client
+import http.server
 import os
 import random
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+import urllib.parse
 import warnings
 from pathlib import Path
 
@@ -260,3 +264,112 @@ def test_kill_during_pruning_never_leaves_a_wrong_step_locally(four_steps, tmp_p
 def test_kill_during_pruning_never_leaves_a_wrong_step_in_a_bucket(four_steps, gcs_dir):
     copies = iter(range(100))
     deletion_trials(lambda: copy_run(four_steps, "bucket", Path("/unused"), f"{gcs_dir}/{next(copies)}"), trials=12)
+
+
+class FaultyStorage:
+    """An HTTP proxy on 127.0.0.1 in front of the emulator bucket that answers `status` instead of forwarding
+    a request whose URL holds `marker` (as a locked-down GCS would), or only for `seconds` from the first
+    such request (as a flaky one would)."""
+
+    def __init__(self, marker: str, status: int, seconds: float | None = None):
+        target = urllib.parse.urlsplit(os.environ["STORAGE_EMULATOR_HOST"])
+        self.refused, self.first = 0, None
+        proxy = self
+
+        def refuse(path: str) -> bool:
+            if marker not in urllib.parse.unquote(path):
+                return False
+            proxy.first = proxy.first or time.monotonic()
+            return seconds is None or time.monotonic() - proxy.first < seconds
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _any(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if refuse(self.path):
+                    proxy.refused += 1
+                    reply = b'{"error": {"code": %d, "message": "injected"}}' % status
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(reply)))
+                    self.end_headers()
+                    self.wfile.write(reply)
+                    return
+                conn = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                conn.request(self.command, self.path, body=body, headers=headers)
+                answer = conn.getresponse()
+                data = answer.read()
+                self.send_response(answer.status)
+                for k, v in answer.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _any
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def env(self) -> dict:
+        return {**os.environ, "STORAGE_EMULATOR_HOST": self.url, "TENSORSTORE_GCS_HTTP_URL": self.url}
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+LOAD = ("import sys; from mtj import checkpoint, cli; from mtj.sharding import make_mesh\n"
+        "cli.run(lambda: print('loaded', checkpoint.restore_model(sys.argv[1], make_mesh(mp=1, dp=1)).step_dir))")
+
+
+def test_a_permission_error_on_the_newest_step_is_raised_and_the_step_kept(template, tmp_path, gcs_dir):
+    """Locally (a process without root's override of file permissions) and in a bucket (403): the load
+    stops naming step 6, instead of quietly taking step 4; step 6 is not renamed."""
+    local = copy_run(template, "local", tmp_path, None)
+    os.chown(local / "step_6" / "params", 65534, 65534)  # owned by nobody, readable by nobody else
+    os.chmod(local / "step_6" / "params", 0o700)
+    no_override = ["setpriv", "--inh-caps=-dac_override,-dac_read_search", "--bounding-set=-dac_override,-dac_read_search"]
+    done = subprocess.run([*no_override, sys.executable, "-c", LOAD, str(local)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 1 and f"cannot read {local}/step_6: PermissionError" in done.stderr, done.stderr[-3000:]
+    assert "loaded" not in done.stdout and "does not restore" not in done.stderr
+    assert checkpoint.complete_steps(local) == [6, 4, 2]
+    bucket = copy_run(template, "bucket", tmp_path, gcs_dir)
+    proxy = FaultyStorage("step_6/params", 403)
+    try:
+        done = subprocess.run([sys.executable, "-c", LOAD, str(bucket)], capture_output=True, text=True, timeout=300,
+                              env=proxy.env())
+    finally:
+        proxy.close()
+    assert done.returncode == 1 and f"cannot read {bucket}/step_6" in done.stderr, done.stderr[-3000:]
+    assert proxy.refused and "loaded" not in done.stdout
+    assert checkpoint.complete_steps(bucket) == [6, 4, 2]
+
+
+def test_a_passing_storage_error_on_the_newest_step_is_retried_then_raised(template, tmp_path, gcs_dir):
+    """503s for the newest step's arrays: for 3 s, the load waits them out and takes step 6; for good, it stops
+    naming step 6 after its retries. Never does it take step 4 (as it did when any error meant damage) or
+    rename step 6."""
+    bucket = copy_run(template, "bucket", tmp_path, gcs_dir)
+    for seconds in (3.0, None):
+        proxy = FaultyStorage("step_6/params", 503, seconds)
+        try:
+            done = subprocess.run([sys.executable, "-c", LOAD, str(bucket)], capture_output=True, text=True,
+                                  timeout=300, env=proxy.env())
+        finally:
+            proxy.close()
+        assert proxy.refused and "does not restore" not in done.stderr, done.stderr[-3000:]
+        if seconds:  # (the storage clients' own retries may be enough)
+            assert done.returncode == 0 and f"loaded {bucket}/step_6" in done.stdout, done.stderr[-3000:]
+        else:
+            assert done.returncode == 1 and "retrying in 1 s" in done.stderr and "retrying in 4 s" in done.stderr
+            assert f"cannot read {bucket}/step_6: HttpError: injected, 503" in done.stderr, done.stderr[-3000:]
+        assert checkpoint.complete_steps(bucket) == [6, 4, 2]
