@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
+import threading
 import time
 from typing import Any
 
@@ -13,6 +15,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
@@ -191,9 +194,51 @@ def _harness(cfg: Config, trainer: Trainer, params: Params, tokenizer: Tokenizer
     return harness.TrainingEval(cfg, params, trainer.mesh, tokenizer, report=lead)
 
 
+class StopRequests:
+    """SIGTERM (a preempted VM's notice) and SIGINT while training: the first asks the run to stop after the
+    current step, checkpointed; later ones are acknowledged and do not interrupt the save."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequests":
+        if threading.current_thread() is threading.main_thread():  # (signals can only be caught there)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.signal is None:
+            self.signal = name
+            print(f"{name}: stopping after this step, with a checkpoint", file=sys.stderr, flush=True)
+        else:
+            print(f"{name} again: the checkpoint is being saved and will be complete", file=sys.stderr, flush=True)
+
+    def agreed(self) -> bool:
+        """Whether any process was asked to stop; on several processes a collective, so every process calls it
+        at every step and all stop after the same one."""
+        asked = self.signal is not None
+        if jax.process_count() == 1:
+            return asked
+        return bool(multihost_utils.process_allgather(np.array(asked)).any())
+
+
 def train(cfg: Config, tune_model_path: str | None = None, fresh_opt: bool = False, mesh: Mesh | None = None,
           progress: bool = True) -> State:
-    """Train to cfg.total_steps, resuming from the latest checkpoint in model_dir if there is one."""
+    """Train to cfg.total_steps, resuming from the latest checkpoint in model_dir if there is one. SIGTERM or
+    SIGINT stops it after the current step, with a checkpoint of that step."""
+    with StopRequests() as stops:
+        return _train(cfg, tune_model_path, fresh_opt, mesh, progress, stops)
+
+
+def _train(cfg: Config, tune_model_path: str | None, fresh_opt: bool, mesh: Mesh | None, progress: bool,
+           stops: StopRequests) -> State:
     trainer = Trainer(cfg, mesh)
     lead = jax.process_index() == 0
     out = user_path(run_dir(cfg))
@@ -246,6 +291,7 @@ def train(cfg: Config, tune_model_path: str | None = None, fresh_opt: bool = Fal
     start = int(state["step"])
     bar = tqdm(total=cfg.total_steps, initial=start, disable=not (lead and progress), unit="step", dynamic_ncols=True)
     t_last, step_last = time.perf_counter(), start
+    stopped_at = None
     for step in range(start + 1, cfg.total_steps + 1):
         state, metrics = trainer.step(state, next(loader))
         validate = (bool(val) or harness is not None) and step % cfg.val_every == 0
@@ -268,17 +314,24 @@ def train(cfg: Config, tune_model_path: str | None = None, fresh_opt: bool = Fal
             log.write(row)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tps:,.0f}")
         bar.update(1)
-        if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.total_steps:
+        stop = stops.agreed()
+        if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.total_steps or stop:
             save(step)
         if step == kill_after:
             mngr.wait_until_finished()
             os.kill(os.getpid(), signal.SIGKILL)
+        if stop:
+            stopped_at = step
+            break
     bar.close()
     mngr.wait_until_finished()
     mngr.close()
     if lead:
         plot_loss_curve(log.path, out / "loss.png")
-        if cfg.total_steps > start:
+        if stopped_at is not None:
+            print(f"stopped by {stops.signal or 'a signal to another process'} after step {stopped_at}: checkpoint "
+                  f"{out}/step_{stopped_at} is saved; run the same command to go on from it", flush=True)
+        elif cfg.total_steps > start:
             last = read_metrics(log.path)[-1]
             shown = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k == "loss" or k.startswith(("val/", "eval/")))
             print(f"trained steps {start + 1}-{cfg.total_steps} in {time.perf_counter() - began:.0f} s; step "

@@ -1,4 +1,4 @@
-"""A seeded fuzz of the real server on each engine: 500 requests (150 on the static batcher, whose every new
+"""A seeded fuzz of the real server on each engine: 500 requests (100 on the static batcher, whose every new
 batch shape compiles) mixing valid and invalid values of every
 field, mangled JSON, streaming and not, some clients hanging up midway, 8 at a time. Every answer is a
 clean 2xx/4xx/503 (no 500, no error inside a stream), and afterwards the server is healthy and a greedy
@@ -15,7 +15,7 @@ import pytest
 from test_serve import Running, request
 from test_serve_faults import ckpt  # noqa: F401 -- the same sharp tiny GPT-J
 
-REQUESTS = {"continuous": 500, "static": 150}
+REQUESTS = {"continuous": 500, "static": 100}
 ALLOWED = {200, 400, 404, 408, 413, 429, 503}
 GREEDY = {"prompt": "The fuzz is over", "max_tokens": 12, "temperature": 0}
 

@@ -3,8 +3,10 @@
 import json
 import os
 import struct
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -78,6 +80,37 @@ def run_cli(cfg_path: Path, *overrides: str, env: dict | None = None) -> subproc
     return subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), "--config", str(cfg_path),
                            "--no-progress", *overrides], cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, **(env or {})})
+
+
+def test_sigterm_and_sigint_stop_after_the_step_with_a_checkpoint_and_resume_exactly(tmp_path):
+    """A preempted VM's SIGTERM (here twice: the second lands during the save) and a user's Ctrl-C, each at a
+    random step: the run saves that step, exits 0 saying so, and the resumed run's losses are the
+    uninterrupted run's."""
+    cfg = config(tmp_path, total_steps=12, ckpt_every=0)
+    train(config(tmp_path, total_steps=12, ckpt_every=0, model_dir=str(tmp_path / "ref")), progress=False)
+    expected = metrics(tmp_path / "ref")
+    path = tmp_path / "cfg.json"
+    cfg.save(path)
+    rng, stopped = np.random.default_rng(), 0
+    for sig, twice in ((signal.SIGTERM, True), (signal.SIGINT, False)):
+        proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "train.py"), "--config", str(path),
+                                 "--no-progress"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        at = stopped + int(rng.integers(2, 5))  # once this step is logged
+        while proc.poll() is None and not ((tmp_path / "run" / "metrics.jsonl").exists() and
+                                           max(metrics(tmp_path / "run"), default=0) >= at):
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        if twice:
+            time.sleep(0.05)
+            proc.send_signal(sig)
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        stopped = mtj.checkpoint.complete_steps(tmp_path / "run")[0]
+        assert stopped >= at and f"stopped by {sig.name} after step {stopped}: checkpoint {tmp_path / 'run'}/step_{stopped} " \
+            "is saved; run the same command to go on from it" in out, (out, err[-2000:])
+        got = metrics(tmp_path / "run")  # (the second run resumed from the first one's stop)
+        assert sorted(got) == list(range(1, stopped + 1))
+        assert [got[s]["loss"] for s in got] == [expected[s]["loss"] for s in got]
 
 
 def test_resume_after_kill_is_exact(tmp_path):
