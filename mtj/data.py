@@ -235,6 +235,22 @@ def open_source(spec: str, seq: int, tokenizer: Tokenizer, skip_corrupt: bool = 
     return source
 
 
+class EpochOrder:
+    """The order of n items in an epoch: a permutation seeded by (seed, epoch), or their own order when not
+    shuffled; the current epoch's is kept."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool):
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.epoch, self.order = -1, np.arange(0)
+
+    def __call__(self, epoch: int) -> np.ndarray:
+        if epoch != self.epoch:
+            self.order = np.random.default_rng([self.seed, epoch]).permutation(self.n) if self.shuffle \
+                else np.arange(self.n)
+            self.epoch = epoch
+        return self.order
+
+
 class Loader:
     """Batches [gas, per-process batch, seq + 1] of a seeded, per-epoch shuffle of a source.
 
@@ -256,7 +272,7 @@ class Loader:
             raise ValueError(f"data source {getattr(source, 'name', '')} has {len(source)} sequences but one step "
                              f"needs {self.per_step} (gradient_accumulation_steps x global batch)")
         self.epoch, self.step = 0, 0
-        self._perm_epoch, self._perm = -1, np.arange(0)
+        self._order = EpochOrder(len(source), seed, shuffle)
         self._pool = concurrent.futures.ThreadPoolExecutor(1)
         self._ahead: dict[tuple[int, int], concurrent.futures.Future] = {}
 
@@ -272,13 +288,6 @@ class Loader:
         self.restore({"epoch": 0, "step": 0})
 
     # reading ------------------------------------------------------------------
-    def _order(self, epoch: int) -> np.ndarray:
-        if epoch != self._perm_epoch:
-            n = len(self.source)
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-            self._perm_epoch = epoch
-        return self._perm
-
     def _read(self, epoch: int, step: int) -> np.ndarray:
         idx = self._order(epoch)[step * self.per_step: (step + 1) * self.per_step]
         idx = idx.reshape(self.gas, self.global_batch)
@@ -334,7 +343,7 @@ class StreamLoader:
         self.process_index, self.process_count = process_index, process_count
         self.per_step = gas * global_batch
         self.steps_per_epoch = None  # known once an epoch has been read
-        self._perm_epoch, self._perm = -1, np.arange(0)
+        self._order = EpochOrder(len(docs), seed, shuffle)
         self.reset()
 
     def state(self) -> dict:
@@ -352,13 +361,6 @@ class StreamLoader:
 
     def describe(self) -> str:
         return f"{len(self.docs):,} documents, tokenized as they are read"
-
-    def _order(self, epoch: int) -> np.ndarray:
-        if epoch != self._perm_epoch:
-            n = len(self.docs)
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-            self._perm_epoch = epoch
-        return self._perm
 
     def _fill(self, need: int) -> None:
         """Tokenize documents until `need` tokens are buffered or the epoch's documents are all read."""
