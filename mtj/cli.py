@@ -9,9 +9,10 @@ from typing import Callable
 
 from mtj.checkpoint import CheckpointError
 from mtj.config import ConfigError
+from mtj.lock import LockHeld
 from mtj.tfrecord import RecordError
 
-USER_ERRORS = (ConfigError, CheckpointError, RecordError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
+USER_ERRORS = (ConfigError, CheckpointError, LockHeld, RecordError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
                NotADirectoryError)
 
 

@@ -19,7 +19,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from mtj import checkpoint, convert, data, harness
+from mtj import checkpoint, convert, data, harness, lock
 from mtj.checkpoint import CheckpointError
 from mtj.config import Config, ConfigError
 from mtj.data import Loader, StreamLoader
@@ -196,15 +196,19 @@ def _harness(cfg: Config, trainer: Trainer, params: Params, tokenizer: Tokenizer
 
 class StopRequests:
     """SIGTERM (a preempted VM's notice) and SIGINT while training: the first asks the run to stop after the
-    current step, checkpointed; later ones are acknowledged and do not interrupt the save."""
+    current step, checkpointed; later ones are acknowledged and do not interrupt the save.
+
+    On several processes SIGTERM is left to JAX's preemption service (`jax.distributed` installs it):
+    every process calls its sync point at every step and all of them reach the same step to save at."""
 
     def __init__(self) -> None:
         self.signal: str | None = None
         self.previous: dict[int, Any] = {}
+        self.jax_preemption = jax.process_count() > 1 and jax.config.jax_enable_preemption_service
 
     def __enter__(self) -> "StopRequests":
         if threading.current_thread() is threading.main_thread():  # (signals can only be caught there)
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGINT,) if self.jax_preemption else (signal.SIGTERM, signal.SIGINT):
                 self.previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -220,25 +224,29 @@ class StopRequests:
         else:
             print(f"{name} again: the checkpoint is being saved and will be complete", file=sys.stderr, flush=True)
 
-    def agreed(self) -> bool:
-        """Whether any process was asked to stop; on several processes a collective, so every process calls it
-        at every step and all stop after the same one."""
-        asked = self.signal is not None
-        if jax.process_count() == 1:
-            return asked
-        return bool(multihost_utils.process_allgather(np.array(asked)).any())
+    def agreed(self, step: int, lock_lost: bool = False) -> tuple[bool, bool]:
+        """Whether any process was asked to stop, and whether the run's lock was taken. On several
+        processes a collective: every process calls it after every step and all agree."""
+        flags = np.array([self.signal is not None, lock_lost])
+        if jax.process_count() > 1:
+            flags = multihost_utils.process_allgather(flags).reshape(-1, 2).any(axis=0)
+            if self.jax_preemption and multihost_utils.reached_preemption_sync_point(step):
+                self.signal = self.signal or "a preemption notice (SIGTERM)"
+                flags[0] = True
+        return bool(flags[0]), bool(flags[1])
 
 
 def train(cfg: Config, tune_model_path: str | None = None, fresh_opt: bool = False, mesh: Mesh | None = None,
-          progress: bool = True) -> State:
+          progress: bool = True, takeover: bool = False) -> State:
     """Train to cfg.total_steps, resuming from the latest checkpoint in model_dir if there is one. SIGTERM or
-    SIGINT stops it after the current step, with a checkpoint of that step."""
-    with StopRequests() as stops:
-        return _train(cfg, tune_model_path, fresh_opt, mesh, progress, stops)
+    SIGINT stops it after the current step, with a checkpoint of that step. The run holds model_dir's writer
+    lock (`mtj.lock`); `takeover` takes it from a run that holds it."""
+    with StopRequests() as stops, lock.hold(run_dir(cfg), takeover=takeover) as writer:
+        return _train(cfg, tune_model_path, fresh_opt, mesh, progress, stops, writer)
 
 
 def _train(cfg: Config, tune_model_path: str | None, fresh_opt: bool, mesh: Mesh | None, progress: bool,
-           stops: StopRequests) -> State:
+           stops: StopRequests, writer: lock.WriterLock | None) -> State:
     trainer = Trainer(cfg, mesh)
     lead = jax.process_index() == 0
     out = user_path(run_dir(cfg))
@@ -314,7 +322,11 @@ def _train(cfg: Config, tune_model_path: str | None, fresh_opt: bool, mesh: Mesh
             log.write(row)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tps:,.0f}")
         bar.update(1)
-        stop = stops.agreed()
+        stop, lost = stops.agreed(step, writer is not None and writer.lost is not None)
+        if lost:
+            holder = lock.describe(writer.lost) if writer is not None and writer.lost else "see process 0"
+            raise lock.LockHeld(f"another run took over {out}/{lock.LOCK_NAME} ({holder}): this run stops at step "
+                                f"{step} without writing more")
         if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.total_steps or stop:
             save(step)
         if step == kill_after:

@@ -12,6 +12,8 @@ def main() -> None:
     ap.add_argument("--config", required=True, help="JSON config (keys: docs/config.md)")
     ap.add_argument("--tune-model-path", help="start from this checkpoint's weights at step 0 (fine-tuning)")
     ap.add_argument("--fresh-opt", action="store_true", help="with --tune-model-path: drop its optimizer state")
+    ap.add_argument("--takeover", action="store_true",
+                    help="take model_dir's writer lock from the run that holds it (one that is gone, e.g. its VM deleted)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     distributed.add_arguments(ap)
     ap.add_argument("overrides", nargs="*", help="config key=value overrides")
@@ -20,7 +22,8 @@ def main() -> None:
         ap.error("--fresh-opt applies to --tune-model-path (a resumed run keeps its optimizer state)")
     distributed.initialize(args)
     cfg = load_config(args.config, args.overrides)
-    train(cfg, tune_model_path=args.tune_model_path, fresh_opt=args.fresh_opt, progress=not args.no_progress)
+    train(cfg, tune_model_path=args.tune_model_path, fresh_opt=args.fresh_opt, progress=not args.no_progress,
+          takeover=args.takeover)
 
 
 def cli() -> None:
