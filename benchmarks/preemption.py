@@ -1,0 +1,175 @@
+"""SIGTERM at random moments of a two-process training run (dp=2, CPU), locally and in a GCS emulator bucket.
+
+Each trial starts both processes of `scripts/train.py` on one run directory (so each resumes where the last
+trial stopped) and signals both at a moment drawn uniformly from the run's span after the lead's summary
+line (restore, compilation and training: wherever unsaved work exists), as long as the uninterrupted run
+took. Every third trial a second SIGTERM follows during the save; one trial per place is a SIGINT (Ctrl-C).
+A trial passes when both processes exit 0, the lead names the step it saved (or the run finished), that is
+the newest step, and metrics.jsonl holds every step once with the uninterrupted run's losses, exactly. A run
+that reaches the end starts again in a fresh directory.
+
+    ../shared/bin/offline .venv/bin/python benchmarks/preemption.py [--trials 20] [--steps 40]
+
+tests/test_scale.py does one such trial per place in the suite; this is the long version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import fsspec
+import numpy as np
+from etils.epath import backend
+
+from common import REPO, cpu_name, emulator
+
+sys.path.insert(0, str(REPO))
+from mtj import checkpoint  # noqa: E402
+from mtj.config import from_dict  # noqa: E402
+
+
+def config(model_dir: str, steps: int) -> dict:
+    assets = Path(os.environ.get("MTJ_ASSETS", REPO.parent / "shared" / "assets"))
+    return dict(layers=2, d_model=64, n_heads=8, pe_rotary_dims=4, n_vocab=50257, seq=32, per_replica_batch=4,
+                cores_per_replica=4, lr=3e-3, end_lr=3e-4, warmup_steps=10, anneal_steps=190, total_steps=steps,
+                dtype="float32", tokenizer="gpt2", train_set=str(assets / "text" / "tinyshakespeare.txt"),
+                model_dir=model_dir, log_every=1, ckpt_every=10, seed=3)
+
+
+class Run:
+    """Both processes of one launch, their output read as it comes."""
+
+    def __init__(self, cfg_path: Path, port: int, env: dict):
+        env = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+        self.procs = [subprocess.Popen(
+            [sys.executable, str(REPO / "scripts" / "train.py"), "--config", str(cfg_path), "--no-progress",
+             "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+        self.text = ["", ""]
+        self.readers = [threading.Thread(target=self._read, args=(i,), daemon=True) for i in range(2)]
+        for r in self.readers:
+            r.start()
+
+    def _read(self, i: int) -> None:
+        while chunk := os.read(self.procs[i].stdout.fileno(), 65536):
+            self.text[i] += chunk.decode(errors="replace")
+
+    def wait_for(self, text: str) -> float:
+        while text not in self.text[0]:
+            if self.procs[0].poll() is not None:
+                raise RuntimeError(self.text[0][-3000:])
+            time.sleep(0.01)
+        return time.perf_counter()
+
+    def signal(self, sig: int) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(sig)
+
+    def finish(self) -> list[int]:
+        codes = [p.wait(timeout=600) for p in self.procs]
+        for r in self.readers:
+            r.join()
+        return codes
+
+
+def forget_listings() -> None:
+    """Another process wrote the bucket: drop the listings (and sizes) this one cached."""
+    backend.fsspec_backend._get_filesystem("gcs").invalidate_cache()  # etils.epath's (Orbax lists through it)
+    fsspec.filesystem("gs").invalidate_cache()
+
+
+def losses(run: str) -> list[tuple[int, float]]:
+    fs, path = fsspec.core.url_to_fs(run)
+    rows = [json.loads(line) for line in fs.cat_file(f"{path}/metrics.jsonl").decode().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--trials", type=int, default=20, help="per place")
+    ap.add_argument("--steps", type=int, default=40, help="total_steps of the run")
+    ap.add_argument("--places", default="local,bucket")
+    ap.add_argument("--seed", type=int, default=None)
+    args = ap.parse_args()
+    seed = args.seed if args.seed is not None else int(np.random.SeedSequence().entropy % 2**31)
+    rng = np.random.default_rng(seed)
+    print(f"CPU: {cpu_name()} ({os.cpu_count()} cores); seed {seed}; {args.trials} trials per place; "
+          f"{args.steps} steps a run", flush=True)
+    work = Path(tempfile.mkdtemp(prefix="mtj-preemption-"))
+    server, port = emulator(work)
+    env = {**os.environ, "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}",
+           "TENSORSTORE_GCS_HTTP_URL": f"http://127.0.0.1:{port}"}
+    os.environ.update(env)
+    try:
+        def launch(model_dir: str) -> Run:
+            from_dict(config(model_dir, args.steps)).save(work / "cfg.json")
+            return Run(work / "cfg.json", free_port(), env)
+
+        ref = launch(str(work / "ref"))
+        began = ref.wait_for("\ndata: ")
+        assert ref.finish() == [0, 0], ref.text[0][-3000:]
+        span = time.perf_counter() - began
+        expected = dict(losses(str(work / "ref")))
+        print(f"reference run: {span:.1f} s from its summary line to its end", flush=True)
+        summary = {}
+        for place in args.places.split(","):
+            passed, runs = 0, 0
+            run = None
+            for trial in range(1, args.trials + 1):
+                if run is None:
+                    runs += 1
+                    run = str(work / f"local-{runs}") if place == "local" else f"gs://bench/run-{runs}"
+                sig = signal.SIGINT if trial == args.trials // 2 else signal.SIGTERM
+                twice = sig == signal.SIGTERM and trial % 3 == 0
+                launched = launch(run)
+                delay = float(rng.uniform(0, span))
+                launched.wait_for("\ndata: ")
+                time.sleep(delay)
+                launched.signal(sig)
+                if twice:
+                    time.sleep(0.2)
+                    launched.signal(sig)
+                codes = launched.finish()
+                forget_listings()
+                out = launched.text[0]
+                said = re.search(r"after step (\d+): checkpoint", out)
+                saved = checkpoint.complete_steps(run)[0] if checkpoint.complete_steps(run) else None
+                got = losses(run)
+                finished = "trained steps" in out or "already at step" in out
+                stopped = int(said.group(1)) if said else (args.steps if finished else None)
+                ok = (codes == [0, 0] and stopped == saved and [s for s, _ in got] == list(range(1, len(got) + 1))
+                      and len(got) == stopped and all(loss == expected[s] for s, loss in got))
+                passed += ok
+                print(f"{place} trial {trial:2d}: {signal.Signals(sig).name}{' x2' if twice else ''} at +{delay:5.2f} s "
+                      f"-> exit {codes}, {'stopped after step ' + str(stopped) if said else 'finished' if finished else 'NO STEP'}"
+                      f", newest step {saved}, {len(got)} rows {'equal to the reference' if ok else 'MISMATCH'}", flush=True)
+                if not ok:
+                    print(out[-3000:], launched.text[1][-2000:], sep="\n")
+                if finished:
+                    run = None
+            summary[place] = f"{passed}/{args.trials}"
+        print("passed: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
+    finally:
+        server.terminate()
+
+
+if __name__ == "__main__":
+    main()
