@@ -4,9 +4,10 @@ Each trial starts both processes of `scripts/train.py` on one run directory (so 
 trial stopped) and signals both at a moment drawn uniformly from the run's span after the lead's summary
 line (restore, compilation and training: wherever unsaved work exists), as long as the uninterrupted run
 took. Every third trial a second SIGTERM follows during the save; one trial per place is a SIGINT (Ctrl-C).
-A trial passes when both processes exit 0, the lead names the step it saved (or the run finished), that is
-the newest step, and metrics.jsonl holds every step once with the uninterrupted run's losses, exactly. A run
-that reaches the end starts again in a fresh directory.
+A trial passes when both processes exit 0, the lead names the step it saved, at most 3 steps after the one its
+progress bar showed at the signal (or the run finished, having been within 3 steps of its end), that is the
+newest step, and metrics.jsonl holds every step once with the uninterrupted run's losses, exactly. A run that
+reaches the end starts again in a fresh directory.
 
     ../shared/bin/offline .venv/bin/python benchmarks/preemption.py [--trials 20] [--steps 40]
 
@@ -51,9 +52,9 @@ class Run:
     """Both processes of one launch, their output read as it comes."""
 
     def __init__(self, cfg_path: Path, port: int, env: dict):
-        env = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+        env = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "TQDM_MININTERVAL": "0"}
         self.procs = [subprocess.Popen(
-            [sys.executable, str(REPO / "scripts" / "train.py"), "--config", str(cfg_path), "--no-progress",
+            [sys.executable, str(REPO / "scripts" / "train.py"), "--config", str(cfg_path),
              "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
         self.text = ["", ""]
@@ -71,6 +72,10 @@ class Run:
                 raise RuntimeError(self.text[0][-3000:])
             time.sleep(0.01)
         return time.perf_counter()
+
+    def step(self, total: int) -> int:
+        """The lead's progress bar's step (the bar is redrawn at every step)."""
+        return max(map(int, re.findall(rf"(\d+)/{total} ", self.text[0])), default=0)
 
     def signal(self, sig: int) -> None:
         for p in self.procs:
@@ -143,6 +148,7 @@ def main() -> None:
                 delay = float(rng.uniform(0, span))
                 launched.wait_for("\ndata: ")
                 time.sleep(delay)
+                shown = launched.step(args.steps)
                 launched.signal(sig)
                 if twice:
                     time.sleep(0.2)
@@ -155,10 +161,11 @@ def main() -> None:
                 got = losses(run)
                 finished = "trained steps" in out or "already at step" in out
                 stopped = int(said.group(1)) if said else (args.steps if finished else None)
-                ok = (codes == [0, 0] and stopped == saved and [s for s, _ in got] == list(range(1, len(got) + 1))
+                prompt = stopped is not None and (stopped <= shown + 3 if said else shown + 3 >= args.steps)
+                ok = (codes == [0, 0] and prompt and stopped == saved and [s for s, _ in got] == list(range(1, len(got) + 1))
                       and len(got) == stopped and all(loss == expected[s] for s, loss in got))
                 passed += ok
-                print(f"{place} trial {trial:2d}: {signal.Signals(sig).name}{' x2' if twice else ''} at +{delay:5.2f} s "
+                print(f"{place} trial {trial:2d}: {signal.Signals(sig).name}{' x2' if twice else ''} at +{delay:5.2f} s (bar at step {shown}) "
                       f"-> exit {codes}, {'stopped after step ' + str(stopped) if said else 'finished' if finished else 'NO STEP'}"
                       f", newest step {saved}, {len(got)} rows {'equal to the reference' if ok else 'MISMATCH'}", flush=True)
                 if not ok:

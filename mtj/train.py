@@ -224,13 +224,14 @@ class StopRequests:
         else:
             print(f"{name} again: the checkpoint is being saved and will be complete", file=sys.stderr, flush=True)
 
-    def agreed(self, step: int, lock_lost: bool = False) -> tuple[bool, bool]:
-        """Whether any process was asked to stop, and whether the run's lock was taken. On several
-        processes a collective: every process calls it after every step and all agree."""
+    def agreed(self, steps_here: int, lock_lost: bool = False) -> tuple[bool, bool]:
+        """Whether any process was asked to stop, and whether the run's lock was taken, after the
+        `steps_here`-th step since this start. On several processes a collective: every process calls it
+        after every step and all agree."""
         flags = np.array([self.signal is not None, lock_lost])
         if jax.process_count() > 1:
             flags = multihost_utils.process_allgather(flags).reshape(-1, 2).any(axis=0)
-            if self.jax_preemption and multihost_utils.reached_preemption_sync_point(step):
+            if self.jax_preemption and multihost_utils.reached_preemption_sync_point(steps_here):
                 self.signal = self.signal or "a preemption notice (SIGTERM)"
                 flags[0] = True
         return bool(flags[0]), bool(flags[1])
@@ -322,7 +323,8 @@ def _train(cfg: Config, tune_model_path: str | None, fresh_opt: bool, mesh: Mesh
             log.write(row)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tps:,.0f}")
         bar.update(1)
-        stop, lost = stops.agreed(step, writer is not None and writer.lost is not None)
+        # JAX's sync point counts calls from this start (a notice before the first call sets it to 1)
+        stop, lost = stops.agreed(step - start, writer is not None and writer.lost is not None)
         if lost:
             holder = lock.describe(writer.lost) if writer is not None and writer.lost else "see process 0"
             raise lock.LockHeld(f"another run took over {out}/{lock.LOCK_NAME} ({holder}): this run stops at step "
