@@ -1,13 +1,14 @@
 """SIGTERM at random moments of a two-process training run (dp=2, CPU), locally and in a GCS emulator bucket.
 
 Each trial starts both processes of `scripts/train.py` on one run directory (so each resumes where the last
-trial stopped) and signals both at a moment drawn uniformly from the run's span after the lead's summary
-line (restore, compilation and training: wherever unsaved work exists), as long as the uninterrupted run
-took. Every third trial a second SIGTERM follows during the save; one trial per place is a SIGINT (Ctrl-C).
-A trial passes when both processes exit 0, the lead names the step it saved, at most 3 steps after the one its
-progress bar showed at the signal (or the run finished, having been within 3 steps of its end), that is the
-newest step, and metrics.jsonl holds every step once with the uninterrupted run's losses, exactly. A run that
-reaches the end starts again in a fresh directory.
+trial stopped) and signals both at a moment drawn uniformly from the span the uninterrupted run took from
+its summary line to its last step (restore, compilation and training: wherever unsaved work exists). Every
+third trial a second SIGTERM follows during the save; one trial per place is a SIGINT (Ctrl-C). A trial
+passes when both processes exit 0 within 10 s of the signal (or after the first step, when the signal came
+while it compiled), the lead names the step it saved (or the run finished), that is the newest step, and
+metrics.jsonl holds every step once with the uninterrupted run's losses, exactly. A run that reaches the
+end starts again in a fresh directory. Each trial prints the progress bar's step at the signal and the stop:
+JAX's sync protocol takes a second or two.
 
     ../shared/bin/offline .venv/bin/python benchmarks/preemption.py [--trials 20] [--steps 40]
 
@@ -130,10 +131,12 @@ def main() -> None:
 
         ref = launch(str(work / "ref"))
         began = ref.wait_for("\ndata: ")
+        while ref.step(args.steps) < args.steps and ref.procs[0].poll() is None:
+            time.sleep(0.01)
+        span = time.perf_counter() - began  # to its last step: later signals find it finishing
         assert ref.finish() == [0, 0], ref.text[0][-3000:]
-        span = time.perf_counter() - began
         expected = dict(losses(str(work / "ref")))
-        print(f"reference run: {span:.1f} s from its summary line to its end", flush=True)
+        print(f"reference run: {span:.1f} s from its summary line to its last step", flush=True)
         summary = {}
         for place in args.places.split(","):
             passed, runs = 0, 0
@@ -144,16 +147,19 @@ def main() -> None:
                     run = str(work / f"local-{runs}") if place == "local" else f"gs://bench/run-{runs}"
                 sig = signal.SIGINT if trial == args.trials // 2 else signal.SIGTERM
                 twice = sig == signal.SIGTERM and trial % 3 == 0
+                before = (checkpoint.complete_steps(run) or [0])[0]  # where this launch resumes
                 launched = launch(run)
                 delay = float(rng.uniform(0, span))
                 launched.wait_for("\ndata: ")
                 time.sleep(delay)
-                shown = launched.step(args.steps)
+                shown = max(launched.step(args.steps), before)  # (before the bar is drawn: where it resumes)
                 launched.signal(sig)
+                signalled = time.perf_counter()
                 if twice:
                     time.sleep(0.2)
                     launched.signal(sig)
                 codes = launched.finish()
+                took = time.perf_counter() - signalled
                 forget_listings()
                 out = launched.text[0]
                 said = re.search(r"after step (\d+): checkpoint", out)
@@ -161,13 +167,17 @@ def main() -> None:
                 got = losses(run)
                 finished = "trained steps" in out or "already at step" in out
                 stopped = int(said.group(1)) if said else (args.steps if finished else None)
-                prompt = stopped is not None and (stopped <= shown + 3 if said else shown + 3 >= args.steps)
-                ok = (codes == [0, 0] and prompt and stopped == saved and [s for s, _ in got] == list(range(1, len(got) + 1))
-                      and len(got) == stopped and all(loss == expected[s] for s, loss in got))
+                rows_ok = [s for s, _ in got] == list(range(1, len(got) + 1)) and all(loss == expected[s] for s, loss in got)
+                # within 10 s, or at the first step after it when that step was compiling
+                prompt = took < 10 or (stopped is not None and stopped <= shown + 1)
+                checks = {"exit 0": codes == [0, 0], "prompt": prompt, "named step is the newest": stopped == saved,
+                          "one row per step": len(got) == stopped, "losses equal": rows_ok}
+                ok = all(checks.values())
                 passed += ok
-                print(f"{place} trial {trial:2d}: {signal.Signals(sig).name}{' x2' if twice else ''} at +{delay:5.2f} s (bar at step {shown}) "
-                      f"-> exit {codes}, {'stopped after step ' + str(stopped) if said else 'finished' if finished else 'NO STEP'}"
-                      f", newest step {saved}, {len(got)} rows {'equal to the reference' if ok else 'MISMATCH'}", flush=True)
+                print(f"{place} trial {trial:2d}: {signal.Signals(sig).name}{' x2' if twice else ''} at +{delay:5.2f} s "
+                      f"(bar at step {shown}) -> exit {codes} {took:.1f} s later, {'stopped after step ' + str(stopped) if said else 'finished' if finished else 'NO STEP'}"
+                      f", newest step {saved}, {len(got)} rows" + ("; losses equal to the reference" if ok else
+                      "; FAILED: " + ", ".join(k for k, v in checks.items() if not v)), flush=True)
                 if not ok:
                     print(out[-3000:], launched.text[1][-2000:], sep="\n")
                 if finished:

@@ -86,14 +86,18 @@ class WriterLock:
             return f"not renewed for over {self.stale_s:.0f} s"
         return None
 
-    def _create(self) -> bool:
+    def _write(self, create: bool = False) -> bool:
+        """Write our record; with `create` only if there is no lock (False if there is)."""
         data = json.dumps(self.record).encode()
-        if is_remote(self.path):
+        if is_remote(self.path):  # one upload: an object is replaced whole
             fs, key = fsspec.core.url_to_fs(os.fspath(self.path))
             try:
-                fs.pipe_file(key, data, mode="create")  # ifGenerationMatch=0: fails if the object exists
+                fs.pipe_file(key, data, mode="create" if create else "overwrite")  # create: ifGenerationMatch=0
             except FileExistsError:
                 return False
+            return True
+        if not create:
+            write_atomic(self.path, data)
             return True
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -106,7 +110,7 @@ class WriterLock:
 
     def acquire(self, takeover: bool = False) -> None:
         for _ in range(3):  # a holder may release between our attempt and our read
-            if self._create():
+            if self._write(create=True):
                 break
             held = self.read()
             if held is None:
@@ -135,7 +139,7 @@ class WriterLock:
                     self.lost = held or {}
                     return
                 self.record["renewed"] = time.time()
-                write_atomic(self.path, json.dumps(self.record))
+                self._write()
             except OSError as e:  # the storage is down for a moment: the next renewal may work
                 warnings.warn(f"could not renew {self.path}: {e}")
 
@@ -156,7 +160,7 @@ def hold(model_dir: PathLike, takeover: bool = False) -> Iterator[WriterLock | N
     if lock is not None:
         try:
             lock.acquire(takeover)
-        except LockHeld as e:
+        except Exception as e:  # noqa: BLE001 -- raised below, after the other processes hear of it
             error = e
     if jax.process_count() > 1 and multihost_utils.process_allgather(np.array(error is not None)).any() and error is None:
         raise LockHeld(f"process 0 could not lock {user_path(model_dir)}: see its error")

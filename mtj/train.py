@@ -205,6 +205,7 @@ class StopRequests:
         self.signal: str | None = None
         self.previous: dict[int, Any] = {}
         self.jax_preemption = jax.process_count() > 1 and jax.config.jax_enable_preemption_service
+        self.finishing = False
 
     def __enter__(self) -> "StopRequests":
         if threading.current_thread() is threading.main_thread():  # (signals can only be caught there)
@@ -214,11 +215,21 @@ class StopRequests:
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+            if handler is not None:  # (None: a handler not set from Python, which cannot be put back)
+                signal.signal(sig, handler)
+
+    def after_last_step(self) -> None:
+        """A notice from here on has nothing to stop: SIGTERM is taken from JAX's preemption service, whose
+        protocol would wait up to 3 minutes at a barrier for processes that are exiting."""
+        self.finishing = True
+        if self.jax_preemption and threading.current_thread() is threading.main_thread():
+            self.previous.setdefault(signal.SIGTERM, signal.signal(signal.SIGTERM, self._handle))
 
     def _handle(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
-        if self.signal is None:
+        if self.finishing:
+            print(f"{name}: the run is finishing; its last step is being saved", file=sys.stderr, flush=True)
+        elif self.signal is None:
             self.signal = name
             print(f"{name}: stopping after this step, with a checkpoint", file=sys.stderr, flush=True)
         else:
@@ -337,6 +348,7 @@ def _train(cfg: Config, tune_model_path: str | None, fresh_opt: bool, mesh: Mesh
         if stop:
             stopped_at = step
             break
+    stops.after_last_step()
     bar.close()
     mngr.wait_until_finished()
     mngr.close()

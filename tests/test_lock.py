@@ -72,18 +72,31 @@ def launch(cfg_path, *args):
                              *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_a_second_run_fails_at_once_and_the_first_goes_on_untouched(tmp_path, model_dir):
+@pytest.mark.parametrize("together", [False, True], ids=["while_the_first_trains", "both_at_once"])
+def test_a_second_run_fails_at_once_and_the_first_goes_on_untouched(tmp_path, model_dir, together):
     cfg = config(tmp_path, total_steps=100000, ckpt_every=5, model_dir=model_dir)
     cfg.save(tmp_path / "cfg.json")
-    first = launch(tmp_path / "cfg.json")
-    while not (line := first.stdout.readline()).startswith("data: "):  # the summary's last line: it holds the lock
-        assert line or first.poll() is None, first.stderr.read()
+
+    def holding(run):  # the summary's last line is printed once the run holds the lock
+        while not (line := run.stdout.readline()).startswith("data: "):
+            assert line or run.poll() is None, run.stderr.read()
+
+    runs = [launch(tmp_path / "cfg.json")]
+    if not together:
+        holding(runs[0])
     began = time.time()
-    second = launch(tmp_path / "cfg.json")
+    runs.append(launch(tmp_path / "cfg.json"))
+    while all(r.poll() is None for r in runs):  # whichever locked first goes on
+        assert time.time() - began < 60
+        time.sleep(0.05)
+    second = next(r for r in runs if r.poll() is not None)
+    first = next(r for r in runs if r is not second)
     out, err = second.communicate(timeout=120)
     assert second.returncode == 1 and time.time() - began < 30, err
     assert err.strip().splitlines()[-1].startswith(f"error: {user_path(model_dir)} is being written by another run: ")
     assert f"pid {first.pid} " in err and "--takeover" in err
+    if together:
+        holding(first)
     first.send_signal(signal.SIGTERM)
     out, err = first.communicate(timeout=300)
     assert first.returncode == 0, err[-3000:]

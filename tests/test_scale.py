@@ -60,9 +60,9 @@ def sigterm_on(procs, outputs, text):
 
 
 def sigterm_at_random(procs, outputs, total, rng, twice=False):
-    """SIGTERM to both processes at a random moment of training: within a random step from the first to
-    the third before the end, as the lead's progress bar shows it."""
-    at = int(rng.integers(1, total - 2))
+    """SIGTERM to both processes at a random moment of training: within a random step of the first quarter
+    (JAX's sync protocol takes a second or two, 5-12 steps of this model), as the lead's progress bar shows it."""
+    at = int(rng.integers(1, total // 4))
     deadline = time.time() + 300
     while outputs[0].step(total) < at:
         assert time.time() < deadline and procs[0].poll() is None, outputs[0].text[-3000:]
@@ -75,7 +75,7 @@ def sigterm_at_random(procs, outputs, total, rng, twice=False):
     return at
 
 
-TOTAL = 24
+TOTAL = 40
 
 
 def test_two_processes_train_like_one_stop_on_sigterm_and_resume_with_other_counts(tmp_path, gcs_dir, monkeypatch):
@@ -86,14 +86,14 @@ def test_two_processes_train_like_one_stop_on_sigterm_and_resume_with_other_coun
     cfg.save(tmp_path / "cfg.json")
     monkeypatch.setenv("TQDM_MININTERVAL", "0")  # the bar shows every step
 
-    def two(*overrides, stop=None):
+    def two(*overrides, stop=None, exits=((0,), (0,))):
         procs = launch(tmp_path / "cfg.json", free_port(), *overrides, progress=True)
         outputs = [Output(p) for p in procs]
         at = stop(procs, outputs) if stop else None
-        for p, out in zip(procs, outputs):
+        for p, out, codes in zip(procs, outputs, exits):
             p.wait(timeout=600)
             out.thread.join()
-            assert p.returncode == 0, out.text[-3000:]
+            assert p.returncode in codes, out.text[-3000:]
         return outputs[0].text, at
 
     two(f"model_dir={tmp_path / 'ref'}")
@@ -107,7 +107,7 @@ def test_two_processes_train_like_one_stop_on_sigterm_and_resume_with_other_coun
         return [r["loss"] for r in rows]
 
     expected = losses(tmp_path / "ref")
-    np.testing.assert_allclose(expected, losses(tmp_path / "one"), atol=1e-5, rtol=0)  # two processes train like one
+    np.testing.assert_allclose(expected, losses(tmp_path / "one"), atol=1e-4, rtol=0)  # two processes train like one
     rng = np.random.default_rng()
     for run, twice in ((str(tmp_path / "two"), False), (gcs_dir, True)):
         out, at = two(f"model_dir={run}", stop=lambda procs, outs: sigterm_at_random(procs, outs, TOTAL, rng, twice))
@@ -122,15 +122,20 @@ def test_two_processes_train_like_one_stop_on_sigterm_and_resume_with_other_coun
             continue
         # 2 processes -> 1 (two steps) -> 2 (to the end): the same samples (data positions) and losses
         train(cfg.replace(model_dir=run, total_steps=stopped + 2), progress=False)
-        np.testing.assert_allclose(losses(run), expected[:stopped + 2], atol=1e-5, rtol=0)
-        out, _ = two(f"model_dir={run}")
+        np.testing.assert_allclose(losses(run), expected[:stopped + 2], atol=1e-4, rtol=0)
+        # a notice after the last step (JAX's protocol would wait 3 minutes for the exiting processes)
+        began = time.time()
+        # (process 1 may be past Python's handlers by then, in the interpreter's exit: killed, nothing lost)
+        out, _ = two(f"model_dir={run}", stop=lambda procs, outs: sigterm_on(procs, outs, "\ntrained steps"),
+                     exits=((0,), (0, -signal.SIGTERM)))
+        assert time.time() - began < 90 and "the run is finishing" in out, out
         assert f"resuming {user_path(run)} from step {stopped + 2}" in out
-        np.testing.assert_allclose(losses(run), expected, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(losses(run), expected, atol=1e-4, rtol=0)
         assert mtj.checkpoint.read_meta(run)["data"] == mtj.checkpoint.read_meta(tmp_path / "ref")["data"]
     # the checkpoint both processes wrote together restores in this single process
     tokens = np.arange(12)[None]
     np.testing.assert_allclose(mtj.load(tmp_path / "ref", mp=4).logits(tokens),
-                               mtj.load(tmp_path / "one", mp=4).logits(tokens), atol=1e-5, rtol=0)
+                               mtj.load(tmp_path / "one", mp=4).logits(tokens), atol=5e-4, rtol=0)  # 1.3e-5..7.6e-5 at 40 steps
 
 
 def test_survivor_exits_when_a_process_dies(tmp_path):
