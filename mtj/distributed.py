@@ -25,7 +25,12 @@ def _env_int(name: str) -> int | None:
 
 
 def initialize(args: argparse.Namespace) -> None:
-    """Join the other processes: explicitly when --coordinator is given, automatically on a TPU pod."""
+    """Join the other processes: explicitly when --coordinator is given, automatically on a TPU pod.
+
+    JAX's preemption service stays off: it would take SIGTERM (a preempted VM's notice) from mtj's handler
+    (`mtj.train.StopRequests`, which stops every process at the next step), agree on a step only after a
+    protocol of a second or two, and make exiting processes wait up to 3 minutes at its barrier."""
+    jax.config.update("jax_enable_preemption_service", False)
     if args.coordinator:
         if args.num_processes is None or args.process_id is None:
             raise SystemExit("--coordinator needs --num-processes and --process-id (or MTJ_NUM_PROCESSES/MTJ_PROCESS_ID)")

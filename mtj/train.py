@@ -198,18 +198,18 @@ class StopRequests:
     """SIGTERM (a preempted VM's notice) and SIGINT while training: the first asks the run to stop after the
     current step, checkpointed; later ones are acknowledged and do not interrupt the save.
 
-    On several processes SIGTERM is left to JAX's preemption service (`jax.distributed` installs it):
-    every process calls its sync point at every step and all of them reach the same step to save at."""
+    On several processes a signal may reach any of them: every process shares its flags after every step
+    (one all-gather), so all stop after the same step. (JAX's own preemption service is off, see
+    `mtj.distributed`.)"""
 
     def __init__(self) -> None:
         self.signal: str | None = None
         self.previous: dict[int, Any] = {}
-        self.jax_preemption = jax.process_count() > 1 and jax.config.jax_enable_preemption_service
         self.finishing = False
 
     def __enter__(self) -> "StopRequests":
         if threading.current_thread() is threading.main_thread():  # (signals can only be caught there)
-            for sig in (signal.SIGINT,) if self.jax_preemption else (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT):
                 self.previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -217,13 +217,6 @@ class StopRequests:
         for sig, handler in self.previous.items():
             if handler is not None:  # (None: a handler not set from Python, which cannot be put back)
                 signal.signal(sig, handler)
-
-    def after_last_step(self) -> None:
-        """A notice from here on has nothing to stop: SIGTERM is taken from JAX's preemption service, whose
-        protocol would wait up to 3 minutes at a barrier for processes that are exiting."""
-        self.finishing = True
-        if self.jax_preemption and threading.current_thread() is threading.main_thread():
-            self.previous.setdefault(signal.SIGTERM, signal.signal(signal.SIGTERM, self._handle))
 
     def _handle(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
@@ -235,16 +228,12 @@ class StopRequests:
         else:
             print(f"{name} again: the checkpoint is being saved and will be complete", file=sys.stderr, flush=True)
 
-    def agreed(self, steps_here: int, lock_lost: bool = False) -> tuple[bool, bool]:
-        """Whether any process was asked to stop, and whether the run's lock was taken, after the
-        `steps_here`-th step since this start. On several processes a collective: every process calls it
-        after every step and all agree."""
+    def agreed(self, lock_lost: bool = False) -> tuple[bool, bool]:
+        """Whether any process was asked to stop, and whether the run's lock was taken. On several processes
+        a collective: every process calls it after every step and all get the same answer."""
         flags = np.array([self.signal is not None, lock_lost])
         if jax.process_count() > 1:
             flags = multihost_utils.process_allgather(flags).reshape(-1, 2).any(axis=0)
-            if self.jax_preemption and multihost_utils.reached_preemption_sync_point(steps_here):
-                self.signal = self.signal or "a preemption notice (SIGTERM)"
-                flags[0] = True
         return bool(flags[0]), bool(flags[1])
 
 
@@ -334,8 +323,7 @@ def _train(cfg: Config, tune_model_path: str | None, fresh_opt: bool, mesh: Mesh
             log.write(row)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tps:,.0f}")
         bar.update(1)
-        # JAX's sync point counts calls from this start (a notice before the first call sets it to 1)
-        stop, lost = stops.agreed(step - start, writer is not None and writer.lost is not None)
+        stop, lost = stops.agreed(writer is not None and writer.lost is not None)
         if lost:
             holder = lock.describe(writer.lost) if writer is not None and writer.lost else "see process 0"
             raise lock.LockHeld(f"another run took over {out}/{lock.LOCK_NAME} ({holder}): this run stops at step "
@@ -348,7 +336,7 @@ def _train(cfg: Config, tune_model_path: str | None, fresh_opt: bool, mesh: Mesh
         if stop:
             stopped_at = step
             break
-    stops.after_last_step()
+    stops.finishing = True
     bar.close()
     mngr.wait_until_finished()
     mngr.close()

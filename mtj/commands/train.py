@@ -1,5 +1,6 @@
 """Train or fine-tune a model on the device mesh; rerunning the same command resumes."""
 
+import signal
 
 from mtj import distributed
 from mtj.config import load_config
@@ -24,6 +25,10 @@ def main() -> None:
     cfg = load_config(args.config, args.overrides)
     train(cfg, tune_model_path=args.tune_model_path, fresh_opt=args.fresh_opt, progress=not args.no_progress,
           takeover=args.takeover)
+    # The run is saved and only exiting is left: a late SIGTERM/SIGINT is ignored (Python's finalization puts
+    # back the default handlers of those it handled, which would kill the process)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def cli() -> None:
