@@ -140,7 +140,8 @@ class WriterLock:
                     return
                 self.record["renewed"] = time.time()
                 self._write()
-            except OSError as e:  # the storage is down for a moment: the next renewal may work
+            except Exception as e:  # noqa: BLE001 -- storage down for a moment (an OSError, or a client's HTTP
+                # error after its retries): the next renewal may work, and a dead thread would leave the lock to go stale
                 warnings.warn(f"could not renew {self.path}: {e}")
 
     def release(self) -> None:

@@ -13,6 +13,7 @@ import pytest
 import mtj
 
 from conftest import REPO
+from test_faults import FaultyStorage
 from test_train import config, metrics
 from mtj import lock
 from mtj.paths import user_path, write_atomic
@@ -64,7 +65,37 @@ def test_the_lock_names_its_holder_and_is_taken_over_only_when_gone(model_dir):
         lock.WriterLock(model_dir).acquire()
     write_atomic(path, b"{\"host\": ")
     with pytest.warns(UserWarning, match="unreadable"):
-        lock.WriterLock(model_dir).acquire()
+        taken = lock.WriterLock(model_dir)
+        taken.acquire()
+    taken.release()
+
+
+HOLD = """import json, sys, time, warnings
+from mtj import lock
+held = lock.WriterLock(sys.argv[1], renew_s=0.2)
+held.acquire()
+with warnings.catch_warnings(record=True) as said:
+    warnings.simplefilter("always")
+    time.sleep(4)
+print(json.dumps({"lost": held.lost, "renewed_ago": time.time() - held.read()["renewed"], "said": [str(w.message) for w in said]}))
+held.release()
+"""
+
+
+def test_renewal_outlives_storage_errors(gcs_dir):
+    """Reads of the lock fail with HTTP errors the storage client gives up on, for 1.5 s: the holder warns and
+    goes on renewing (a renewal thread that died would let the lock go stale under a live run)."""
+    proxy = FaultyStorage("writer.lock?alt=media", 400, seconds=1.5)  # (only renewals read it)
+    try:
+        done = subprocess.run([sys.executable, "-c", HOLD, gcs_dir], cwd=REPO, env=proxy.env(), capture_output=True,
+                              text=True, timeout=120)
+    finally:
+        proxy.close()
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert proxy.refused >= 3 and result["lost"] is None and result["renewed_ago"] < 1, result
+    assert any("could not renew" in w for w in result["said"]), result
+    assert not (user_path(gcs_dir) / lock.LOCK_NAME).exists()
 
 
 def launch(cfg_path, *args):
