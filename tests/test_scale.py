@@ -90,11 +90,15 @@ def test_two_processes_train_like_one_stop_on_sigterm_and_resume_with_other_coun
     def two(stop):
         procs = launch(tmp_path / "cfg.json", free_port(), progress=True)
         outputs = [Output(p) for p in procs]
-        at = stop(procs, outputs)
-        for p, out in zip(procs, outputs):
-            p.wait(timeout=300)  # (a run takes under a minute)
-            out.thread.join()
-            assert p.returncode == 0, out.text[-3000:]
+        try:
+            at = stop(procs, outputs)
+            for p, out in zip(procs, outputs):
+                p.wait(timeout=300)  # (a run takes under a minute)
+                out.thread.join()
+                assert p.returncode == 0, out.text[-3000:]
+        finally:
+            for p in procs:
+                p.kill()
         return outputs[0].text, at
 
     def losses(run):
