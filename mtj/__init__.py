@@ -1,6 +1,6 @@
 """mtj: Mesh Transformer JAX, re-implemented on current JAX."""
 
-from mtj.platform import skip_absent_tpu
+from mtj.platforms import skip_absent_tpu
 
 skip_absent_tpu()  # before anything starts a JAX backend
 

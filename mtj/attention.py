@@ -17,24 +17,16 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 from jax.sharding import PartitionSpec as P
 
+from mtj import platforms
 from mtj.config import Config, ConfigError
 
-KERNEL_PLATFORM = {"cudnn": "gpu", "splash": "tpu"}
 SPLASH_BLOCK = 512  # the largest query/key tile; a sequence must be a multiple of the tile used
-
-
-def platform() -> str:
-    """Where the traced program will run: the devices of the mesh set with `jax.set_mesh` (an ahead-of-time
-    compile for a TPU topology runs on a CPU host), else JAX's default backend."""
-    device = jax.sharding.get_abstract_mesh().abstract_device
-    return jax.default_backend() if device is None else device.platform
 
 
 def _tpu_before_v4() -> bool:
     """TPU v2/v3: Mosaic refuses bf16 matmuls in a kernel there ("Unsupported matmul RHS type", libtpu 0.0.52)
     and compiles fp32 ones."""
-    device = jax.sharding.get_abstract_mesh().abstract_device
-    return device is not None and device.device_kind.startswith(("TPU v2", "TPU v3"))
+    return platforms.device_kind().startswith(("TPU v2", "TPU v3"))
 
 
 def implementation(cfg: Config, seq: int) -> str:
@@ -43,14 +35,14 @@ def implementation(cfg: Config, seq: int) -> str:
     else "xla".
     On TPU v2/v3 `attention=splash` runs the kernel on fp32 operands: slower matmuls than XLA's bf16 ones, but
     no [B, H, T, T] scores in memory; so there `auto` keeps XLA and splash is the memory choice."""
-    choice, where = cfg.attention, platform()
-    cudnn = where == "gpu" and cudnn_takes(cfg.head_dim, cfg.dtype, _cuda_compute_capability())
+    choice, native = cfg.attention, platforms.platform().fused_attention
+    cudnn = native == "cudnn" and cudnn_takes(cfg.head_dim, cfg.dtype, platforms.cuda_compute_capability())
     if choice == "auto":
-        choice = "cudnn" if cudnn else "splash" if where == "tpu" and not _tpu_before_v4() else "xla"
-    if choice == "cudnn" and where == "gpu" and not cudnn:
+        choice = "cudnn" if cudnn else "splash" if native == "splash" and not _tpu_before_v4() else "xla"
+    if choice == "cudnn" and native == "cudnn" and not cudnn:
         raise ConfigError(
             f"attention 'cudnn': cuDNN flash attention on this GPU (CUDA compute capability "
-            f"{_cuda_compute_capability() or 'none: not CUDA'}) takes bf16/fp16 with head dims that are multiples of 8, "
+            f"{platforms.cuda_compute_capability() or 'none: not CUDA'}) takes bf16/fp16 with head dims that are multiples of 8, "
             f"up to 256 from Hopper (9.0) on and 128 before; this model has dtype {cfg.dtype} and head dim "
             f"{cfg.head_dim}. Set attention=auto or xla")
     return "xla" if choice == "splash" and not _splash_block(seq) else choice
@@ -66,11 +58,6 @@ def cudnn_takes(head_dim: int, dtype: str, compute_capability: str | None) -> bo
     return head_dim % 8 == 0 and head_dim <= (256 if hopper else 128)
 
 
-def _cuda_compute_capability() -> str | None:
-    device = jax.devices("gpu")[0]
-    return device.compute_capability if "cuda" in device.client.platform_version.lower() else None
-
-
 def _splash_block(seq: int) -> int:
     """The tile splash runs `seq` tokens in (it must divide them and be a multiple of 128), or 0: none fits."""
     block = math.gcd(seq, SPLASH_BLOCK)
@@ -80,7 +67,7 @@ def _splash_block(seq: int) -> int:
 def fused(q: jax.Array, k: jax.Array, v: jax.Array, kernel: str, scale: float, window: int | None) -> jax.Array:
     """Causal attention of q, k, v [B, T, H, Dh] -> [B, T, H, Dh]; `window`: keys within window-1 positions
     before the query only (GPT-Neo's local layers)."""
-    interpret = platform() != KERNEL_PLATFORM[kernel]
+    interpret = platforms.platform().fused_attention != kernel  # off its platform: the reference
     if kernel == "cudnn":
         return jax.nn.dot_product_attention(
             q, k, v, scale=scale, is_causal=True, local_window_size=None if window is None else (window - 1, 0),

@@ -9,11 +9,10 @@ them behind `enabled()` (the generic path, which TPUs and GPUs run, is plain JAX
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 
+from mtj import platforms
 from mtj.config import Config
 from mtj.model import Params, output_head
 from mtj.paths import user_path
@@ -21,7 +20,7 @@ from mtj.paths import user_path
 
 def enabled() -> bool:
     """Whether the CPU kernels are used: on the CPU backend, unless MTJ_CPU_KERNELS=0 (to measure them)."""
-    return jax.default_backend() == "cpu" and os.environ.get("MTJ_CPU_KERNELS", "1") != "0"
+    return platforms.cpu_kernels()
 
 
 def blocked_argmax(x: jax.Array) -> jax.Array:

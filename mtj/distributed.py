@@ -7,6 +7,8 @@ import os
 
 import jax
 
+from mtj import platforms
+
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--coordinator", default=os.environ.get("MTJ_COORDINATOR"),
@@ -34,7 +36,7 @@ def initialize(args: argparse.Namespace) -> None:
     if args.coordinator:
         if args.num_processes is None or args.process_id is None:
             raise SystemExit("--coordinator needs --num-processes and --process-id (or MTJ_NUM_PROCESSES/MTJ_PROCESS_ID)")
-        if jax.config.jax_platforms in (None, "", "cpu") and not os.environ.get("TPU_NAME"):
+        if platforms.gloo_collectives():
             jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes talk over TCP
         jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
                                    process_id=args.process_id, heartbeat_timeout_seconds=args.heartbeat_timeout)

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtj import platforms
+from mtj.decode.stops import RowText
 from mtj.generate import argmax, bucket, check_sampling, sample
 from mtj.lm import LM
 from mtj.model import Params, join_qkv, joins_qkv, logits_of, output_head, run_layers
@@ -38,7 +40,8 @@ from mtj.sharding import constrain
 @dataclasses.dataclass(eq=False)
 class Job:
     """One sequence to generate. `events` gets ("tokens", [t]) while streaming and ("done", None | error)
-    at the end; the server's are delivered on its event loop. Jobs are equal only to themselves."""
+    at the end; the server's are delivered on its event loop. `text` (made when the engine takes the job) decides
+    when the row ends, appending its tokens to `tokens`. Jobs are equal only to themselves."""
 
     ids: list[int]
     max_new: int
@@ -50,8 +53,17 @@ class Job:
     stream: bool = False
     stop: list[str] = dataclasses.field(default_factory=list)  # strings that end the row's decoding
     tokens: list[int] = dataclasses.field(default_factory=list)
+    text: RowText | None = None
     cancelled: bool = False  # the client went away: its row ends at the next step
     ended: bool = False
+
+
+def took(job: Job, token: int) -> bool:
+    """A row's next token, streamed if asked for; whether the row has ended."""
+    ended = job.text.append(token)
+    if job.stream:
+        job.events.put(("tokens", [token]))
+    return ended
 
 
 def check_job(job: Job, cfg: Any) -> None:
@@ -127,7 +139,7 @@ def cache_dtype(cfg: Any) -> jnp.dtype:
     and back (measured: a per-row write into 8 layers' 2 MB bf16 caches cost 2-4 ms a step, in fp32
     0.05 ms), so on CPU the cache is fp32; the values written are those of the compute dtype and
     attention reads them back in it, so the result is the same."""
-    return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else cfg.dtype)
+    return jnp.dtype(jnp.float32 if platforms.platform().cache_float32 else cfg.dtype)
 
 
 def _prefill(params: Params, tokens: jax.Array, cfg: Any) -> list:
@@ -245,11 +257,15 @@ class Engine:
         self.thread.join(timeout=120)
 
     def _next(self, timeout: float) -> Job | None:
-        """The first queued job, waiting up to `timeout` seconds for one."""
+        """The first queued job, waiting up to `timeout` seconds for one; it gets the RowText that decides when
+        its row ends."""
         with self.changed:
             if not self.queue and timeout > 0:
                 self.changed.wait(timeout)
-            return self.queue.popleft() if self.queue else None
+            job = self.queue.popleft() if self.queue else None
+        if job is not None:
+            job.text = RowText(self.lm.tokenizer, self.eos, job.stop, job.max_new, tokens=job.tokens)
+        return job
 
     def _guarded(self) -> None:
         try:
@@ -272,11 +288,6 @@ class Engine:
     def _in_flight(self) -> list[Job]:
         """Jobs taken from the queue and not yet answered."""
         raise NotImplementedError
-
-    def _finished(self, job: Job) -> bool:
-        """Whether a row that just took a token has ended (EOS, max_tokens, a stop string)."""
-        return job.tokens[-1] == self.eos or len(job.tokens) >= job.max_new or \
-            (bool(job.stop) and any(s in self.lm.decode_new(job.tokens) for s in job.stop))
 
 
 class StaticBatcher(Engine):
@@ -336,10 +347,7 @@ class StaticBatcher(Engine):
                 if job.cancelled:
                     job.ended = True
                     continue
-                job.tokens.append(token)
-                if job.stream:
-                    job.events.put(("tokens", [token]))
-                job.ended = self._finished(job)
+                job.ended = took(job, token)
             return np.array([job.ended for job in batch])
 
         self.most_rows = max(self.most_rows, len(batch))
@@ -356,6 +364,7 @@ class StaticBatcher(Engine):
                 job.events.put(("done", e))
             return
         for job in batch:
+            job.text.end()  # (the generator ends at the context's end)
             job.events.put(("done", None))
 
 
@@ -485,12 +494,9 @@ class SlotEngine(Engine):
     def _take(self, slot: int, token: int) -> None:
         """A slot's new token: deliver it, and free the slot when its request has ended."""
         job = self.active[slot]
-        if not job.cancelled:
-            job.tokens.append(token)
-            if job.stream:
-                job.events.put(("tokens", [token]))
-        ended = job.cancelled or self._finished(job) or self.lengths[slot] >= self.cfg.seq
+        ended = job.cancelled or took(job, token) or self.lengths[slot] >= self.cfg.seq
         if ended:
+            job.text.end()
             job.ended = True
             self.active[slot] = None
             job.events.put(("done", None))

@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from mtj.config import Config, ConfigError
+from mtj.decode.stops import RowText
 from mtj.evaluate import Scorer
 from mtj.lm import LM, load
 from mtj.model import Params
@@ -140,11 +141,7 @@ class MTJLM(TemplateLM):
                 chunk = members[start:start + self.batch]
                 outs = self.lm.generate_tokens([prompts[i] for i in chunk], max_new, seed=chunk, **sampling)
                 for i, ids in zip(chunk, outs):
-                    text = self.lm.decode_new(ids)
-                    for stop in until:
-                        if stop:
-                            text = text.split(stop)[0]
-                    results[i] = text
+                    results[i] = text = RowText.of(self.lm.tokenizer, self.lm.tokenizer.eos_id, ids, until).text
                     self.cache_hook.add_partial("generate_until", requests[i].args, text)
                 bar.update(len(chunk))
         bar.close()

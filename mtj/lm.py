@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from mtj import checkpoint, convert
+from mtj import checkpoint, convert, platforms
 from mtj.config import Config
+from mtj.decode.stops import RowText
 from mtj.evaluate import top_scores
 from mtj.generate import Generator, TokenSink
 from mtj.model import Params, forward, param_shardings
@@ -84,12 +85,12 @@ class LM:
         tok = self.require_tokenizer()
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         outs = self.generate_tokens(tok.encode_batch(prompts), max_new_tokens, temperature, top_k, top_p, seed)
-        return [truncate_at_stop(self.decode_new(ids), stop) for ids in outs]
+        return [RowText.of(tok, tok.eos_id, ids, [stop] if isinstance(stop, str) else stop or []).text for ids in outs]
 
     def decode_new(self, ids: Sequence[int]) -> str:
         """Text of generated tokens, without the end-of-text token."""
         tok = self.require_tokenizer()
-        return tok.decode([t for t in ids if t != tok.eos_id])
+        return RowText.of(tok, tok.eos_id, ids).text
 
     def require_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
@@ -98,19 +99,13 @@ class LM:
         return self.tokenizer
 
 
-def truncate_at_stop(text: str, stop: str | Sequence[str] | None) -> str:
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    cut = min((text.find(s) for s in stops if s and s in text), default=len(text))
-    return text[:cut]
-
-
 def inference_config(cfg: Config, overrides: dict[str, Any], platform: str | None = None) -> Config:
     """What a loaded model runs with on `platform` (default: JAX's backend). On accelerators the weights are
     held in the compute dtype, unless `param_dtype` is given: decoding reads every weight once per token, so
     fp32 masters would double its memory traffic (and each step would cast them). On CPU they stay in
     param_dtype: XLA:CPU gathers from a bf16 embedding table by converting all of it first, and its bf16
     matmuls convert too."""
-    if "param_dtype" in overrides or (platform or jax.default_backend()) == "cpu":
+    if "param_dtype" in overrides or not platforms.platform(platform).weights_in_compute_dtype:
         return cfg
     return cfg.replace(param_dtype=cfg.dtype)
 

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from etils import epath
 
+from mtj import platforms
 from mtj.config import Config
 from mtj.model import count_params
 from mtj.paths import PathLike, files_under, is_remote, user_path, write_atomic
@@ -70,7 +71,7 @@ def measure_cpu_peak(dtype: str) -> float:
 def peak_flops(dtype: str) -> float:
     """Peak FLOP/s of all devices of the run."""
     dev = jax.devices()[0]
-    if dev.platform == "cpu":
+    if platforms.platform(dev.platform).measured_peak:
         return measure_cpu_peak(dtype)  # the simulated CPU devices share the same cores
     for name, flops in PEAK_FLOPS.items():
         if dev.device_kind.startswith(name):

@@ -37,7 +37,7 @@ from mtj.connections import ConnectionLimits
 from mtj.engine import EngineStopped, Job, SlotEngine, StaticBatcher, powers_of_two
 from mtj.evaluate import TOP_LOGPROBS
 from mtj.generate import SEED_LIMIT
-from mtj.lm import LM, truncate_at_stop
+from mtj.lm import LM
 from mtj.tokenizer import Tokenizer
 
 MAX_LOGPROBS = TOP_LOGPROBS
@@ -473,7 +473,7 @@ class Server:
             jobs = self.jobs_for(ids, req.length, req.temp, req.top_k, req.top_p, seed)
             self.submit(jobs, call)
             await self.finished(jobs[0])
-            return JSONResponse({"completion": self.lm.decode_new(jobs[0].tokens)})
+            return JSONResponse({"completion": jobs[0].text.text})
 
         return await self.answer(request, handle)
 
@@ -519,46 +519,33 @@ class Server:
         meta = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
                 "model": self.model_name}
         if req.stream:
-            return StreamingResponse(self._stream(jobs, stop, meta, rows, req), media_type="text/event-stream",
+            return StreamingResponse(self._stream(jobs, meta, rows, req), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         for job in jobs:
             if job is not None:
                 await self.finished(job)
         if any(job is not None and job.cancelled for job in jobs):
             return Response(status_code=499)  # the client has gone: nothing to score or answer
-        choices = await asyncio.to_thread(self._choices, rows, jobs, stop, req)
+        choices = await asyncio.to_thread(self._choices, rows, jobs, req)
         completion = sum(c.pop("_generated") for c in choices)
         prompt_tokens = sum(len(p) for p in ids)
         return JSONResponse({**meta, "choices": choices, "usage": {
             "prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}})
-    def _cut(self, tokens: list[int], stop: list[str]) -> tuple[list[int], str, str]:
-        """(the generated tokens that make the returned text, that text, the finish reason)."""
-        full = self.lm.decode_new(tokens)
-        text = truncate_at_stop(full, stop)
-        eos = self.lm.tokenizer.eos_id
-        if text == full:
-            return [t for t in tokens if t != eos], text, "stop" if tokens and tokens[-1] == eos else "length"
-        kept = []
-        for t in tokens:  # tokens up to the one that completes the text before the stop string
-            if len(self.lm.decode_new(kept)) >= len(text):
-                break
-            kept.append(t)
-        return kept, text, "stop"
-
-    def _choices(self, rows: list, jobs: list[Job | None], stop: list[str], req: CompletionRequest) -> list[dict]:
+    def _choices(self, rows: list, jobs: list[Job | None], req: CompletionRequest) -> list[dict]:
         """Every row's choice; a prompt only scored (max_tokens 0) is scored once for its n rows."""
         choices, scored = [], {}
         for k, ((i, p), job) in enumerate(zip(rows, jobs)):
             if job is None and i in scored:
                 choices.append({**scored[i], "index": k})
                 continue
-            choices.append(self._choice(k, p, job, stop, req))
+            choices.append(self._choice(k, p, job, req))
             if job is None:
                 scored[i] = choices[-1]
         return choices
 
-    def _choice(self, index: int, prompt: list[int], job: Job | None, stop: list[str], req: CompletionRequest) -> dict:
-        generated, text, reason = self._cut(job.tokens, stop) if job is not None else ([], "", "length")
+    def _choice(self, index: int, prompt: list[int], job: Job | None, req: CompletionRequest) -> dict:
+        generated, text, reason = (job.text.kept_tokens(), job.text.text, job.text.finish_reason or "length") if job is not None \
+            else ([], "", "length")
         prompt_text = self.lm.tokenizer.decode(prompt) if req.echo else ""
         logprobs = None
         if req.logprobs is not None:
@@ -577,44 +564,33 @@ class Server:
         return {"text": prompt_text + text, "index": index, "logprobs": logprobs, "finish_reason": reason,
                 "_generated": len(generated)}
 
-    async def _stream(self, jobs: list[Job | None], stop: list[str], meta: dict, rows: list, req: CompletionRequest
+    async def _stream(self, jobs: list[Job | None], meta: dict, rows: list, req: CompletionRequest
                       ) -> AsyncIterator[bytes]:
         def event(payload: Any) -> bytes:
             return b"data: " + (payload if isinstance(payload, bytes) else json.dumps(payload).encode()) + b"\n\n"
 
-        hold = max((len(s) for s in stop), default=1) - 1  # text that might start a stop string
         completion = 0
         try:
             for index, job in enumerate(jobs):  # rows decode together; their events are sent in order
-                tokens, sent, reason = [], 0, "length"
+                sent = 0
                 while True:
                     kind, value = await job.events.get()
-                    if kind == "done":
-                        if value is not None:
-                            yield event({"error": {"message": str(value)[:500], "type": "server_error"}})
-                            yield event(b"[DONE]")
-                            return
-                        tokens = job.tokens
-                    else:
-                        tokens = tokens + value
-                    full = self.lm.decode_new(tokens)
-                    text = truncate_at_stop(full, stop)
-                    stopped = text != full
-                    ready = len(text) if (kind == "done" or stopped) else max(sent, len(text) - hold)
-                    if text.endswith("\ufffd") and kind != "done":
-                        ready = min(ready, len(text) - 1)  # an unfinished multi-byte character
-                    if ready > sent:
-                        yield event({**meta, "choices": [{"text": text[sent:ready], "index": index, "logprobs": None,
+                    if kind == "done" and value is not None:
+                        yield event({"error": {"message": str(value)[:500], "type": "server_error"}})
+                        yield event(b"[DONE]")
+                        return
+                    # whole characters that cannot begin a stop string, and the rest once the row has ended (the
+                    # engine's thread appends to job.text; what ready() returns is always a prefix of the end text)
+                    new = (job.text.text if kind == "done" else job.text.ready())[sent:]
+                    if new:
+                        yield event({**meta, "choices": [{"text": new, "index": index, "logprobs": None,
                                                           "finish_reason": None}]})
-                        sent = ready
-                    if stopped or (tokens and tokens[-1] == self.lm.tokenizer.eos_id):
-                        reason = "stop"
-                    if kind == "done" or stopped:
-                        if kind != "done":
-                            await self.finished(job)
+                        sent += len(new)
+                    if kind == "done":
                         break
-                completion += len(self._cut(job.tokens, stop)[0])
-                yield event({**meta, "choices": [{"text": "", "index": index, "logprobs": None, "finish_reason": reason}]})
+                completion += len(job.text.kept_tokens())
+                yield event({**meta, "choices": [{"text": "", "index": index, "logprobs": None,
+                                                  "finish_reason": job.text.finish_reason or "length"}]})
             if req.stream_options is not None and req.stream_options.include_usage:
                 prompt_tokens = sum(len(p) for i, (_, p) in enumerate(rows) if i % req.n == 0)
                 yield event({**meta, "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -237,17 +236,24 @@ class StopRequests:
         return bool(flags[0]), bool(flags[1])
 
 
+class TrainHooks(NamedTuple):
+    """Calls from points of the training loop (the crash tests kill the process there: tests/kill_train.py)."""
+
+    after_step: Callable[[int, Callable[[], None]], None] | None = None  # (step, wait for checkpoint writes)
+    after_save: Callable[[int], None] | None = None  # a checkpoint of the step is being written
+
+
 def train(cfg: Config, tune_model_path: str | None = None, fresh_opt: bool = False, mesh: Mesh | None = None,
-          progress: bool = True, takeover: bool = False) -> State:
+          progress: bool = True, takeover: bool = False, hooks: TrainHooks = TrainHooks()) -> State:
     """Train to cfg.total_steps, resuming from the latest checkpoint in model_dir if there is one. SIGTERM or
     SIGINT stops it after the current step, with a checkpoint of that step. The run holds model_dir's writer
     lock (`mtj.lock`); `takeover` takes it from a run that holds it."""
     with StopRequests() as stops, lock.hold(run_dir(cfg), takeover=takeover) as writer:
-        return _train(cfg, tune_model_path, fresh_opt, mesh, progress, stops, writer)
+        return _train(cfg, tune_model_path, fresh_opt, mesh, progress, stops, writer, hooks)
 
 
 def _train(cfg: Config, tune_model_path: str | None, fresh_opt: bool, mesh: Mesh | None, progress: bool,
-           stops: StopRequests, writer: lock.WriterLock | None) -> State:
+           stops: StopRequests, writer: lock.WriterLock | None, hooks: TrainHooks) -> State:
     trainer = Trainer(cfg, mesh)
     lead = jax.process_index() == 0
     out = user_path(run_dir(cfg))
@@ -283,17 +289,14 @@ def _train(cfg: Config, tune_model_path: str | None, fresh_opt: bool, mesh: Mesh
     log = MetricsLog(out, cfg, enabled=lead, keep_until=resumed)
     tokens_per_step = cfg.gradient_accumulation_steps * trainer.global_batch * cfg.seq
     flops_token, peak = flops_per_token(cfg), peak_flops(cfg.dtype)
-    # Fault injection for the crash tests: a real SIGKILL at a chosen point.
-    kill_in_save = int(os.environ.get("MTJ_TEST_KILL_DURING_SAVE", "-1"))
-    kill_after = int(os.environ.get("MTJ_TEST_KILL_AFTER_STEP", "-1"))
 
     def save(step: int) -> None:
         meta = {"step": step, "data": loader.state(), "rng": np.asarray(jax.random.key_data(
             jax.random.fold_in(jax.random.key(cfg.seed), step))).tolist()}
         mngr.save(step, args=checkpoint.save_args(state["params"], cfg, tokenizer, state["opt_state"], meta))
         log.sync()  # a bucket's metrics.jsonl keeps up with its checkpoints
-        if step == kill_in_save:
-            os.kill(os.getpid(), signal.SIGKILL)  # the async write is in flight
+        if hooks.after_save:
+            hooks.after_save(step)  # (the async write is in flight)
 
     harness = _harness(cfg, trainer, state["params"], tokenizer, lead)
     began = time.perf_counter()
@@ -330,9 +333,8 @@ def _train(cfg: Config, tune_model_path: str | None, fresh_opt: bool, mesh: Mesh
                                 f"{step} without writing more")
         if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.total_steps or stop:
             save(step)
-        if step == kill_after:
-            mngr.wait_until_finished()
-            os.kill(os.getpid(), signal.SIGKILL)
+        if hooks.after_step:
+            hooks.after_step(step, mngr.wait_until_finished)
         if stop:
             stopped_at = step
             break

@@ -125,7 +125,7 @@ def test_training_in_a_bucket_resumes_exactly_after_kill(gcs_dir, tmp_path):
     assert reference.returncode == 0, reference.stderr[-2000:]
     expected = metrics(epath.Path(gcs_dir) / "ref")
 
-    killed = run_cli(tmp_path / "cfg.json", env={"MTJ_TEST_KILL_AFTER_STEP": "7"})
+    killed = run_cli(tmp_path / "cfg.json", kill=("after-step", 7))
     assert killed.returncode == -9
     run = epath.Path(gcs_dir) / "run"
     assert sorted(metrics(run)) == list(range(1, 6))  # the bucket's log matches its checkpoint (step 5)

@@ -11,7 +11,7 @@ from conftest import assert_greedy, hf_gptj
 from mtj import cpu_decode
 from mtj.cpu_decode import blocked_argmax, screen_head, screened_argmax
 from mtj.generate import UNROLL_LAYERS, bucket, filter_logits, sample
-from mtj.lm import truncate_at_stop
+from mtj.decode.stops import truncate_at_stop
 from mtj.tokenizer import load_tokenizer
 
 PROMPTS = [[5, 6, 7], [10, 11, 12, 13, 14, 15, 16], [99], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]

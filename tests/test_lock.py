@@ -14,7 +14,7 @@ import mtj
 
 from conftest import REPO
 from test_faults import FaultyStorage
-from test_train import config, metrics
+from test_train import config, metrics, run_cli
 from mtj import lock
 from mtj.paths import user_path, write_atomic
 from mtj.train import train
@@ -143,9 +143,7 @@ def test_a_second_run_fails_at_once_and_the_first_goes_on_untouched(tmp_path, mo
 def test_a_killed_runs_lock_is_taken_over_with_a_warning(tmp_path):
     cfg = config(tmp_path, total_steps=6, ckpt_every=3)
     cfg.save(tmp_path / "cfg.json")
-    killed = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), "--config", str(tmp_path / "cfg.json"),
-                             "--no-progress"], cwd=REPO, capture_output=True, text=True,
-                            env={**os.environ, "MTJ_TEST_KILL_AFTER_STEP": "4"})
+    killed = run_cli(tmp_path / "cfg.json", kill=("after-step", 4))
     assert killed.returncode == -signal.SIGKILL
     assert json.loads((tmp_path / "run" / lock.LOCK_NAME).read_text())["host"]  # left behind
     again = launch(tmp_path / "cfg.json")

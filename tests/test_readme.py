@@ -10,6 +10,7 @@ import ssl
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from conftest import REPO, assets, hf_gptj
 from mtj.tokenizer import load_tokenizer
@@ -21,9 +22,16 @@ SKIPPED = ("from_mtj_v1.py", "compile_check.py")
 OPTIONAL_LEFT_OUT = ("--num-fewshot K",)  # an option shown with a placeholder (tests/test_harness.py runs it)
 
 
+def documents() -> list[Path]:
+    """README.md, then the docs it links, in the order it first links them."""
+    readme = (REPO / "README.md").read_text()
+    return [REPO / "README.md", *(REPO / name for name in dict.fromkeys(re.findall(r"\]\((docs/[\w.-]+\.md)\)", readme)))]
+
+
 def readme_commands() -> list[str]:
-    """The README's command lines (continuations joined, comments and [brackets] of options taken off)."""
-    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    """The command lines of the README and its docs (continuations joined, comments and [brackets] of options
+    taken off)."""
+    blocks = [b for doc in documents() for b in re.findall(r"```bash\n(.*?)```", doc.read_text(), re.S)]
     lines = " ".join(blocks).replace("\\\n", " ").splitlines()
     commands = []
     for line in lines:
@@ -34,6 +42,17 @@ def readme_commands() -> list[str]:
             line = line.replace(f"[{option}]", "")
         commands.append(re.sub(r"\[([^\]]*)\]", r"\1", line).strip().rstrip("&").strip())
     return commands
+
+
+def test_the_readme_is_short_and_its_links_exist():
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) <= 220
+    links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", readme)
+    missing = [link for link in links if not link.startswith("http") and not (REPO / link).exists()]
+    assert len(links) >= 8 and not missing, missing
+    for doc in documents()[1:]:  # and the docs' links to each other
+        for link in re.findall(r"\]\(([\w.-]+\.md)\)", doc.read_text()):
+            assert (doc.parent / link).exists(), (doc, link)
 
 
 def test_every_readme_command_runs_as_written(tmp_path):

@@ -66,3 +66,38 @@ def test_only_the_family_records_compare_model_types():
     found = [f"{p.relative_to(REPO)}:{i}" for p in PACKAGE.rglob("*.py") if p.name != "families.py"
              for i, line in enumerate(p.read_text().splitlines(), 1) if re.search(r"model_type\s*(==|!=)", line)]
     assert not found, found
+
+
+def test_the_end_of_a_row_is_decided_in_one_place():
+    """On the host, mtj.decode.stops.RowText decides when a generated row ends (EOS, a stop string, its token
+    budget) and what its text is: nothing else cuts text at stop strings or compares tokens with EOS, except
+    the compiled decode loops, which stop computing a row that ended on the device."""
+    compiled_loops = {"mtj.generate", "mtj.engine"}
+    found = []
+    for name, tree in sources().items():
+        if name == "mtj.decode.stops":
+            continue
+        for node in ast.walk(tree):
+            called = isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None))
+            if called in ("truncate_at_stop", "split", "find", "index") and "stop" in ast.unparse(node) or \
+                    isinstance(node, ast.Compare) and "eos" in ast.unparse(node) and name not in compiled_loops and \
+                    not all(isinstance(op, (ast.Is, ast.IsNot)) for op in node.ops):  # (not "eos_id is None")
+                found.append(f"{name}:{node.lineno}: {ast.unparse(node)}")
+    assert not found, found
+
+
+def test_only_the_platform_table_asks_which_backend_runs():
+    """mtj/platforms.py holds what each backend does differently; other modules read its fields and never ask
+    for JAX's backend or compare a platform's name."""
+    names = {"cpu", "gpu", "tpu", "cuda", "rocm"}
+    found = []
+    for name, tree in sources().items():
+        if name == "mtj.platforms":
+            continue
+        for node in ast.walk(tree):
+            asks = isinstance(node, ast.Attribute) and node.attr in ("default_backend", "jax_platforms")
+            compares = isinstance(node, ast.Compare) and any(
+                isinstance(c, ast.Constant) and c.value in names for c in [node.left, *node.comparators])
+            if asks or compares:
+                found.append(f"{name}:{node.lineno}: {ast.unparse(node)}")
+    assert not found, found

@@ -76,10 +76,11 @@ def test_same_losses_on_every_mesh(tmp_path):
     assert losses[8, 1][-1] < losses[8, 1][0]
 
 
-def run_cli(cfg_path: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), "--config", str(cfg_path),
-                           "--no-progress", *overrides], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
+def run_cli(cfg_path: Path, *overrides: str, kill: tuple[str, int] | None = None) -> subprocess.CompletedProcess:
+    """scripts/train.py, or with `kill` ("after-step" or "during-save", N) tests/kill_train.py."""
+    command = [str(REPO / "tests" / "kill_train.py"), kill[0], str(kill[1])] if kill else [str(REPO / "scripts" / "train.py")]
+    return subprocess.run([sys.executable, *command, "--config", str(cfg_path), "--no-progress", *overrides], cwd=REPO,
+                          capture_output=True, text=True)
 
 
 def test_sigterm_and_sigint_stop_after_the_step_with_a_checkpoint_and_resume_exactly(tmp_path):
@@ -120,12 +121,11 @@ def test_resume_after_kill_is_exact(tmp_path):
     cfg = config(tmp_path, total_steps=10, ckpt_every=5, cores_per_replica=2, train_set=str(index))
     path = tmp_path / "cfg.json"
     cfg.save(path)
-    reference = run_cli(path, f"model_dir={tmp_path / 'ref'}")
-    assert reference.returncode == 0, reference.stderr
+    train(cfg.replace(model_dir=str(tmp_path / "ref")), progress=False)
     expected = metrics(tmp_path / "ref")
 
     # Killed (SIGKILL) right after step 7: the rerun continues from step 5.
-    killed = run_cli(path, env={"MTJ_TEST_KILL_AFTER_STEP": "7"})
+    killed = run_cli(path, kill=("after-step", 7))
     assert killed.returncode == -9
     assert sorted(metrics(tmp_path / "run")) == list(range(1, 8))
     resumed = run_cli(path)
@@ -141,7 +141,7 @@ def test_resume_after_kill_is_exact(tmp_path):
     for d in run.glob("step_10"):
         import shutil
         shutil.rmtree(d)
-    crashed = run_cli(path, env={"MTJ_TEST_KILL_DURING_SAVE": "10"})
+    crashed = run_cli(path, kill=("during-save", 10))
     assert crashed.returncode == -9
     # the kill found step 10 half written: a directory with files in it, and no commit
     half = [p for p in run.iterdir() if p.name.startswith("step_10")]

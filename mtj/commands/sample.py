@@ -10,7 +10,8 @@ import numpy as np
 import mtj
 from mtj import distributed
 from mtj.generate import SEED_LIMIT, check_sampling
-from mtj.lm import LM, truncate_at_stop
+from mtj.decode.stops import RowText
+from mtj.lm import LM
 from mtj.paths import user_path
 from mtj.cli import parser, run
 
@@ -28,33 +29,26 @@ def complete(lm: LM, prompt: str, args: argparse.Namespace, seed: int) -> None:
     if new < args.max_new_tokens:  # as transformers does: stop at the end of the context, and say so
         print(f"note: {new} new tokens fit after the prompt's {len(ids)} in the context of {seq}; "
               f"generating {new}, not {args.max_new_tokens}", file=sys.stderr)
-    n, stops = args.num_samples, args.stop
-    hold = max((len(s) for s in stops), default=1) - 1  # text that may yet become a stop string waits
+    n = args.num_samples
     stream = n == 1 and not args.json
-    rows: list[list[int]] = [[] for _ in range(n)]
-    done = np.zeros(n, bool)  # a row ends at EOS or at a stop string
+    rows = [RowText(tok, tok.eos_id, args.stop, new) for _ in range(n)]  # each ends at EOS or a stop string
     shown = [0]
 
     def on_tokens(step: int, tokens: np.ndarray) -> np.ndarray:
-        for i, token in enumerate(tokens.tolist()):
-            if not done[i]:
-                rows[i].append(token)
-                text = lm.decode_new(rows[i]) if stops or (stream and i == 0) else ""
-                cut = truncate_at_stop(text, stops)
-                done[i] = token == tok.eos_id or cut != text
-                if stream and i == 0:  # print text as soon as it decodes cleanly and cannot begin a stop string
-                    ready = cut if len(cut) < len(text) else cut[:len(cut) - hold]
-                    if len(ready) > shown[0] and not ready.endswith("\ufffd"):
-                        print(ready[shown[0]:], end="", flush=True)
-                        shown[0] = len(ready)
-        return done.copy()
+        for row, token in zip(rows, tokens.tolist()):
+            if row.finish_reason is None:
+                row.append(token)
+        if stream and len(ready := rows[0].ready()) > shown[0]:  # whole characters that cannot begin a stop
+            print(ready[shown[0]:], end="", flush=True)
+            shown[0] = len(ready)
+        return np.array([row.finish_reason is not None for row in rows])
 
     if stream:
         print(prompt, end="", flush=True)
-    outs = lm.generate_tokens([ids] * n, new, args.temperature, args.top_k, args.top_p,
-                              [seed + i for i in range(n)], on_tokens)
-    for i, out in enumerate(outs):
-        text = truncate_at_stop(lm.decode_new(out), stops)
+    lm.generate_tokens([ids] * n, new, args.temperature, args.top_k, args.top_p, [seed + i for i in range(n)], on_tokens)
+    for i, row in enumerate(rows):
+        row.end()
+        text, out = row.text, row.tokens
         if args.json:
             print(json.dumps({"prompt": prompt, "completion": text, "tokens": out, "sample": i, "seed": seed + i}),
                   flush=True)

@@ -4,11 +4,11 @@ import signal
 
 from mtj import distributed
 from mtj.config import load_config
-from mtj.train import train
+from mtj.train import TrainHooks, train
 from mtj.cli import parser, run
 
 
-def main() -> None:
+def main(hooks: TrainHooks = TrainHooks()) -> None:
     ap = parser("mtj-train", __doc__)
     ap.add_argument("--config", required=True, help="JSON config (keys: docs/config.md)")
     ap.add_argument("--tune-model-path", help="start from this checkpoint's weights at step 0 (fine-tuning)")
@@ -24,7 +24,7 @@ def main() -> None:
     distributed.initialize(args)
     cfg = load_config(args.config, args.overrides)
     train(cfg, tune_model_path=args.tune_model_path, fresh_opt=args.fresh_opt, progress=not args.no_progress,
-          takeover=args.takeover)
+          takeover=args.takeover, hooks=hooks)
     # The run is saved and only exiting is left: a late SIGTERM/SIGINT is ignored (Python's finalization puts
     # back the default handlers of those it handled, which would kill the process)
     for sig in (signal.SIGTERM, signal.SIGINT):
