@@ -153,6 +153,13 @@ class WriterLock:
                 self.path.unlink()
 
 
+def taken_over(writer: WriterLock | None, model_dir: PathLike, step: int) -> LockHeld:
+    """The error that stops a run whose lock another run took (process 0's lock says by whom)."""
+    holder = describe(writer.lost) if writer is not None and writer.lost else "see process 0"
+    return LockHeld(f"another run took over {user_path(model_dir)}/{LOCK_NAME} ({holder}): this run stops at step "
+                    f"{step} without writing more")
+
+
 @contextlib.contextmanager
 def hold(model_dir: PathLike, takeover: bool = False) -> Iterator[WriterLock | None]:
     """The run's lock on model_dir for the block (process 0 holds it; the others get None)."""

@@ -262,77 +262,40 @@ def _train(cfg: Config, tune_model_path: str | None, fresh_opt: bool, mesh: Mesh
     val = {name: trainer.loader(spec, tokenizer, shuffle=False) for name, spec in cfg.val_set.items()} \
         if cfg.val_every and cfg.val_batches else {}
 
-    resumed = 0
-    if checkpoint.complete_steps(out):
-        state, meta = _restore_state(trainer, out, with_opt=True, resume=True)
-        loader.restore(meta["data"])
-        resumed = int(state["step"])
-        if lead:
-            print(f"resuming {out} from step {resumed}")
-    elif tune_model_path:
-        if convert.is_hf_dir(tune_model_path):
-            raise ConfigError(f"--tune-model-path {tune_model_path} is a Hugging Face model directory: convert it "
-                              f"first (mtj-from-hf --hf {tune_model_path} --out CKPT) and give CKPT")
-        state, _ = _restore_state(trainer, tune_model_path, with_opt=not fresh_opt, resume=False)
-        if lead:
-            print(f"fine-tuning from {tune_model_path}" + (" with a fresh optimizer" if fresh_opt else ""))
-    else:
-        state = trainer.init()
+    state, resumed = _starting_state(trainer, loader, out, tune_model_path, fresh_opt, lead)
     if lead:
-        cfg.save(out / "config.json")
-        print(summary(cfg, trainer, loader, out), flush=True)
-        if resumed >= cfg.total_steps:
-            print(f"{out} is already at step {resumed} of total_steps={cfg.total_steps}: nothing to train "
-                  f"(to go on, raise total_steps, e.g. total_steps={resumed + cfg.total_steps})")
+        _announce(cfg, trainer, loader, out, resumed)
     # Opened after the restore: a step set aside above is gone from its list of steps.
     mngr = checkpoint.manager(out, keep_last=cfg.keep_last, keep_every=cfg.keep_every, async_save=True)
     log = MetricsLog(out, cfg, enabled=lead, keep_until=resumed)
-    tokens_per_step = cfg.gradient_accumulation_steps * trainer.global_batch * cfg.seq
-    flops_token, peak = flops_per_token(cfg), peak_flops(cfg.dtype)
-
-    def save(step: int) -> None:
-        meta = {"step": step, "data": loader.state(), "rng": np.asarray(jax.random.key_data(
-            jax.random.fold_in(jax.random.key(cfg.seed), step))).tolist()}
-        mngr.save(step, args=checkpoint.save_args(state["params"], cfg, tokenizer, state["opt_state"], meta))
-        log.sync()  # a bucket's metrics.jsonl keeps up with its checkpoints
-        if hooks.after_save:
-            hooks.after_save(step)  # (the async write is in flight)
 
     harness = _harness(cfg, trainer, state["params"], tokenizer, lead)
     began = time.perf_counter()
     start = int(state["step"])
     bar = tqdm(total=cfg.total_steps, initial=start, disable=not (lead and progress), unit="step", dynamic_ncols=True)
-    t_last, step_last = time.perf_counter(), start
+    report = StepReport(cfg, trainer, log, bar, start, lead)
+
+    def validation() -> dict[str, float]:
+        row = {f"val/{name}": trainer.evaluate(state["params"], vl, cfg.val_batches) for name, vl in val.items()}
+        return {**row, **(harness(state["params"]) if harness is not None else {})}
+
     stopped_at = None
     for step in range(start + 1, cfg.total_steps + 1):
         state, metrics = trainer.step(state, next(loader))
         validate = (bool(val) or harness is not None) and step % cfg.val_every == 0
         if step % cfg.log_every == 0 or step == cfg.total_steps or validate:
-            metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step
-            now = time.perf_counter()
-            # The first step after (re)start includes compilation: no rate for it.
-            tps = tokens_per_step * (step - step_last) / (now - t_last) if step_last > start or step > start + 1 else 0.0
-            t_last, step_last = now, step
-            row = {"step": step, **metrics, "tokens_per_sec": tps, "mfu": tps * flops_token / peak}
-            if validate:
-                row.update({f"val/{name}": trainer.evaluate(state["params"], vl, cfg.val_batches)
-                            for name, vl in val.items()})
-                if harness is not None:
-                    row.update(harness(state["params"]))
-                t_last = time.perf_counter()
-                if lead:
-                    bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()
-                                                          if k.startswith(("val/", "eval/"))))
-            log.write(row)
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tps:,.0f}")
+            report.row(step, metrics, validation if validate else None)
         bar.update(1)
         stop, lost = stops.agreed(writer is not None and writer.lost is not None)
         if lost:
-            holder = lock.describe(writer.lost) if writer is not None and writer.lost else "see process 0"
-            raise lock.LockHeld(f"another run took over {out}/{lock.LOCK_NAME} ({holder}): this run stops at step "
-                                f"{step} without writing more")
+            raise lock.taken_over(writer, out, step)
         if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.total_steps or stop:
-            save(step)
+            meta = {"step": step, "data": loader.state(), "rng": np.asarray(jax.random.key_data(
+                jax.random.fold_in(jax.random.key(cfg.seed), step))).tolist()}
+            mngr.save(step, args=checkpoint.save_args(state["params"], cfg, tokenizer, state["opt_state"], meta))
+            log.sync()  # a bucket's metrics.jsonl keeps up with its checkpoints
+            if hooks.after_save:
+                hooks.after_save(step)  # (the async write is in flight)
         if hooks.after_step:
             hooks.after_step(step, mngr.wait_until_finished)
         if stop:
@@ -344,16 +307,82 @@ def _train(cfg: Config, tune_model_path: str | None, fresh_opt: bool, mesh: Mesh
     mngr.close()
     if lead:
         plot_loss_curve(log.path, out / "loss.png")
-        if stopped_at is not None:
-            print(f"stopped by {stops.signal or 'a signal to another process'} after step {stopped_at}: checkpoint "
-                  f"{out}/step_{stopped_at} is saved; run the same command to go on from it", flush=True)
-        elif cfg.total_steps > start:
-            last = read_metrics(log.path)[-1]
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k == "loss" or k.startswith(("val/", "eval/")))
-            print(f"trained steps {start + 1}-{cfg.total_steps} in {time.perf_counter() - began:.0f} s; step "
-                  f"{last['step']}: {shown}; checkpoints: {out}")  # (no listing here: Orbax's syncs all processes)
+        if outcome := _outcome(cfg, out, log, start, stopped_at, stops.signal, time.perf_counter() - began):
+            print(outcome, flush=True)
     log.close()
     return state
+
+
+class StepReport:
+    """The training loop's rows of metrics, into the log and onto the progress bar, with tokens/s and MFU since
+    the previous row (none for the first step after a start, which includes compilation; validation time is
+    left out)."""
+
+    def __init__(self, cfg: Config, trainer: Trainer, log: MetricsLog, bar: Any, start: int, lead: bool):
+        self.log, self.bar, self.start, self.lead = log, bar, start, lead
+        self.tokens_per_step = cfg.gradient_accumulation_steps * trainer.global_batch * cfg.seq
+        self.flops_token, self.peak = flops_per_token(cfg), peak_flops(cfg.dtype)
+        self.t_last, self.step_last = time.perf_counter(), start
+
+    def row(self, step: int, metrics: dict, validation: Callable[[], dict[str, float]] | None) -> None:
+        metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step
+        now = time.perf_counter()
+        first = self.step_last == self.start and step == self.start + 1
+        tps = 0.0 if first else self.tokens_per_step * (step - self.step_last) / (now - self.t_last)
+        self.t_last, self.step_last = now, step
+        row = {"step": step, **metrics, "tokens_per_sec": tps, "mfu": tps * self.flops_token / self.peak}
+        if validation is not None:
+            row.update(validation())
+            self.t_last = time.perf_counter()
+            if self.lead:
+                self.bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()
+                                                           if k.startswith(("val/", "eval/"))))
+        self.log.write(row)
+        self.bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tps:,.0f}")
+
+
+def _starting_state(trainer: Trainer, loader: Loader, out: epath.Path, tune_model_path: str | None, fresh_opt: bool,
+                    lead: bool) -> tuple[State, int]:
+    """The state training starts from and the step it resumes at (0 for a new run): the newest checkpoint in
+    `out` (the loader put back where it was), else --tune-model-path's weights, else a fresh init."""
+    if checkpoint.complete_steps(out):
+        state, meta = _restore_state(trainer, out, with_opt=True, resume=True)
+        loader.restore(meta["data"])
+        if lead:
+            print(f"resuming {out} from step {int(state['step'])}")
+        return state, int(state["step"])
+    if tune_model_path:
+        if convert.is_hf_dir(tune_model_path):
+            raise ConfigError(f"--tune-model-path {tune_model_path} is a Hugging Face model directory: convert it "
+                              f"first (mtj-from-hf --hf {tune_model_path} --out CKPT) and give CKPT")
+        state, _ = _restore_state(trainer, tune_model_path, with_opt=not fresh_opt, resume=False)
+        if lead:
+            print(f"fine-tuning from {tune_model_path}" + (" with a fresh optimizer" if fresh_opt else ""))
+        return state, 0
+    return trainer.init(), 0
+
+
+def _announce(cfg: Config, trainer: Trainer, loader: Loader, out: epath.Path, resumed: int) -> None:
+    """The lead's start: the run's config.json, its summary, and a word when there is nothing to train."""
+    cfg.save(out / "config.json")
+    print(summary(cfg, trainer, loader, out), flush=True)
+    if resumed >= cfg.total_steps:
+        print(f"{out} is already at step {resumed} of total_steps={cfg.total_steps}: nothing to train "
+              f"(to go on, raise total_steps, e.g. total_steps={resumed + cfg.total_steps})")
+
+
+def _outcome(cfg: Config, out: epath.Path, log: MetricsLog, start: int, stopped_at: int | None, signal_name: str | None,
+             seconds: float) -> str | None:
+    """The run's closing line (the lead prints it); None when it trained nothing (the start said so)."""
+    if stopped_at is not None:
+        return (f"stopped by {signal_name or 'a signal to another process'} after step {stopped_at}: checkpoint "
+                f"{out}/step_{stopped_at} is saved; run the same command to go on from it")
+    if cfg.total_steps <= start:
+        return None
+    last = read_metrics(log.path)[-1]
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k == "loss" or k.startswith(("val/", "eval/")))
+    return (f"trained steps {start + 1}-{cfg.total_steps} in {seconds:.0f} s; step {last['step']}: {shown}; "
+            f"checkpoints: {out}")  # (no listing here: Orbax's syncs all processes)
 
 
 def summary(cfg: Config, trainer: Trainer, loader: Loader, out: epath.Path) -> str:

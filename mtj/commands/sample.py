@@ -4,6 +4,7 @@ import argparse
 import json
 import secrets
 import sys
+from collections.abc import Callable
 
 import numpy as np
 
@@ -58,7 +59,7 @@ def complete(lm: LM, prompt: str, args: argparse.Namespace, seed: int) -> None:
             print(f"--- sample {i}\n{prompt}{text}", flush=True)
 
 
-def main() -> None:
+def arguments() -> argparse.ArgumentParser:
     ap = parser("mtj-sample", __doc__)
     ap.add_argument("--ckpt", required=True, help="model_dir, step directory, or HF model directory")
     ap.add_argument("--prompt", help="prompt text (omit both --prompt and --prompt-file for an interactive loop)")
@@ -76,6 +77,11 @@ def main() -> None:
     ap.add_argument("--dtype", default=None, help="compute dtype, e.g. float32 (default: the checkpoint's)")
     ap.add_argument("--json", action="store_true", help="one JSON object per sample and line")
     distributed.add_arguments(ap)
+    return ap
+
+
+def main() -> None:
+    ap = arguments()
     args = ap.parse_args()
     if args.max_new_tokens < 1:
         ap.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
@@ -112,6 +118,11 @@ def main() -> None:
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
         return
+    interactive(lm, args, seed_for)
+
+
+def interactive(lm: LM, args: argparse.Namespace, seed_for: Callable[[int], int]) -> None:
+    """Sample each line of stdin as a prompt until it ends."""
     if sys.stdin.isatty():
         print("Interactive sampling: type a prompt and press Enter (Ctrl-D to quit).", file=sys.stderr)
     k = 0

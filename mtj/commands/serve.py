@@ -19,7 +19,7 @@ def int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got '{text}'") from None
 
 
-def main() -> None:
+def arguments() -> argparse.ArgumentParser:
     ap = parser("mtj-serve", __doc__)
     ap.add_argument("--ckpt", required=True, help="model_dir, step directory, or HF model directory")
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on")
@@ -62,6 +62,11 @@ def main() -> None:
     sharing.add_argument("--allowed-origins", metavar="ORIGIN,...", type=lambda s: [o.strip() for o in s.split(",")],
                          help="browser origins allowed to call the API (CORS; '*' for any); default: none")
     distributed.add_arguments(ap)
+    return ap
+
+
+def main() -> None:
+    ap = arguments()
     args = ap.parse_args()
     # what can be wrong with the access settings is said before the model loads
     try:

@@ -134,7 +134,7 @@ BUGS = [
         [("mtj/train.py", "with_opt=not fresh_opt, resume=False)", "with_opt=False, resume=False)")],
         ["tests/test_train.py", "-k", "fine_tune_from_imported"]),
     Bug("fine-tuning from an HF import starts from random weights",
-        [("mtj/train.py", "    elif tune_model_path:\n", "    elif False:\n")],
+        [("mtj/train.py", "    if tune_model_path:\n", "    if False:\n")],
         ["tests/test_train.py", "-k", "hf_import"]),
     Bug("every repack epoch repeats the first one's order",
         [("mtj/corpus.py", "            rng.shuffle(order)\n", "            random.Random(seed).shuffle(order)\n")],
