@@ -24,7 +24,7 @@ import uuid
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import uvicorn
-from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError, field_validator, model_validator
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -121,6 +121,18 @@ class CompletionRequest(Strict):
     frequency_penalty: FiniteFloat = 0.0
     best_of: int | None = None
     logit_bias: dict[str, FiniteFloat] | None = None
+
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _prompt(cls, value: Any, union: Callable[[Any], Any]) -> Any:
+        """A list of one item type is taken as it is; the union's members are tried item by item, and a failed
+        member collects an error per item (0.15 s on the event loop for 600,000 strings), so only other input
+        (and every error) goes through it."""
+        if isinstance(value, list) and value:
+            kinds = set(map(type, value))
+            if kinds == {str} or kinds == {int} or kinds == {list} and all(set(map(type, v)) <= {int} for v in value):
+                return value
+        return union(value)
 
     @model_validator(mode="after")
     def _neutral_only(self) -> "CompletionRequest":
