@@ -85,7 +85,7 @@ class LM:
         tok = self.require_tokenizer()
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         outs = self.generate_tokens(tok.encode_batch(prompts), max_new_tokens, temperature, top_k, top_p, seed)
-        return [RowText.of(tok, tok.eos_id, ids, [stop] if isinstance(stop, str) else stop or []).text for ids in outs]
+        return [RowText.of(tok, tok.eos_id, ids, stop).text for ids in outs]
 
     def decode_new(self, ids: Sequence[int]) -> str:
         """Text of generated tokens, without the end-of-text token."""

@@ -31,10 +31,10 @@ class RowText:
     is full, the client went away). `ready()` is the text that can be shown now: whole characters, and none
     that could still turn out to start a stop string."""
 
-    def __init__(self, tokenizer: Decoder | None, eos: int | None, stop: Sequence[str] = (), max_new: int | None = None,
-                 tokens: list[int] | None = None):
+    def __init__(self, tokenizer: Decoder | None, eos: int | None, stop: str | Sequence[str] | None = (),
+                 max_new: int | None = None, tokens: list[int] | None = None):
         self.tokenizer, self.eos, self.max_new = tokenizer, eos, max_new
-        self.stop = [s for s in stop if s]
+        self.stop = [s for s in ([stop] if isinstance(stop, str) else stop or ()) if s]
         self.hold = max((len(s) for s in self.stop), default=1) - 1  # characters that may start a stop string
         self.tokens = [] if tokens is None else tokens  # as generated, EOS included (appended to the list given)
         self.text = ""  # whole characters so far, before any stop string
@@ -45,7 +45,8 @@ class RowText:
         self._prefix = self._read = 0  # _text_ids[_prefix:_read] decoded to the text's end; those after, not yet
 
     @classmethod
-    def of(cls, tokenizer: Decoder | None, eos: int | None, tokens: Sequence[int], stop: Sequence[str] = ()) -> "RowText":
+    def of(cls, tokenizer: Decoder | None, eos: int | None, tokens: Sequence[int],
+           stop: str | Sequence[str] | None = ()) -> "RowText":
         """The ended row of these generated tokens."""
         row = cls(tokenizer, eos, stop)
         for token in tokens:
