@@ -87,6 +87,7 @@ class Call:
 
     caller: str
     jobs: list[Job] = dataclasses.field(default_factory=list)
+    gone: bool = False  # the client has left: nothing more is queued for it
 
 
 # --- requests --------------------------------------------------------------------
@@ -365,7 +366,7 @@ class Server:
             if not self.engine.alive:
                 raise BadRequest("the engine has stopped; see /health", 503)
             body = await self.body(request)
-            watcher = asyncio.create_task(self._cancel_when_gone(request, jobs))
+            watcher = asyncio.create_task(self._cancel_when_gone(request, call))
             response = await handle(body, call)
         except ClientDisconnect:
             response = Response(status_code=499)  # nobody to answer: the connection is gone
@@ -389,10 +390,11 @@ class Server:
                  time.monotonic() - began, " (streaming)" if streamed else "")
         return response
 
-    async def _cancel_when_gone(self, request: Request, jobs: list[Job]) -> None:
+    async def _cancel_when_gone(self, request: Request, call: Call) -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
-        self.engine.cancel(jobs)
+        call.gone = True
+        self.engine.cancel(call.jobs)
 
     def least_new(self, max_tokens: int | None) -> int:
         """The fewest new tokens a request asks for (before its prompts are tokenized); 400 past the limit."""
@@ -438,7 +440,10 @@ class Server:
 
     def submit(self, jobs: list[Job], call: Call) -> None:
         """Queue jobs within the caller's share (TooMany past it), listed in the call first so that they are
-        cancelled if the client leaves."""
+        cancelled if the client leaves; none are queued for a client that has left (it may leave while its
+        prompts are tokenized)."""
+        if call.gone:
+            raise ClientDisconnect
         if self.shares is not None:
             self.shares.take(call.caller, len(jobs))
             for job in jobs:

@@ -277,15 +277,32 @@ def post_and_leave(port, body: dict) -> socket.socket:
     return s
 
 
+def departed_lines(srv, since: int, count: int) -> list[str]:
+    """The server's log lines of the next `count` completion requests after line `since` (60 s at most)."""
+    deadline = time.monotonic() + 60
+    while len(lines := [line for line in srv.lines[since:] if "POST /v1/completions" in line]) < count:
+        assert time.monotonic() < deadline, srv.lines[since:]
+        time.sleep(0.05)
+    return lines
+
+
 @pytest.mark.parametrize("stream", [False, True])
-def test_abandoned_requests_give_back_their_rows(server, stream):
+@pytest.mark.parametrize("leave", ["when queued", "at once"])
+def test_abandoned_requests_give_back_their_rows(server, stream, leave):
+    """A client that hangs up while its rows wait frees them at once; one that hangs up at once (while the
+    server still reads or tokenizes its prompt) gets none queued: nothing is decoded for nobody."""
     body = {"prompt": "Nobody waits for", "n": 16, "max_tokens": 120, "temperature": 1.0, "stream": stream}
+    since = len(server.lines)
     gone = [post_and_leave(server.port, body) for _ in range(4)]  # 64 rows: the whole queue
     deadline = time.monotonic() + 10
-    while request_json(server.port, "/health")[1]["queued"] < 32:
+    while leave == "when queued" and request_json(server.port, "/health")[1]["queued"] < 32:
         assert time.monotonic() < deadline
     for s in gone:
         s.close()
+    if leave == "at once":
+        lines = departed_lines(server, since, 4)
+        decoded = [int(line.split("new_tokens=")[1].split()[0]) for line in lines if "(streaming)" not in line]
+        assert sum(decoded) < 8 * 120, lines  # not every row decoded to its end (at most the slots' first rows)
     start = time.monotonic()
     while request_json(server.port, "/health")[1]["queued"] > 0:
         assert time.monotonic() - start < 1.0, "rows of departed clients stay queued"
