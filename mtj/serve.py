@@ -17,6 +17,7 @@ import json
 import logging
 import logging.handlers
 import queue
+import re
 import secrets
 import signal
 import time
@@ -181,14 +182,20 @@ def _shown(text: str) -> str:
     return text[:100].encode("utf-8", "replace").decode()
 
 
-def _object(pairs: list[tuple[str, Any]]) -> dict:
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    out = dict(pairs)
+    if len(out) < len(pairs):
+        seen: set[str] = set()
+        key = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise ValueError(f"the key '{_shown(key)}' appears twice")
+    return out
+
+
+def _text_object(pairs: list[tuple[str, Any]]) -> dict:
     """A JSON object whose keys are unique and whose strings are text: no lone surrogates (JSON's
     \\ud800 escapes make them; no tokenizer takes them). Strings are the fields' values or the items
     of a list (prompt, stop); deeper ones fail the request models' types anyway."""
-    out = {}
     for key, value in pairs:
-        if key in out:
-            raise ValueError(f"the key '{_shown(key)}' appears twice")
         texts = [key] + ([value] if isinstance(value, str) else
                          [v for v in value if isinstance(v, str)] if isinstance(value, list) else [])
         for text in texts:
@@ -196,13 +203,18 @@ def _object(pairs: list[tuple[str, Any]]) -> dict:
                 text.encode()
             except UnicodeEncodeError:
                 raise ValueError(f"'{_shown(key)}' holds a lone surrogate (\\ud800-\\udfff), which is not text") from None
-        out[key] = value
-    return out
+    return _unique_keys(pairs)
+
+
+# Only a \\u escape can make a surrogate (UTF-8 bytes cannot): a body without one skips the per-string check,
+# which cost 40 ms of the event loop for a 600,000-string prompt list.
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def parse(model: type[BaseModel], body: bytes) -> Any:
     try:
-        data = json.loads(body, parse_constant=_not_a_number, object_pairs_hook=_object)
+        data = json.loads(body, parse_constant=_not_a_number,
+                          object_pairs_hook=_text_object if SURROGATE_ESCAPE.search(body) else _unique_keys)
     except (ValueError, UnicodeDecodeError) as e:
         raise BadRequest(f"the body is not valid JSON: {str(e)[:200]}") from None
     except RecursionError:

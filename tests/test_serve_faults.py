@@ -324,9 +324,13 @@ def test_a_client_that_sends_all_of_a_large_body_reads_the_413(server):
 def test_edge_values_get_400_or_their_meaning(server):
     assert text_of(request_json(server.port, "/v1/completions", {**GOOD, "stop": ""})) == server.good
     assert text_of(request_json(server.port, "/v1/completions", {**GOOD, "stop": [""]})) == server.good
+    escaped = json.dumps({**GOOD, "stop": ["\U0001F600"]}).encode()  # a surrogate pair: text, not an error
+    assert b"\\ud83d" in escaped and text_of(request_json(server.port, "/v1/completions", raw=escaped)) == server.good
     for raw, word in [(b'{"prompt": ' + b"[" * 60_000 + b"]" * 60_000 + b"}", "nested"),
                       (b'{"prompt": "abc\\ud800", "max_tokens": 2}', "surrogate"),
                       (b'{"prompt": "abc", "stop": ["\\udfff"], "max_tokens": 2}', "surrogate"),
+                      (b'{"prompt": ["ok", "\\uDBFFabc"], "max_tokens": 2}', "surrogate"),
+                      (b'{"prompt": "ok", "\\uD800": 1}', "surrogate"),
                       (b'{"prompt": "a", "prompt": "b", "max_tokens": 2}', "twice"),
                       (b'{"context": "a", "context": "b"}', "twice")]:
         path = "/complete" if b"context" in raw else "/v1/completions"
