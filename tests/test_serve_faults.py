@@ -202,7 +202,7 @@ def test_compiled_programs_are_those_of_the_buckets(ckpt, engine):
                     {"prompt": ids, "max_tokens": new, "temperature": float(i % 4 == 0), "logprobs": 1})
             assert request(srv.port, "/v1/completions", body)[0] == 200
         assert len(set(lengths)) > 80
-        assert lm._top_scores._cache_size() <= len(srv.server.score_widths) and lm._forward._cache_size() == 0
+        assert lm._top_scores._cache_size() <= len(srv.server.endpoints.score_widths) and lm._forward._cache_size() == 0
         if engine == "continuous":
             assert compiled() == warm  # traffic compiled nothing more
         else:  # one request at a time: batch 1, prompts padded to powers of two, new tokens likewise (up to
