@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Do two commits compile to the same programs? Compares the optimized HLO of the train step and of greedy
-decoding (fp32 and bf16, batch 1 and 8; the throughput benchmarks' model) between two git revisions, with
+decoding (fp32 and bf16, batch 1 and 8; the throughput benchmarks' model) and of the continuous engine's decode call between two git revisions, with
 source locations stripped. Identical programs run at the same speed whatever a noisy machine's timings say,
 so a refactoring that should cost nothing can be checked exactly.
 
@@ -24,7 +24,6 @@ def dump(out: Path) -> None:
     import jax.numpy as jnp
 
     from mtj.config import Config
-    from mtj.generate import Generator
     from mtj.model import init_params
     from mtj.sharding import make_mesh
     from mtj.train import Trainer
@@ -40,13 +39,72 @@ def dump(out: Path) -> None:
         with jax.set_mesh(mesh):
             (out / f"train_{dtype}.hlo").write_text(clean(trainer._step.lower(trainer.abstract_state, batch).compile().as_text()))
         params = jax.jit(lambda k: init_params(cfg, k))(jax.random.key(0))
-        gen = Generator(cfg.replace(seq=512), params, mesh, eos_id=0)
+        gen = generator().Generator(cfg.replace(seq=512), params, mesh, eos_id=0)
         for b in (1, 8):
-            args = (sds((b, 32), jnp.int32), sds((b, 32), bool), sds((), jnp.int32), sds((b,), jnp.float32),
-                    sds((b,), jnp.int32), sds((b,), jnp.float32), sds((b,), jnp.uint32), sds((), jnp.int32))
             with jax.set_mesh(mesh):
-                text = gen._fn(128, streaming=False, greedy=True).lower(params, None, *args).compile().as_text()
+                text = gen._fn(128, streaming=False, greedy=True).lower(params, None, *decode_args(b)).compile().as_text()
             (out / f"decode_{dtype}_b{b}.hlo").write_text(clean(text))
+        with jax.set_mesh(mesh):
+            text = gen._fn(128, streaming=False, greedy=False).lower(params, None, *decode_args(8)).compile().as_text()
+        (out / f"sampled_{dtype}_b8.hlo").write_text(clean(text))
+        (out / f"slots_{dtype}.hlo").write_text(clean(slot_step(cfg.replace(seq=512), params, mesh)))
+
+
+def generator():
+    """The revision's generator module (mtj/decode/generator.py since 2026-12-06, mtj/generate.py before)."""
+    try:
+        from mtj.decode import generator
+    except ImportError:
+        from mtj import generate as generator
+    return generator
+
+
+def decode_args(b: int) -> tuple:
+    """The generator's arguments past the weights, for the revision's signature (per-row sampling values as
+    three arrays, or, since 2026-12-06, one SamplingParams)."""
+    import inspect
+
+    import jax
+    import jax.numpy as jnp
+
+    sds = jax.ShapeDtypeStruct
+    sampling = (sds((b,), jnp.float32), sds((b,), jnp.int32), sds((b,), jnp.float32))
+    if "sampling" in inspect.signature(generator()._generate).parameters:
+        from mtj.decode.sampling import SamplingParams
+        sampling = (SamplingParams(*sampling),)
+    return (sds((b, 32), jnp.int32), sds((b, 32), bool), sds((), jnp.int32), *sampling, sds((b,), jnp.uint32),
+            sds((), jnp.int32))
+
+
+def slot_step(cfg, params, mesh) -> str:
+    """The continuous engine's compiled decode call (8 slots, a 256-token span, sampled), as optimized HLO."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    try:  # the compiled verbs' module (mtj/decode/slots.py since 2026-12-06, mtj/engine.py before)
+        from mtj.decode import slots as engine
+    except ImportError:
+        from mtj import engine
+    sds = jax.ShapeDtypeStruct
+    S = 8
+    with jax.set_mesh(mesh):
+        try:  # (mtj/decode/layout.py since 2026-12-06)
+            from mtj.decode.layout import decode_layout
+        except ImportError:
+            decode_layout = engine.decode_weights
+        weights = decode_layout(jax.tree.map(jnp.copy, params), cfg)  # (it consumes the layers it cuts)
+        row = sds((S, cfg.n_heads, cfg.seq, cfg.head_dim), engine.cache_dtype(cfg))
+        sampling = (sds((S,), jnp.float32), sds((S,), jnp.int32), sds((S,), jnp.float32))
+        if "sampling" in engine.Slots._fields:
+            from mtj.decode.sampling import SamplingParams
+            sampling = (SamplingParams(*sampling),)
+        slots = engine.Slots(*[sds((S,), t) for t in (jnp.int32, jnp.int32, jnp.int32, bool, jnp.int32)],
+                             jax.eval_shape(lambda: jax.random.split(jax.random.key(0), S)), *sampling)
+        decode = getattr(engine, "decode", None) or engine._decode
+        step = jax.jit(functools.partial(decode, cfg=cfg, span=256, greedy=False))
+        return step.lower(weights, [(row, row)] * cfg.layers, slots, sds((), jnp.int32), sds((), jnp.int32)).compile().as_text()
 
 
 def clean(hlo: str) -> str:

@@ -20,7 +20,7 @@ import numpy as np
 
 from mtj.checkpoint import abstract_params
 from mtj.config import REMAT_POLICIES, Config
-from mtj.generate import Generator
+from mtj.decode.generator import Generator
 from mtj.lm import inference_config
 from mtj.metrics import flops_per_token
 from mtj.sharding import make_mesh

@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from mtj.config import Config
-from mtj.generate import bucket
+from mtj.decode.generator import bucket
 from mtj.model import Params, forward
 
 

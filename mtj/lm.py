@@ -11,9 +11,10 @@ from jax.sharding import Mesh
 
 from mtj import checkpoint, convert, platforms
 from mtj.config import Config
+from mtj.decode.generator import Generator, TokenSink
+from mtj.decode.layout import decode_layout
 from mtj.decode.stops import RowText
 from mtj.evaluate import top_scores
-from mtj.generate import Generator, TokenSink
 from mtj.model import Params, forward, param_shardings
 from mtj.paths import PathLike, local_copy, user_path
 from mtj.sharding import make_mesh, named, place
@@ -33,10 +34,18 @@ class LM:
         self.generator = Generator(config, params, mesh, tokenizer.eos_id if tokenizer else None)
 
     def set_params(self, params: Params) -> None:
-        """New weights of the same model (training evaluates its current ones), stacked or per layer (a
-        `SlotEngine`'s decode weights); compiled code is kept."""
+        """New weights of the same model (training evaluates its current ones), in any Layout; compiled code
+        is kept."""
         self.params = params
         self.generator.set_params(params)
+
+    def use_decode_layout(self) -> Params:
+        """Hold the weights in their decode layout (`decode_layout`, made once: what the continuous engine
+        steps with; scoring and generate_tokens compute the same values from it), and return them. The
+        weights are replaced, not copied: the devices hold them once."""
+        with jax.set_mesh(self.mesh):
+            self.set_params(decode_layout(self.params, self.config))
+        return self.params
 
     def logits(self, tokens: Any) -> np.ndarray:
         """float32 logits [B, T, n_vocab] for int tokens [B, T]."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -407,12 +407,30 @@ def abstract_model(cfg: Config, stacked: bool = True, fused_qkv: bool = False,
     return _GRAPHS[key]
 
 
+class Layout(NamedTuple):
+    """How a weights dict is arranged, as `Transformer` was built for it: the layers stacked on a leading axis
+    (training, checkpoints) or one tree per layer ({0: ..., 1: ...}: decoding, `unstack_layers`); q, k and v
+    apart or joined into "qkv" (`join_qkv`); the head tied to the embedding (no "lm_head"). `of` is the one
+    place that reads it from the dict's keys."""
+    stacked: bool
+    fused_qkv: bool
+    tied: bool
+
+    @staticmethod
+    def of(params: Params) -> Layout:
+        stacked = 0 not in params["layers"]
+        first = params["layers"] if stacked else params["layers"][0]
+        return Layout(stacked, "qkv" in first["attn"], _tied(params))
+
+
+def _tied(params: Params) -> bool:
+    """(Also of a dict holding the head alone, as the CPU screen's.)"""
+    return "lm_head" not in params
+
+
 def bind(params: Params, cfg: Config) -> Transformer:
-    """The modules holding `params` (inside a traced function: no copies). The layout (stacked or a list of
-    layers, q/k/v apart or joined, a head of its own) is read from the dict."""
-    listed = 0 in params["layers"]
-    first = params["layers"][0] if listed else params["layers"]
-    graph, _ = abstract_model(cfg, stacked=not listed, fused_qkv="qkv" in first["attn"], tied="lm_head" not in params)
+    """The modules holding `params` (inside a traced function: no copies), built for the dict's Layout."""
+    graph, _ = abstract_model(cfg, *Layout.of(params))
     return nnx.merge(graph, params)
 
 
@@ -460,7 +478,7 @@ def unstack_layers(params: Params, cfg: Config) -> Params:
     XLA:CPU copies a slice of a stacked weight at every use, so the loop should
     slice once, before it. Without model parallelism the q, k and v kernels are
     also joined (`join_qkv`). Per-layer params come back as they are."""
-    if 0 in params["layers"]:
+    if not Layout.of(params).stacked:
         return params
     layers = {i: jax.tree.map(lambda a: a[i], params["layers"]) for i in range(cfg.layers)}
     if joins_qkv():
@@ -499,7 +517,7 @@ def hidden(params: Params, tokens: jax.Array, cfg: Config) -> jax.Array:
 
 def output_head(params: Params, cfg: Config) -> tuple[jax.Array, jax.Array]:
     """`Transformer.head` of `params` (which may hold the head alone)."""
-    if "lm_head" in params:
+    if not _tied(params):
         return head_weights(cfg, params["lm_head"]["kernel"], params["lm_head"].get("bias"))
     return head_weights(cfg, params["wte"].T, None)
 

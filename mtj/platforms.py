@@ -5,7 +5,7 @@ a model is.
 The CPU rules come from XLA:CPU measurements (docs/performance.md): it updates one row of a bf16 array by
 converting all of it, gathers from a bf16 embedding table by converting it whole, and converts the operands
 of its bf16 dots; so on CPU the KV cache stays fp32, loaded weights stay in `param_dtype`, and mtj's own CPU
-decode kernels (mtj/cpu_decode.py) are used. `skip_absent_tpu` is the one rule applied before JAX starts a
+decode kernels (mtj/decode/cpu.py) are used. `skip_absent_tpu` is the one rule applied before JAX starts a
 backend (at `import mtj`).
 """
 
@@ -22,7 +22,7 @@ class Platform:
     name: str  # JAX's platform name: "cpu", "gpu", "tpu"
     cache_float32: bool  # the decode engine's KV cache is fp32 whatever the compute dtype
     weights_in_compute_dtype: bool  # mtj.load holds weights in the compute dtype (decoding reads each once a token)
-    cpu_kernels: bool  # mtj/cpu_decode.py's argmax and head screen (MTJ_CPU_KERNELS=0 turns them off to measure)
+    cpu_kernels: bool  # mtj/decode/cpu.py's argmax and head screen (MTJ_CPU_KERNELS=0 turns them off to measure)
     measured_peak: bool  # MFU's peak is a measured matmul rate (the device table has none for a CPU)
     fused_attention: str | None  # the fused attention kernel this platform runs natively (`attention`), if any
 

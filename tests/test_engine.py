@@ -11,7 +11,7 @@ import pytest
 
 import mtj
 from conftest import hf_gptj
-from mtj.engine import SlotEngine
+from mtj.serve.scheduler import SlotEngine
 from mtj.tokenizer import load_tokenizer
 
 

@@ -8,9 +8,10 @@ import jax.numpy as jnp
 
 import mtj
 from conftest import assert_greedy, hf_gptj
-from mtj import cpu_decode
-from mtj.cpu_decode import blocked_argmax, screen_head, screened_argmax
-from mtj.generate import UNROLL_LAYERS, bucket, filter_logits, sample
+from mtj.decode import cpu as cpu_decode
+from mtj.decode.cpu import blocked_argmax, screen_head, screened_argmax
+from mtj.decode.generator import UNROLL_LAYERS, bucket
+from mtj.decode.sampling import SamplingParams, filter_logits, sample
 from mtj.decode.stops import truncate_at_stop
 from mtj.tokenizer import load_tokenizer
 
@@ -215,15 +216,15 @@ def test_temperature_sampling_frequencies():
     temperature, draws = 0.7, 20000
     keys = jax.random.split(jax.random.key(0), draws)
     padded = jnp.full((draws, 256), -1e30).at[:, :5].set(logits)  # as the model's padded vocabulary
-    tokens = np.asarray(sample(padded, keys, jnp.full(draws, temperature),
-                               jnp.zeros(draws, jnp.int32), jnp.ones(draws)))
+    tokens = np.asarray(sample(padded, keys, SamplingParams(jnp.full(draws, temperature), jnp.zeros(draws, jnp.int32),
+                                                            jnp.ones(draws))))
     expected = np.exp(np.asarray(logits) / temperature)
     expected = expected / expected.sum() * draws
     observed = np.bincount(tokens, minlength=256)[:5]
     assert observed.sum() == draws
     chi2 = ((observed - expected) ** 2 / expected).sum()
     assert chi2 < 18.47, (observed, expected)  # chi-square 0.999 quantile, 4 degrees of freedom
-    greedy = sample(logits[None], keys[:1], jnp.zeros(1), jnp.zeros(1, jnp.int32), jnp.ones(1))
+    greedy = sample(logits[None], keys[:1], SamplingParams(jnp.zeros(1), jnp.zeros(1, jnp.int32), jnp.ones(1)))
     assert int(greedy[0]) == 0
 
 

@@ -13,8 +13,9 @@ import pytest
 
 import mtj
 from conftest import hf_gptj
-from mtj.engine import Job, SlotEngine, StaticBatcher, powers_of_two
+from mtj.decode.slots import powers_of_two
 from mtj.serve import Server
+from mtj.serve.scheduler import Job, SlotEngine, StaticBatcher
 from mtj.tokenizer import load_tokenizer
 from test_serve import Running, free_port, request
 
@@ -230,7 +231,7 @@ def test_a_failed_engine_answers_every_request_at_once(ckpt, engine):
         if engine == "continuous":  # the next decode step fails (as on a device fault)
             srv.server.engine._decode_call = lambda *_: (_ for _ in ()).throw(broken)
         else:  # the batcher's thread fails between batches
-            srv.server.engine._take = lambda: (_ for _ in ()).throw(broken)
+            srv.server.engine._next_batch = lambda: (_ for _ in ()).throw(broken)
         statuses = sorted(reply.result()[0] for reply in replies)  # (each within 30 s)
     assert set(statuses) <= {200, 500, 503} and statuses.count(503) >= 2, statuses
     status, health = request_json(srv.port, "/health")

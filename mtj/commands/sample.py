@@ -10,11 +10,11 @@ import numpy as np
 
 import mtj
 from mtj import distributed
-from mtj.generate import SEED_LIMIT, check_sampling
+from mtj.cli import parser, run
+from mtj.decode.sampling import SEED_LIMIT, check_sampling
 from mtj.decode.stops import RowText
 from mtj.lm import LM
 from mtj.paths import user_path
-from mtj.cli import parser, run
 
 
 def complete(lm: LM, prompt: str, args: argparse.Namespace, seed: int) -> None:

@@ -13,9 +13,9 @@ from typing import Callable
 from starlette.requests import ClientDisconnect
 
 from mtj.access import Shares
-from mtj.engine import Engine, Job
 from mtj.lm import LM
 from mtj.serve.requests import BadRequest
+from mtj.serve.scheduler import Engine, Job
 from mtj.tokenizer import Tokenizer
 
 

@@ -2,7 +2,7 @@
 
 The HTTP front is uvicorn + Starlette: framing, keep-alive, timeouts and the connection limit are
 theirs; this module adds the body limits, the errors' shape, the per-request log line and the cancelling
-of a departed client's rows. Requests wait in a bounded queue for the engine (mtj.engine): continuous
+of a departed client's rows. Requests wait in a bounded queue for the engine (scheduler): continuous
 batching (max_batch decode slots, each freed as soon as its row ends; the default) or the static batcher
 (decodes what arrived together as one batch).
 """
@@ -28,11 +28,12 @@ from starlette.routing import Route
 
 from mtj.access import Keys, RequireKey, Shares, TooMany, caller_of
 from mtj.connections import ConnectionLimits
-from mtj.engine import EngineStopped, SlotEngine, StaticBatcher, powers_of_two
+from mtj.decode.slots import powers_of_two
 from mtj.lm import LM
 from mtj.serve.admission import Admission, Call
 from mtj.serve.completions import Completions
 from mtj.serve.requests import BadRequest
+from mtj.serve.scheduler import EngineStopped, SlotEngine, StaticBatcher
 
 log = logging.getLogger("mtj.serve")  # a line per request (mtj-serve prints them; --no-request-log)
 DRAIN_BYTES = 64 << 20  # the most of an oversized body read (and dropped) so that its client reads the 413

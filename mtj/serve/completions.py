@@ -12,11 +12,11 @@ from typing import Any, AsyncIterator
 
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from mtj.engine import Job
-from mtj.generate import SEED_LIMIT
+from mtj.decode.sampling import SEED_LIMIT
 from mtj.lm import LM
 from mtj.serve.admission import Admission, Call
 from mtj.serve.requests import BadRequest, CompleteRequest, CompletionRequest, parse, shown
+from mtj.serve.scheduler import Job
 
 
 def token_logprobs(lm: LM, ids: list[int], top: int, width: int) -> tuple[list[float | None], list[dict[str, float] | None]]:

@@ -9,8 +9,8 @@ from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError, field_validator, model_validator
 
+from mtj.decode.sampling import SEED_LIMIT
 from mtj.evaluate import TOP_LOGPROBS
-from mtj.generate import SEED_LIMIT
 
 MAX_LOGPROBS = TOP_LOGPROBS
 

@@ -12,7 +12,7 @@ class Bug(NamedTuple):
     test: list[str]
 
 
-ENGINE = "mtj/engine.py"
+ENGINE, SLOTS = "mtj/serve/scheduler.py", "mtj/decode/slots.py"
 APP, REQUESTS, ADMISSION, COMPLETIONS = (f"mtj/serve/{name}.py" for name in ("app", "requests", "admission", "completions"))
 FAULTS = "tests/test_serve_faults.py"
 
@@ -87,8 +87,11 @@ BUGS = [
         [(REQUESTS, "    except RecursionError:", "    except ZeroDivisionError:")],
         [FAULTS, "-k", "edge"]),
     Bug("the engine takes a top_k past the vocabulary",
-        [("mtj/generate.py", "    if not 0 <= top_k <= n_vocab:", "    if False:")],
+        [("mtj/decode/sampling.py", "    if not 0 <= top_k <= n_vocab:", "    if False:")],
         [FAULTS, "-k", "refuses"]),
+    Bug("a slot's RNG stream repeats within a decode call",
+        [(SLOTS, "jax.vmap(jax.random.fold_in)(slots.keys, slots.counts + i)", "jax.vmap(jax.random.fold_in)(slots.keys, slots.counts)")],
+        ["tests/test_engine.py", "-k", "seeded"]),
     Bug("one bad job fails the static batch it is in",
         [(ENGINE, "if len(batch) > 1 and not any(job.tokens for job in batch):", "if False:")],
         [FAULTS, "-k", "refuses"]),

@@ -23,18 +23,18 @@ import functools
 import queue
 import threading
 import time
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtj import platforms
+from mtj.decode import slots as slots_verbs
+from mtj.decode.generator import bucket
+from mtj.decode.sampling import SamplingParams, check_sampling
+from mtj.decode.slots import MAX_STEPS, SPAN_MIN, Slots, powers_of_two
 from mtj.decode.stops import RowText
-from mtj.generate import argmax, bucket, check_sampling, sample
 from mtj.lm import LM
-from mtj.model import Params, join_qkv, joins_qkv, logits_of, output_head, run_layers
-from mtj.sharding import constrain
 
 
 @dataclasses.dataclass(eq=False)
@@ -78,125 +78,6 @@ def check_job(job: Job, cfg: Any) -> None:
         raise ValueError(f"the prompt has {n} tokens; with {job.max_new} new tokens that exceeds the context of "
                          f"{cfg.seq} tokens")
     check_sampling(job.temperature, job.top_k, job.top_p, job.seed, cfg.n_vocab)
-
-
-COMPUTE_CAST = {"q", "k", "v", "o", "fc_in", "fc_out", "kernel"}  # matmul kernels: cast to the compute dtype at every use
-SPAN_MIN = 64  # the shortest cache prefix a decode call attends to (spans are powers of two up to seq)
-MAX_STEPS = 8  # decode steps one call may take before the host looks at the slots again
-
-
-def decode_weights(params: Params, cfg: Any) -> Params:
-    """The weights as the decode step reads them, made once: the matmul kernels in the compute
-    dtype (the model casts them at every use, to the same values, so a step would otherwise re-cast
-    the whole head each token), a tied head as its own kernel, and the layers unstacked (see
-    `unstack_layers`: no slice or q/k/v join per step). Biases and LayerNorm parameters enter fp32
-    arithmetic and stay; so do the embedding tables, which are gathered from (XLA:CPU gathers from a
-    bf16 table by converting all of it to fp32 first: 50k x 256 took ~10 ms a call).
-
-    Made one layer-stacked array at a time, each deleted once cut into its layers, so that making them
-    takes the weights' memory plus the largest array's, not twice the weights' (a 6B in bf16 on a 24 GB
-    GPU): `params`' layer arrays are consumed. Call under the model's mesh."""
-    def dtype(path: tuple, a: jax.Array) -> Any:
-        return cfg.dtype if path[-1].key in COMPUTE_CAST else a.dtype
-
-    out = jax.tree_util.tree_map_with_path(lambda path, a: a.astype(dtype(path, a)),
-                                           {k: v for k, v in params.items() if k != "layers"})
-    if "lm_head" not in out:
-        out["lm_head"] = {"kernel": output_head(params, cfg)[0].astype(cfg.dtype)}
-    if 0 in params["layers"]:  # already per layer (an engine made them before)
-        return {**out, "layers": params["layers"]}
-    leaves, tree = jax.tree_util.tree_flatten_with_path(params["layers"])
-    per_layer: list[list[jax.Array]] = [[] for _ in range(cfg.layers)]
-    for path, stacked in leaves:
-        for i, piece in enumerate(_cut(stacked, dtype(path, stacked))):
-            per_layer[i].append(piece)
-        stacked.delete()
-    layers = {i: jax.tree_util.tree_unflatten(tree, pieces) for i, pieces in enumerate(per_layer)}
-    if joins_qkv():
-        for layer in layers.values():
-            apart, layer["attn"] = layer["attn"], _join_qkv(layer["attn"])
-            for name in ("q", "k", "v"):
-                apart[name].delete()
-    return {**out, "layers": layers}
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _cut(stacked: jax.Array, dtype: Any) -> tuple[jax.Array, ...]:
-    """A layer-stacked array's layers, in `dtype`."""
-    return tuple(stacked[i].astype(dtype) for i in range(stacked.shape[0]))
-
-
-_join_qkv = jax.jit(join_qkv)
-
-
-def powers_of_two(lowest: int, top: int) -> list[int]:
-    """lowest, 2 * lowest, ... (lowest a power of two) up to top, and top last."""
-    return sorted({min(bucket(2 ** i, lowest), top) for i in range(top.bit_length() + 1)})
-
-
-def cache_dtype(cfg: Any) -> jnp.dtype:
-    """What the slots' KV cache holds. XLA:CPU updates a bf16 array by converting all of it to fp32
-    and back (measured: a per-row write into 8 layers' 2 MB bf16 caches cost 2-4 ms a step, in fp32
-    0.05 ms), so on CPU the cache is fp32; the values written are those of the compute dtype and
-    attention reads them back in it, so the result is the same."""
-    return jnp.dtype(jnp.float32 if platforms.platform().cache_float32 else cfg.dtype)
-
-
-def _prefill(params: Params, tokens: jax.Array, cfg: Any) -> list:
-    """The per-layer (k, v) [1, H, P, Dh] of a prompt's tokens but its last (which the slot's first
-    decode step reads, so the first new token comes from the decode step like every other)."""
-    P = tokens.shape[1]
-    zeros = lambda: jnp.zeros((1, cfg.n_heads, P, cfg.head_dim), jnp.dtype(cfg.dtype))  # noqa: E731
-    cache = [(zeros(), zeros()) for _ in range(cfg.layers)]
-    return run_layers(params, tokens, cfg, cache=cache, index=0)[1]
-
-
-def _insert(cache: list, prompt_cache: list, slot: jax.Array) -> list:
-    """The slot's cache row starts with the prompt's keys and values."""
-    put = lambda big, small: jax.lax.dynamic_update_slice(big, small.astype(big.dtype), (slot, 0, 0, 0))  # noqa: E731
-    return [(put(k, pk), put(v, pv)) for (k, v), (pk, pv) in zip(cache, prompt_cache)]
-
-
-class Slots(NamedTuple):
-    """What a decode call needs to know of every slot (free ones included)."""
-    tokens: jax.Array  # [S] the last token, decoded next
-    lengths: jax.Array  # [S] tokens in the slot's cache: the next one goes at this position
-    budget: jax.Array  # [S] tokens the slot may still take (max_tokens, room in the context)
-    live: jax.Array  # [S] holds a request
-    counts: jax.Array  # [S] tokens the slot has generated: its next RNG stream
-    keys: jax.Array  # [S] RNG keys
-    temperature: jax.Array
-    top_k: jax.Array
-    top_p: jax.Array
-
-
-def _decode(params: Params, cache: list, slots: Slots, steps: jax.Array, eos: jax.Array, *, cfg: Any,
-            span: int, greedy: bool) -> tuple[jax.Array, jax.Array, list]:
-    """Up to `steps` (<= MAX_STEPS) tokens for every slot, [MAX_STEPS, S], how many steps ran, and the
-    cache. The loop stops early after a step in which a live slot ended (EOS or its budget), so its
-    slot is free at once. Every slot's tokens stay within the cache's first `span` positions."""
-    S = slots.tokens.shape[0]
-
-    def running(carry: tuple) -> jax.Array:
-        i, _, _, _, _, ended = carry
-        return (i < steps) & ~jnp.any(ended)
-
-    def step(carry: tuple) -> tuple:
-        i, tokens, lengths, cache, out, ended = carry
-        valid = jnp.arange(span)[None, :] <= lengths[:, None]
-        x, cache = run_layers(params, tokens[:, None], cfg, lengths[:, None], valid, cache, lengths)
-        logits = logits_of(params, x[:, 0], cfg)
-        if greedy:  # known on the host: no sampling at all
-            tokens = argmax(logits)
-        else:
-            keys = jax.vmap(jax.random.fold_in)(slots.keys, slots.counts + i)
-            tokens = sample(logits, keys, slots.temperature, slots.top_k, slots.top_p)
-        ended = slots.live & ((tokens == eos) | (i + 1 >= slots.budget))
-        return i + 1, tokens, lengths + 1, cache, out.at[i].set(tokens), ended
-
-    start = (jnp.int32(0), slots.tokens, slots.lengths, cache, jnp.zeros((MAX_STEPS, S), jnp.int32), jnp.zeros(S, bool))
-    ran, _, _, cache, out, _ = jax.lax.while_loop(running, step, start)
-    return out, ran, cache
 
 
 class EngineStopped(RuntimeError):
@@ -309,7 +190,7 @@ class StaticBatcher(Engine):
     def _in_flight(self) -> list[Job]:
         return self.batch
 
-    def _take(self) -> list[Job]:
+    def _next_batch(self) -> list[Job]:
         """The next batch: jobs in arrival order that fit the context together (the generator needs the
         longest prompt + the largest max_tokens to fit); the others go back to the front of the queue."""
         first = self._next(0.1)
@@ -332,12 +213,12 @@ class StaticBatcher(Engine):
 
     def _run(self) -> None:
         while not (self.stopping.is_set() and not self.queue):
-            self.batch = self._take()
+            self.batch = self._next_batch()
             if self.batch:
-                self._decode(self.batch)
+                self._generate(self.batch)
             self.batch = []
 
-    def _decode(self, batch: list[Job]) -> None:
+    def _generate(self, batch: list[Job]) -> None:
         """Tokens come back step by step: a row ends as soon as its request is answered or its client
         has gone, and the call as soon as every row has ended."""
         def on_tokens(step: int, tokens: np.ndarray) -> np.ndarray:
@@ -358,7 +239,7 @@ class StaticBatcher(Engine):
         except Exception as e:  # noqa: BLE001 -- the server keeps serving
             if len(batch) > 1 and not any(job.tokens for job in batch):  # nothing sent yet: find the job at fault
                 for job in batch:
-                    self._decode([job])
+                    self._generate([job])
                 return
             for job in batch:
                 job.events.put(("done", e))
@@ -369,8 +250,8 @@ class StaticBatcher(Engine):
 
 
 class SlotEngine(Engine):
-    """Decodes queued requests in `slots` slots (continuous batching); `--engine continuous`. `lm` is given
-    the engine's decode weights (`decode_weights`) in place of its own, so the devices hold one copy."""
+    """Decodes queued requests in `slots` slots (continuous batching); `--engine continuous`. `lm` holds its
+    weights in their decode layout from then on (`LM.use_decode_layout`): the devices hold them once."""
 
     def __init__(self, lm: LM, slots: int = 8, max_queue: int = 64, prefill_buckets: list[int] | None = None):
         """`prefill_buckets`: the prompt lengths prefill compiles for (a prompt is padded to the next
@@ -385,16 +266,11 @@ class SlotEngine(Engine):
             raise ValueError(f"prefill buckets must be positive, got {prefill_buckets}")
         self.prefill_buckets = sorted({min(b, self.cfg.seq) for b in prefill_buckets} | {self.cfg.seq})
         cfg, mesh = self.cfg, lm.mesh
+        self.params = lm.use_decode_layout()
         with jax.set_mesh(mesh):
-            # `lm` (scoring for echo/logprobs, generate_tokens) computes the same values from the decode
-            # weights, which are made from (and replace) its own: the devices hold the weights once.
-            self.params = decode_weights(lm.params, cfg)
-            lm.set_params(self.params)
-            shape = (slots, cfg.n_heads, cfg.seq, cfg.head_dim)
-            zeros = jax.jit(lambda: constrain(jnp.zeros(shape, cache_dtype(cfg)), "batch", "heads", None, None))
-            self.cache = [(zeros(), zeros()) for _ in range(cfg.layers)]
-        self._prefill = jax.jit(functools.partial(_prefill, cfg=cfg))
-        self._insert = jax.jit(_insert, donate_argnums=0)
+            self.cache = slots_verbs.init_cache(cfg, slots)
+        self._prefill = jax.jit(functools.partial(slots_verbs.prefill, cfg=cfg))
+        self._insert = jax.jit(slots_verbs.insert, donate_argnums=0)
         self._decoders: dict[tuple[int, bool], Any] = {}
         self.active: list[Job | None] = [None] * slots
         self.tokens = np.zeros(slots, np.int32)  # each slot's last token, decoded next
@@ -426,7 +302,7 @@ class SlotEngine(Engine):
             while not (self.stopping.is_set() and not self.queue and not any(self.active)):
                 self._admit()
                 if any(self.active):
-                    self._decode()
+                    self._step()
 
     def _in_flight(self) -> list[Job]:
         return [job for job in self.active if job is not None]
@@ -461,7 +337,7 @@ class SlotEngine(Engine):
             padded[0, :n - 1] = job.ids[:-1]
             self.cache = self._insert(self.cache, self._prefill(self.params, jnp.asarray(padded)), jnp.int32(slot))
 
-    def _decode(self) -> None:
+    def _step(self) -> None:
         """Decode steps of every slot: one while a request waits for a free slot, else up to MAX_STEPS."""
         live = np.array([job is not None for job in self.active])
         self.most_rows = max(self.most_rows, int(live.sum()))
@@ -473,25 +349,25 @@ class SlotEngine(Engine):
                 if job is not None:  # (a slot freed earlier in this call ignores the rest)
                     self.lengths[slot] += 1
                     self.counts[slot] += 1
-                    self._take(slot, int(out[i, slot]))
+                    self._deliver(slot, int(out[i, slot]))
 
     def _decode_call(self, span: int, greedy: bool, steps: int) -> tuple[np.ndarray, int]:
         """Run the compiled decode of this span over every slot (free ones too: their rows are
         overwritten when taken)."""
         if (span, greedy) not in self._decoders:
-            self._decoders[span, greedy] = jax.jit(functools.partial(_decode, cfg=self.cfg, span=span, greedy=greedy),
+            self._decoders[span, greedy] = jax.jit(functools.partial(slots_verbs.decode, cfg=self.cfg, span=span, greedy=greedy),
                                                    donate_argnums=1)
         live = np.array([job is not None for job in self.active])
         left = [job.max_new - len(job.tokens) if job else 0 for job in self.active]
         budget = np.where(live, np.minimum(left, self.cfg.seq - self.lengths), 1 << 30).astype(np.int32)
         slots = Slots(jnp.asarray(self.tokens), jnp.asarray(np.where(live, self.lengths, 0)), jnp.asarray(budget),
                       jnp.asarray(live), jnp.asarray(self.counts), jax.random.wrap_key_data(jnp.asarray(self.keys)),
-                      jnp.asarray(self.temperature), jnp.asarray(self.top_k), jnp.asarray(self.top_p))
+                      SamplingParams(jnp.asarray(self.temperature), jnp.asarray(self.top_k), jnp.asarray(self.top_p)))
         out, ran, self.cache = self._decoders[span, greedy](self.params, self.cache, slots, jnp.int32(steps),
                                                             jnp.int32(self.eos))
         return np.asarray(out), int(ran)
 
-    def _take(self, slot: int, token: int) -> None:
+    def _deliver(self, slot: int, token: int) -> None:
         """A slot's new token: deliver it, and free the slot when its request has ended."""
         job = self.active[slot]
         ended = job.cancelled or took(job, token) or self.lengths[slot] >= self.cfg.seq

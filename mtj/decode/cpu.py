@@ -1,5 +1,5 @@
 """Decoding kernels for XLA:CPU, where they were measured; the generator and the slot engine use
-them behind `enabled()` (the generic path, which TPUs and GPUs run, is plain JAX in mtj.generate).
+them behind `enabled()` (the generic path, which TPUs and GPUs run, is plain JAX in mtj.decode).
 
 - `blocked_argmax`: XLA:CPU's argmax of a 50k-wide row (a variadic reduce) costs ~5x a max per
   block followed by the argmax within the winning block.

@@ -1,0 +1,98 @@
+"""The continuous engine's compiled verbs, pure functions over the weights (in their decode layout,
+`mtj.decode.layout`), the slots' KV cache and a `Slots` record (JetStream's split: the scheduler in mtj.serve.scheduler decides what runs when):
+
+- `init_cache`: every slot's empty cache row;
+- `prefill`: one prompt's keys and values; `insert`: them into a slot's row;
+- `decode`: up to MAX_STEPS tokens for every slot, each at its own position with its own sampling values.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from mtj import platforms
+from mtj.decode.generator import bucket
+from mtj.decode.sampling import SamplingParams, argmax, sample
+from mtj.model import Params, logits_of, run_layers
+from mtj.sharding import constrain
+
+SPAN_MIN = 64  # the shortest cache prefix a decode call attends to (spans are powers of two up to seq)
+MAX_STEPS = 8  # decode steps one call may take before the host looks at the slots again
+
+
+def powers_of_two(lowest: int, top: int) -> list[int]:
+    """lowest, 2 * lowest, ... (lowest a power of two) up to top, and top last."""
+    return sorted({min(bucket(2 ** i, lowest), top) for i in range(top.bit_length() + 1)})
+
+
+def cache_dtype(cfg: Any) -> jnp.dtype:
+    """What the slots' KV cache holds. XLA:CPU updates a bf16 array by converting all of it to fp32
+    and back (measured: a per-row write into 8 layers' 2 MB bf16 caches cost 2-4 ms a step, in fp32
+    0.05 ms), so on CPU the cache is fp32; the values written are those of the compute dtype and
+    attention reads them back in it, so the result is the same."""
+    return jnp.dtype(jnp.float32 if platforms.platform().cache_float32 else cfg.dtype)
+
+
+def prefill(params: Params, tokens: jax.Array, cfg: Any) -> list:
+    """The per-layer (k, v) [1, H, P, Dh] of a prompt's tokens but its last (which the slot's first
+    decode step reads, so the first new token comes from the decode step like every other)."""
+    P = tokens.shape[1]
+    zeros = lambda: jnp.zeros((1, cfg.n_heads, P, cfg.head_dim), jnp.dtype(cfg.dtype))  # noqa: E731
+    cache = [(zeros(), zeros()) for _ in range(cfg.layers)]
+    return run_layers(params, tokens, cfg, cache=cache, index=0)[1]
+
+
+def insert(cache: list, prompt_cache: list, slot: jax.Array) -> list:
+    """The slot's cache row starts with the prompt's keys and values."""
+    put = lambda big, small: jax.lax.dynamic_update_slice(big, small.astype(big.dtype), (slot, 0, 0, 0))  # noqa: E731
+    return [(put(k, pk), put(v, pv)) for (k, v), (pk, pv) in zip(cache, prompt_cache)]
+
+
+def init_cache(cfg: Any, slots: int) -> list:
+    """Every slot's empty cache row: per layer (k, v) [slots, H, seq, Dh], the batch over the mesh's data axis."""
+    shape = (slots, cfg.n_heads, cfg.seq, cfg.head_dim)
+    zeros = jax.jit(lambda: constrain(jnp.zeros(shape, cache_dtype(cfg)), "batch", "heads", None, None))
+    return [(zeros(), zeros()) for _ in range(cfg.layers)]
+
+
+class Slots(NamedTuple):
+    """What a decode call needs to know of every slot (free ones included)."""
+    tokens: jax.Array  # [S] the last token, decoded next
+    lengths: jax.Array  # [S] tokens in the slot's cache: the next one goes at this position
+    budget: jax.Array  # [S] tokens the slot may still take (max_tokens, room in the context)
+    live: jax.Array  # [S] holds a request
+    counts: jax.Array  # [S] tokens the slot has generated: its next RNG stream
+    keys: jax.Array  # [S] RNG keys
+    sampling: SamplingParams
+
+
+def decode(params: Params, cache: list, slots: Slots, steps: jax.Array, eos: jax.Array, *, cfg: Any,
+            span: int, greedy: bool) -> tuple[jax.Array, jax.Array, list]:
+    """Up to `steps` (<= MAX_STEPS) tokens for every slot, [MAX_STEPS, S], how many steps ran, and the
+    cache. The loop stops early after a step in which a live slot ended (EOS or its budget), so its
+    slot is free at once. Every slot's tokens stay within the cache's first `span` positions."""
+    S = slots.tokens.shape[0]
+
+    def running(carry: tuple) -> jax.Array:
+        i, _, _, _, _, ended = carry
+        return (i < steps) & ~jnp.any(ended)
+
+    def step(carry: tuple) -> tuple:
+        i, tokens, lengths, cache, out, ended = carry
+        valid = jnp.arange(span)[None, :] <= lengths[:, None]
+        x, cache = run_layers(params, tokens[:, None], cfg, lengths[:, None], valid, cache, lengths)
+        logits = logits_of(params, x[:, 0], cfg)
+        if greedy:  # known on the host: no sampling at all
+            tokens = argmax(logits)
+        else:
+            keys = jax.vmap(jax.random.fold_in)(slots.keys, slots.counts + i)
+            tokens = sample(logits, keys, slots.sampling)
+        ended = slots.live & ((tokens == eos) | (i + 1 >= slots.budget))
+        return i + 1, tokens, lengths + 1, cache, out.at[i].set(tokens), ended
+
+    start = (jnp.int32(0), slots.tokens, slots.lengths, cache, jnp.zeros((MAX_STEPS, S), jnp.int32), jnp.zeros(S, bool))
+    ran, _, _, cache, out, _ = jax.lax.while_loop(running, step, start)
+    return out, ran, cache
