@@ -108,16 +108,24 @@ def slot_step(cfg, params, mesh) -> str:
 
 
 def clean(hlo: str) -> str:
-    """The program without what names source files and lines (tables of files, functions and stack frames)."""
+    """The program without what names source files and lines (tables of files, functions and stack frames), and
+    with the entry's parameters named by position (JAX names them by their Python argument's path, which a
+    renamed argument or record field changes and the program does not)."""
     lines = [line for line in hlo.splitlines()
              if not re.match(r"^\d+ ", line) and not line.startswith(("HloModule", "FileNames", "FunctionNames",
                                                                        "FileLocations", "StackFrames"))]
-    return re.sub(r", (metadata=\{[^}]*\}|stack_frame_id=\d+)", "", "\n".join(lines))
+    text = re.sub(r", (metadata=\{[^}]*\}|stack_frame_id=\d+)", "", "\n".join(lines))
+    entry = text[text.index("\nENTRY "):]
+    entry = entry[:entry.find("\n}") + 2]
+    for name, position in re.findall(r"%([\w.\-]+) = [^\n]*? parameter\((\d+)\)", entry):
+        text = re.sub(rf"(?<![\w.\-]){re.escape(name)}(?![\w\-]|\.\d)", f"entry_parameter_{position}", text)
+    return text
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("revisions", nargs=2, help="two git revisions of this repository")
+    ap.add_argument("--show", type=int, default=0, help="print up to this many differing lines of each program")
     ap.add_argument("--dump", nargs=2, help=argparse.SUPPRESS)  # the child's mode: TREE OUT
     args = ap.parse_args()
     if args.dump:
@@ -141,6 +149,8 @@ def main() -> None:
             diff = [d for d in difflib.unified_diff(x, y, lineterm="", n=0) if d[:1] in "+-" and d[:3] not in ("+++", "---")]
             same &= not diff
             print(f"{a.stem:22s} {'identical' if not diff else f'{len(diff)} lines differ'} ({len(x)} lines)")
+            for line in diff[:args.show]:
+                print("    " + line[:300])
         print(f"{args.revisions[0]} and {args.revisions[1]}: " + ("the same programs" if same else "different programs"))
 
 
