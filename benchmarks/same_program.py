@@ -67,6 +67,8 @@ def decode_args(b: int) -> tuple:
     import jax
     import jax.numpy as jnp
 
+    if hasattr(generator().Generator, "abstract_args"):
+        return generator().Generator.abstract_args(b, 32)
     sds = jax.ShapeDtypeStruct
     sampling = (sds((b,), jnp.float32), sds((b,), jnp.int32), sds((b,), jnp.float32))
     if "sampling" in inspect.signature(generator()._generate).parameters:

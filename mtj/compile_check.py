@@ -230,13 +230,11 @@ def check_decode(cfg: Config, mesh: jax.sharding.Mesh, hbm: float | None, batch:
     inference = inference_config(cfg.replace(remat=False), {}, mesh.devices.flat[0].platform)
     params = abstract_params(inference, mesh)
     gen = Generator(inference, params, mesh, eos_id=0)
-    sds = jax.ShapeDtypeStruct
-    args = (sds((batch, prompt), jnp.int32), sds((batch, prompt), bool), sds((), jnp.int32), sds((batch,), jnp.float32),
-            sds((batch,), jnp.int32), sds((batch,), jnp.float32), sds((batch,), jnp.uint32), sds((), jnp.int32))
     start = time.perf_counter()
     try:
         with jax.set_mesh(mesh):
-            compiled = gen._fn(new_tokens, streaming=False, greedy=False).lower(params, None, *args).compile()
+            compiled = gen._fn(new_tokens, streaming=False, greedy=False).lower(
+                params, None, *gen.abstract_args(batch, prompt)).compile()
     except Exception as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise

@@ -185,6 +185,15 @@ class Generator:
                 ended[: self._rows] = rows
         return ended
 
+    @staticmethod
+    def abstract_args(batch: int, prompt: int) -> tuple:
+        """The shapes of a compiled call's arguments past the weights and the head, as `generate_tokens` passes
+        them (tokens, valid, max_new, sampling, seeds, eos), for ahead-of-time compiles (compile_check)."""
+        sds = jax.ShapeDtypeStruct
+        return (sds((batch, prompt), jnp.int32), sds((batch, prompt), bool), sds((), jnp.int32),
+                SamplingParams(sds((batch,), jnp.float32), sds((batch,), jnp.int32), sds((batch,), jnp.float32)),
+                sds((batch,), jnp.uint32), sds((), jnp.int32))
+
     def _head(self, greedy: bool) -> Params | None:
         if not (greedy and cpu_decode.screens(self.cfg, self.mesh)):
             return None
