@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Do two commits compile to the same programs? Compares the optimized HLO of the train step and of greedy
-decoding (fp32 and bf16, batch 1 and 8; the throughput benchmarks' model) and of the continuous engine's decode call between two git revisions, with
-source locations stripped. Identical programs run at the same speed whatever a noisy machine's timings say,
-so a refactoring that should cost nothing can be checked exactly.
+decoding (fp32 and bf16, batch 1 and 8; the throughput benchmarks' model) and of the continuous engine's
+decode call between two git revisions, with source locations stripped. Identical programs run at the same
+speed whatever a noisy machine's timings say, so a refactoring that should cost nothing can be checked exactly.
 
     python benchmarks/same_program.py a2ed7b0 HEAD
 """

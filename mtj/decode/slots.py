@@ -1,5 +1,6 @@
 """The continuous engine's compiled verbs, pure functions over the weights (in their decode layout,
-`mtj.decode.layout`), the slots' KV cache and a `Slots` record (JetStream's split: the scheduler in mtj.serve.scheduler decides what runs when):
+`mtj.decode.layout`), the slots' KV cache and a `Slots` record (JetStream's split: the scheduler in
+mtj.serve.scheduler decides what runs when):
 
 - `init_cache`: every slot's empty cache row;
 - `prefill`: one prompt's keys and values; `insert`: them into a slot's row;
