@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Do two commits compile to the same programs? Compares the optimized HLO of the train step and of greedy
-decoding (fp32 and bf16, batch 1 and 8; the throughput benchmarks' model) and of the continuous engine's
-decode call between two git revisions, with source locations stripped. Identical programs run at the same
-speed whatever a noisy machine's timings say, so a refactoring that should cost nothing can be checked exactly.
+decoding (fp32 and bf16, batch 1 and 8, and through the CPU head screen; the throughput benchmarks' model), of
+sampled decoding and of the continuous engine's decode call between two git revisions, with source locations
+stripped. Identical programs run at the same speed whatever a noisy machine's timings say, so a refactoring that
+should cost nothing can be checked exactly.
 
     python benchmarks/same_program.py a2ed7b0 HEAD
 """
@@ -47,6 +48,11 @@ def dump(out: Path) -> None:
         with jax.set_mesh(mesh):
             text = gen._fn(128, streaming=False, greedy=False).lower(params, None, *decode_args(8)).compile().as_text()
         (out / f"sampled_{dtype}_b8.hlo").write_text(clean(text))
+        if dtype == "float32":  # greedy through the CPU head screen (mtj uses it on CPUs with AMX)
+            head = jax.eval_shape(lambda p: cpu_decode().screen_head(p, cfg), params)
+            with jax.set_mesh(mesh):
+                text = gen._fn(128, streaming=False, greedy=True).lower(params, head, *decode_args(1)).compile().as_text()
+            (out / "screened_float32_b1.hlo").write_text(clean(text))
         (out / f"slots_{dtype}.hlo").write_text(clean(slot_step(cfg.replace(seq=512), params, mesh)))
 
 
@@ -57,6 +63,15 @@ def generator():
     except ImportError:
         from mtj import generate as generator
     return generator
+
+
+def cpu_decode():
+    """The revision's CPU decode kernels (mtj/decode/cpu.py since 2026-12-06, mtj/cpu_decode.py before)."""
+    try:
+        from mtj.decode import cpu
+    except ImportError:
+        from mtj import cpu_decode as cpu
+    return cpu
 
 
 def decode_args(b: int) -> tuple:
@@ -97,7 +112,11 @@ def slot_step(cfg, params, mesh) -> str:
         except ImportError:
             decode_layout = engine.decode_weights
         weights = decode_layout(jax.tree.map(jnp.copy, params), cfg)  # (it consumes the layers it cuts)
-        row = sds((S, cfg.n_heads, cfg.seq, cfg.head_dim), engine.cache_dtype(cfg))
+        try:  # (mtj/decode/cache.py since 2026-12-06)
+            from mtj.decode.cache import cache_dtype
+        except ImportError:
+            cache_dtype = engine.cache_dtype
+        row = sds((S, cfg.n_heads, cfg.seq, cfg.head_dim), cache_dtype(cfg))
         sampling = (sds((S,), jnp.float32), sds((S,), jnp.int32), sds((S,), jnp.float32))
         if "sampling" in engine.Slots._fields:
             from mtj.decode.sampling import SamplingParams

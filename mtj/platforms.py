@@ -25,6 +25,12 @@ class Platform:
     cpu_kernels: bool  # mtj/decode/cpu.py's argmax and head screen (MTJ_CPU_KERNELS=0 turns them off to measure)
     measured_peak: bool  # MFU's peak is a measured matmul rate (the device table has none for a CPU)
     fused_attention: str | None  # the fused attention kernel this platform runs natively (`attention`), if any
+    # Decoding's loop shape (mtj/decode/generator.py), measured on CPU and kept for the accelerators until
+    # measured there: models up to `unroll_layers` deep decode over per-layer caches (deeper ones scan over
+    # one stacked cache, so compile time stays flat), and long generations grow their cache in
+    # `cache_phases` steps instead of attending to empty slots.
+    unroll_layers: int = 16
+    cache_phases: int = 4
 
 
 PLATFORMS = {

@@ -1,5 +1,7 @@
 """Generation: greedy parity with transformers, sampling filters and statistics, seeds, stops."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -8,9 +10,11 @@ import jax.numpy as jnp
 
 import mtj
 from conftest import assert_greedy, hf_gptj
+from mtj import platforms
 from mtj.decode import cpu as cpu_decode
+from mtj.decode.cache import empty_cache
 from mtj.decode.cpu import blocked_argmax, screen_head, screened_argmax
-from mtj.decode.generator import UNROLL_LAYERS, bucket
+from mtj.decode.generator import bucket
 from mtj.decode.sampling import SamplingParams, filter_logits, sample
 from mtj.decode.stops import truncate_at_stop
 from mtj.tokenizer import load_tokenizer
@@ -79,11 +83,25 @@ def test_long_generations_grow_the_cache(tmp_path):
     lm.generator._screen_head = head
     assert lm.generate_tokens(PROMPTS[:1], 70, temperature=0) == expected[:1]
     assert lm.generate_tokens(PROMPTS, 70, temperature=1.0, top_k=1, seed=3) == expected
-    # deeper than UNROLL_LAYERS: scanned layers over one stacked cache
+    # deeper than the CPU's unroll_layers: scanned layers over one stacked cache
     path = hf_gptj(tmp_path / "deep", vocab_size=1000, n_positions=128, n_embd=32, n_head=4, rotary_dim=4,
-                   n_layer=UNROLL_LAYERS + 1, initializer_range=0.3)
+                   n_layer=platforms.platform("cpu").unroll_layers + 1, initializer_range=0.3)
     model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
     assert mtj.load(path, dtype="float32").generate_tokens(PROMPTS, 70, temperature=0) == hf_greedy(model, PROMPTS, 70)
+
+
+def test_the_cpu_cache_dtype_is_fp32_and_decodes_as_the_compute_dtype(tmp_path, monkeypatch):
+    """On CPU a bf16 model's KV cache is fp32 (XLA:CPU rewrites a bf16 array whole to update a row of it);
+    attention reads it back in bf16, so greedy tokens are those of a bf16 cache."""
+    path = hf_gptj(tmp_path / "hf", vocab_size=1000, n_positions=128, n_embd=64, n_head=4, rotary_dim=8, n_layer=2,
+                   initializer_range=0.3)
+    lm = mtj.load(path, dtype="bfloat16")
+    assert jax.eval_shape(lambda: empty_cache(lm.config, 1, 8))[0][0].dtype == jnp.float32
+    fp32_cache = lm.generate_tokens(PROMPTS, 70, temperature=0)
+    monkeypatch.setitem(platforms.PLATFORMS, "cpu", dataclasses.replace(platforms.platform("cpu"), cache_float32=False))
+    lm = mtj.load(path, dtype="bfloat16")
+    assert jax.eval_shape(lambda: empty_cache(lm.config, 1, 8))[0][0].dtype == jnp.bfloat16
+    assert lm.generate_tokens(PROMPTS, 70, temperature=0) == fp32_cache
 
 
 def test_streaming_callback_sees_every_token(gptj):

@@ -17,15 +17,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
 
+from mtj import platforms
 from mtj.config import Config
 from mtj.decode import cpu as cpu_decode
+from mtj.decode.cache import empty_cache
 from mtj.decode.sampling import SamplingParams, argmax, check_sampling, sample
 from mtj.model import Layout, Params, logits_of, run_layers, unstack_layers
-from mtj.sharding import constrain
 
 # (step, new token per row) -> None, or a bool per row: True ends that row (a stop string, a client gone)
 TokenSink = Callable[[int, np.ndarray], "np.ndarray | None"]
-UNROLL_LAYERS = 16  # decode loops of models up to this depth are unrolled over layers
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -45,13 +45,13 @@ class Decoding(NamedTuple):
     retry: jax.Array  # the screen could not decide the step: the full head must
 
 
-def cache_lengths(prompt_slots: int, new_slots: int) -> list[int]:
-    """The KV cache's length in each decode phase. Attention reads the whole cache
+def cache_lengths(prompt_slots: int, new_slots: int, phases: int) -> list[int]:
+    """The KV cache's length in each of `phases` decode phases. Attention reads the whole cache
     every step, so long generations start with a short one and grow it (one copy
     per phase) instead of reading empty slots: 4 phases cut the reads by ~30%."""
     if new_slots < 64:  # not worth compiling the loop more than once
         return [prompt_slots + new_slots]
-    return [prompt_slots + new_slots // 4 * (j + 1) for j in range(4)]
+    return [prompt_slots + new_slots * (j + 1) // phases for j in range(phases)]
 
 
 @dataclasses.dataclass
@@ -116,18 +116,11 @@ class _BatchLoop:
         if self.head is None:
             return jax.lax.while_loop(running, decode, state)
 
-        # XLA:CPU runs a while loop with a conditional in it ~2 ms a step slower, so an
-        # undecided screen ends the screened loop instead, and the full head decides
-        # that step (from its kept hidden state and cache) in an enclosing loop that
-        # runs only then (the first screened loop is outside it: no full head per phase).
-        def screened(state: Decoding) -> Decoding:
-            return jax.lax.while_loop(lambda s: running(s) & ~s.retry, decode, state)
-
-        def resume(state: Decoding) -> Decoding:  # the full head takes the step the screen could not decide
+        def full_head(state: Decoding) -> Decoding:  # takes the step the screen could not decide
             full = argmax(logits_of(self.params, state.x, self.cfg))
-            return screened(self.commit(state, full)._replace(retry=jnp.bool_(False)))
+            return self.commit(state, full)._replace(retry=jnp.bool_(False))
 
-        return jax.lax.while_loop(lambda s: s.retry, resume, screened(state))
+        return cpu_decode.screened_loop(running, decode, full_head, state)
 
 
 def _generate(params: Params, head: Params | None, tokens: jax.Array, valid: jax.Array, max_new: jax.Array,
@@ -136,17 +129,13 @@ def _generate(params: Params, head: Params | None, tokens: jax.Array, valid: jax
     """New tokens [B, new_slots] and how many steps ran. `head`: a `screen_head`
     for greedy batches (None: the full fp32 head decides)."""
     B, P = tokens.shape
-    lengths = cache_lengths(P, new_slots)
-
-    def zeros(*layers: int) -> jax.Array:
-        shape = (*layers, B, cfg.n_heads, lengths[0], cfg.head_dim)
-        return constrain(jnp.zeros(shape, jnp.dtype(cfg.dtype)), *[None] * len(layers), "batch", "heads", None, None)
-
-    if cfg.layers <= UNROLL_LAYERS or not Layout.of(params).stacked:  # per-layer caches: fastest decoding
-        cache = [(zeros(), zeros()) for _ in range(cfg.layers)]
+    platform = platforms.platform()
+    lengths = cache_lengths(P, new_slots, platform.cache_phases)
+    if cfg.layers <= platform.unroll_layers or not Layout.of(params).stacked:  # per-layer caches: fastest decoding
+        cache = empty_cache(cfg, B, lengths[0])
         params = unstack_layers(params, cfg)  # (no-op for weights given per layer, as a SlotEngine's)
     else:  # deep models: scanned layers over a stacked cache keep compile time flat
-        cache = (zeros(cfg.layers), zeros(cfg.layers))
+        cache = empty_cache(cfg, B, lengths[0], stacked=True)
     key_valid = jnp.concatenate([valid, jnp.ones((B, new_slots), bool)], axis=1)
     positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
     loop = _BatchLoop(params, head, cfg, key_valid, max_new, sampling, jax.vmap(jax.random.key)(seeds), eos, sink,

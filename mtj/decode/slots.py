@@ -14,11 +14,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mtj import platforms
+from mtj.decode.cache import empty_cache
 from mtj.decode.generator import bucket
 from mtj.decode.sampling import SamplingParams, argmax, sample
 from mtj.model import Params, logits_of, run_layers
-from mtj.sharding import constrain
 
 SPAN_MIN = 64  # the shortest cache prefix a decode call attends to (spans are powers of two up to seq)
 MAX_STEPS = 8  # decode steps one call may take before the host looks at the slots again
@@ -29,20 +28,10 @@ def powers_of_two(lowest: int, top: int) -> list[int]:
     return sorted({min(bucket(2 ** i, lowest), top) for i in range(top.bit_length() + 1)})
 
 
-def cache_dtype(cfg: Any) -> jnp.dtype:
-    """What the slots' KV cache holds. XLA:CPU updates a bf16 array by converting all of it to fp32
-    and back (measured: a per-row write into 8 layers' 2 MB bf16 caches cost 2-4 ms a step, in fp32
-    0.05 ms), so on CPU the cache is fp32; the values written are those of the compute dtype and
-    attention reads them back in it, so the result is the same."""
-    return jnp.dtype(jnp.float32 if platforms.platform().cache_float32 else cfg.dtype)
-
-
 def prefill(params: Params, tokens: jax.Array, cfg: Any) -> list:
     """The per-layer (k, v) [1, H, P, Dh] of a prompt's tokens but its last (which the slot's first
     decode step reads, so the first new token comes from the decode step like every other)."""
-    P = tokens.shape[1]
-    zeros = lambda: jnp.zeros((1, cfg.n_heads, P, cfg.head_dim), jnp.dtype(cfg.dtype))  # noqa: E731
-    cache = [(zeros(), zeros()) for _ in range(cfg.layers)]
+    cache = empty_cache(cfg, 1, tokens.shape[1], sharded=False)
     return run_layers(params, tokens, cfg, cache=cache, index=0)[1]
 
 
@@ -53,10 +42,8 @@ def insert(cache: list, prompt_cache: list, slot: jax.Array) -> list:
 
 
 def init_cache(cfg: Any, slots: int) -> list:
-    """Every slot's empty cache row: per layer (k, v) [slots, H, seq, Dh], the batch over the mesh's data axis."""
-    shape = (slots, cfg.n_heads, cfg.seq, cfg.head_dim)
-    zeros = jax.jit(lambda: constrain(jnp.zeros(shape, cache_dtype(cfg)), "batch", "heads", None, None))
-    return [(zeros(), zeros()) for _ in range(cfg.layers)]
+    """Every slot's empty cache row, made on the devices: per layer (k, v) [slots, H, seq, Dh]."""
+    return jax.jit(lambda: empty_cache(cfg, slots, cfg.seq))()
 
 
 class Slots(NamedTuple):
