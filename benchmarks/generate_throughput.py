@@ -21,6 +21,8 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--quantize", choices=["none", "int8", "int4"], default="none",
+                    help="mtj's inference weights (transformers' stay in --dtype)")
     args = ap.parse_args()
 
     import torch
@@ -36,7 +38,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
-        lm = mtj.load(tmp, dtype="float32" if args.dtype == "fp32" else "bfloat16")
+        lm = mtj.load(tmp, dtype="float32" if args.dtype == "fp32" else "bfloat16", quantize=args.quantize)
         for batch in (1, 8):
             prompts = np.random.RandomState(batch).randint(0, args.vocab, (batch, args.prompt_len))
 
@@ -53,7 +55,8 @@ def main() -> None:
             rates = alternating_rates([ours, theirs], batch * args.new, args.rounds)
             rows.append((batch, *(float(np.median(r)) for r in rates)))
     print(f"GPT-J {args.layers} layers, d_model {args.d_model}, {args.heads} heads, vocab {args.vocab}, "
-          f"prompt {args.prompt_len}, {args.new} new tokens, greedy, {args.dtype}")
+          f"prompt {args.prompt_len}, {args.new} new tokens, greedy, {args.dtype}"
+          + (f", mtj's weights {args.quantize}" if args.quantize != "none" else ""))
     print(f"{'batch':>5s} {'mtj tok/s':>10s} {'transformers tok/s':>19s} {'ratio':>6s}")
     for batch, ours_rate, their_rate in rows:
         print(f"{batch:5d} {ours_rate:10.0f} {their_rate:19.0f} {ours_rate / their_rate:5.2f}x")

@@ -8,7 +8,7 @@ import sys
 from typing import Callable
 
 from mtj.checkpoint import CheckpointError
-from mtj.config import ConfigError
+from mtj.config import QUANTIZE, ConfigError
 from mtj.lock import LockHeld
 from mtj.tfrecord import RecordError
 
@@ -36,6 +36,20 @@ def parser(prog: str, description: str | None) -> argparse.ArgumentParser:
         release = "unknown"
     ap.add_argument("--version", action="version", version=f"{prog} (mtj) {release}")
     return ap
+
+
+def add_load_options(ap: argparse.ArgumentParser, dtype_help: str) -> None:
+    """--dtype and --quantize: how a command that loads a model (`mtj.load`) holds it."""
+    ap.add_argument("--dtype", default=None, help=dtype_help)
+    ap.add_argument("--quantize", choices=QUANTIZE, default="none",
+                    help="inference weights: int8 (a scale per output channel) or int4 (a scale per group of 128 "
+                         "input rows), quantized at load")
+
+
+def load_overrides(args: argparse.Namespace) -> dict:
+    """The config overrides `add_load_options`' options ask `mtj.load` for."""
+    return {**({"dtype": args.dtype} if args.dtype else {}),
+            **({"quantize": args.quantize} if args.quantize != "none" else {})}
 
 
 def _urls() -> list[str]:

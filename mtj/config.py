@@ -25,6 +25,7 @@ class ConfigError(ValueError):
 MODEL_TYPES = tuple(FAMILIES)
 DTYPES = ("float32", "bfloat16", "float16")
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # the command lines' spellings
+QUANTIZE = ("none", "int8", "int4")  # inference weights (mtj.quantize)
 ACTIVATIONS = ("gelu_new", "gelu", "gelu_fast", "relu", "silu")
 # What a rematerialised layer saves for the backward pass (MaxText's names): "full" nothing (recompute the
 # layer), "minimal" the projections' outputs (q/k/v, MLP in, output), "save_qkv_proj" the q/k/v projections,
@@ -91,6 +92,7 @@ class Config:
     seed: int = 0
     log_every: int = 1
     keep_last: int = 3
+    quantize: str = "none"  # inference weights: "int8" (a scale per output channel), "int4" (per group of 128 rows)
     skip_corrupt_records: bool = False  # skip (with a warning) TFRecords with bad CRCs instead of failing
 
     def __post_init__(self) -> None:
@@ -239,6 +241,7 @@ def _check_consistency(c: Config) -> None:
     _require(c.activation in ACTIVATIONS, f"config key 'activation' must be one of {ACTIVATIONS}, got '{c.activation}'")
     _require(c.remat_policy in REMAT_POLICIES,
              f"config key 'remat_policy' must be one of {REMAT_POLICIES}, got '{c.remat_policy}'")
+    _require(c.quantize in QUANTIZE, f"config key 'quantize' must be one of {QUANTIZE}, got '{c.quantize}'")
     _require(c.attention in ATTENTION, f"config key 'attention' must be one of {ATTENTION}, got '{c.attention}'")
     _require(c.norm == "layernorm", f"config key 'norm' must be 'layernorm', got '{c.norm}'")
     for key in ("layers", "d_model", "n_heads", "n_vocab", "seq", "cores_per_replica", "per_replica_batch",

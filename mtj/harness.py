@@ -49,17 +49,18 @@ except ImportError as e:
 
 @register_model("mtj")
 class MTJLM(TemplateLM):
-    """`--model_args ckpt=PATH[,mp=N][,dtype=float32][,max_gen_toks=256]`: a checkpoint (ours or an HF
-    directory) on mp devices; `dtype` overrides its compute dtype."""
+    """`--model_args ckpt=PATH[,mp=N][,dtype=float32][,quantize=int8][,max_gen_toks=256]`: a checkpoint (ours
+    or an HF directory) on mp devices; `dtype` overrides its compute dtype, `quantize` its inference weights."""
 
     def __init__(self, ckpt: str | None = None, mp: int | str = 1, dtype: str | None = None,
                  batch_size: int | str | None = 8, max_gen_toks: int | str = 256, lm: LM | None = None,
-                 device: str | None = None, max_batch_size: int | None = None) -> None:
+                 device: str | None = None, max_batch_size: int | None = None, quantize: str = "none") -> None:
         # `device` and `max_batch_size` come from the harness's command line: the mesh decides the devices.
         super().__init__()
         if lm is None and ckpt is None:
             raise ValueError("the mtj model needs model_args ckpt=PATH (a model_dir, step directory or HF directory)")
-        self.lm = lm if lm is not None else load(ckpt, mp=int(mp), **({"dtype": dtype} if dtype else {}))
+        overrides = {**({"dtype": dtype} if dtype else {}), **({"quantize": quantize} if quantize != "none" else {})}
+        self.lm = lm if lm is not None else load(ckpt, mp=int(mp), **overrides)
         self.tok = self.lm.require_tokenizer()
         size = str(batch_size or 8)
         self.batch = int(size) if size.isdigit() else 8  # "auto": the harness's HF model searches; 8 here

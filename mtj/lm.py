@@ -122,7 +122,8 @@ def inference_config(cfg: Config, overrides: dict[str, Any], platform: str | Non
 def load(path: PathLike, mp: int = 1, **overrides: Any) -> LM:
     """Load our checkpoint (model_dir or step dir) or an HF directory onto `mp` devices.
 
-    `overrides` replace config keys, e.g. dtype="float32"; the weights' dtype is `inference_config`'s.
+    `overrides` replace config keys, e.g. dtype="float32" or quantize="int8"; the weights' dtype is
+    `inference_config`'s.
     """
     path = user_path(path)
     # One replica; on several processes one per process, so that every process holds its part.
@@ -134,9 +135,16 @@ def load(path: PathLike, mp: int = 1, **overrides: Any) -> LM:
             params = place(convert.hf_to_params(convert.HFTensors(local, cfg), cfg), param_shardings(cfg, mesh),
                            cfg.param_dtype)
             tok = find_tokenizer_files(local)
-        return LM(cfg, params, mesh, Tokenizer(tok) if tok else None)
+        return _ready(LM(cfg, params, mesh, Tokenizer(tok) if tok else None))
     if checkpoint.is_checkpoint(path):
         model = checkpoint.restore_model(path, mesh, lambda cfg: inference_config(cfg, overrides), **overrides)
-        return LM(model.cfg, model.params, mesh, model.tokenizer)
+        return _ready(LM(model.cfg, model.params, mesh, model.tokenizer))
     raise FileNotFoundError(f"{path} is neither an mtj checkpoint (step_N directories) nor a Hugging Face "
                             "model directory (config.json + *.safetensors)")
+
+
+def _ready(lm: LM) -> LM:
+    """A quantized model (config key `quantize`) is quantized once, here, in the layout decoding reads."""
+    if lm.config.quantize != "none":
+        lm.use_decode_layout()
+    return lm

@@ -25,9 +25,10 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 
+from mtj import quantize
 from mtj.attention import fused, implementation
 from mtj.config import Config
-from mtj.ops import einsum_f32
+from mtj.ops import matmul_f32
 from mtj.sharding import constrain, rules, row_parallel_sum
 
 Params = dict[str, Any]
@@ -59,7 +60,7 @@ def scale_shift(x: jax.Array, scale: jax.Array | None, shift: jax.Array) -> jax.
 
 def dense(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
     # fp32 accumulation (bf16 in, fp32 out is also the fastest CPU matmul).
-    y = einsum_f32("...i,io->...o", x, w.astype(x.dtype))
+    y = matmul_f32(x, w)
     if b is not None:
         y = scale_shift(y, None, b)
     return y.astype(x.dtype)
@@ -316,7 +317,8 @@ class Transformer(nnx.Module):
         # Gather, then cast: casting the whole table would cost a pass over it each step, and
         # its gradient would be scattered in the compute dtype.
         dtype = jnp.dtype(self.cfg.dtype)
-        x = self.wte[...][tokens].astype(dtype)
+        table = self.wte[...]
+        x = (quantize.embed(table, tokens) if quantize.is_quantized(table) else table[tokens]).astype(dtype)
         if hasattr(self, "wpe"):
             x = x + self.wpe[...][positions].astype(dtype)
         return constrain(x, "batch", "seq", "embed")
@@ -368,6 +370,8 @@ class Transformer(nnx.Module):
     def logits(self, x: jax.Array) -> jax.Array:
         """fp32 logits [..., padded_vocab] of hidden states; padded vocabulary columns are -1e30."""
         kernel, bias = self.head()
+        if quantize.is_quantized(kernel):
+            return scale_shift(quantize.matmul(x, kernel), None, bias)
         logits = jnp.einsum("...d,dv->...v", x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
         return scale_shift(logits, None, bias)
 

@@ -14,6 +14,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from mtj import quantize
+
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def einsum_f32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
@@ -36,3 +38,11 @@ def _backward(spec, res, g):
 
 
 einsum_f32.defvjp(_forward, _backward)
+
+
+def matmul_f32(x: jax.Array, w: jax.Array | quantize.QArray) -> jax.Array:
+    """x [..., in] @ w [in, out] in fp32 with compute-dtype operands (`einsum_f32`); a quantized kernel
+    (inference) through `quantize.matmul`."""
+    if quantize.is_quantized(w):
+        return quantize.matmul(x, w)
+    return einsum_f32("...i,io->...o", x, w.astype(x.dtype))

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from mtj.ops import einsum_f32
+from mtj.ops import matmul_f32
 
 # Megatron-style tensor parallelism: attention is split by heads, the MLP by
 # hidden units, embeddings and LM head by vocabulary. Everything else is
@@ -87,15 +87,16 @@ def row_parallel_sum(pairs: list[tuple[jax.Array, jax.Array]]) -> jax.Array:
     products first and reducing once halves the traffic of a parallel block.
     """
     def local(*flat: jax.Array) -> jax.Array:
-        return sum(einsum_f32("...i,io->...o", x, w.astype(x.dtype))
-                   for x, w in zip(flat[::2], flat[1::2]))
+        return sum(matmul_f32(x, w) for x, w in zip(flat[::2], flat[1::2]))
 
     flat = [a for pair in pairs for a in pair]
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.shape.get("mp", 1) == 1:
         return local(*flat)
-    x_spec, w_spec = P(*([None] * (pairs[0][0].ndim - 1)), "mp"), P("mp", None)
+    x_spec = P(*([None] * (pairs[0][0].ndim - 1)), "mp")
+    # (a quantized kernel's scales are split with its rows where they have rows: int4's groups)
+    w_specs = [jax.tree.map(lambda a: P("mp", None) if a.shape[0] > 1 else P(), w) for _, w in pairs]
     return jax.shard_map(
         lambda *a: jax.lax.psum(local(*a), "mp"),
-        in_specs=(x_spec, w_spec) * len(pairs), out_specs=P(), axis_names={"mp"},
+        in_specs=tuple(spec for w_spec in w_specs for spec in (x_spec, w_spec)), out_specs=P(), axis_names={"mp"},
     )(*flat)

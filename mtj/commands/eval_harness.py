@@ -9,7 +9,7 @@ import json
 import jax
 
 from mtj import distributed, harness
-from mtj.cli import parser, run
+from mtj.cli import add_load_options, load_overrides, parser, run
 
 
 def main() -> None:
@@ -21,7 +21,7 @@ def main() -> None:
     ap.add_argument("--include-path", action="append", default=[], help="a folder of task YAMLs (repeatable)")
     ap.add_argument("--batch-size", type=int, default=8, help="requests scored in one forward pass")
     ap.add_argument("--mp", type=int, default=1, help="tensor-parallel devices")
-    ap.add_argument("--dtype", default=None, help="compute dtype override, e.g. float32")
+    add_load_options(ap, "compute dtype override, e.g. float32")
     ap.add_argument("--json", action="store_true", help="print the results as JSON instead of the harness's table")
     distributed.add_arguments(ap)
     args = ap.parse_args()
@@ -37,7 +37,7 @@ def main() -> None:
     distributed.initialize(args)
     manager = harness.task_manager(args.include_path)
     tasks = harness.resolve_tasks(names, manager)
-    model = harness.MTJLM(ckpt=args.ckpt, mp=args.mp, dtype=args.dtype, batch_size=args.batch_size)
+    model = harness.MTJLM(ckpt=args.ckpt, mp=args.mp, batch_size=args.batch_size, **load_overrides(args))
     results = harness.run(model, tasks, manager, args.limit, args.num_fewshot)
     if jax.process_index() != 0:  # every process ran the same requests in lockstep; process 0 reports
         return

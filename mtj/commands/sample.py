@@ -10,7 +10,7 @@ import numpy as np
 
 import mtj
 from mtj import distributed
-from mtj.cli import parser, run
+from mtj.cli import add_load_options, load_overrides, parser, run
 from mtj.decode.sampling import SEED_LIMIT, check_sampling
 from mtj.decode.stops import RowText
 from mtj.lm import LM
@@ -74,7 +74,7 @@ def arguments() -> argparse.ArgumentParser:
     ap.add_argument("--stop", action="append", default=[], help="end a sample before this text (repeatable)")
     ap.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
     ap.add_argument("--mp", type=int, default=1, help="tensor-parallel devices")
-    ap.add_argument("--dtype", default=None, help="compute dtype, e.g. float32 (default: the checkpoint's)")
+    add_load_options(ap, "compute dtype, e.g. float32 (default: the checkpoint's)")
     ap.add_argument("--json", action="store_true", help="one JSON object per sample and line")
     distributed.add_arguments(ap)
     return ap
@@ -96,7 +96,7 @@ def main() -> None:
     except ValueError as e:
         ap.error(str(e))
     distributed.initialize(args)
-    lm = mtj.load(args.ckpt, mp=args.mp, **({"dtype": args.dtype} if args.dtype else {}))
+    lm = mtj.load(args.ckpt, mp=args.mp, **load_overrides(args))
     try:
         check_sampling(args.temperature, args.top_k, args.top_p, 0, lm.config.n_vocab)
     except ValueError as e:

@@ -9,7 +9,7 @@ import mtj
 from mtj import access, distributed
 from mtj.paths import user_path
 from mtj.serve import Server, request_log
-from mtj.cli import parser, run
+from mtj.cli import add_load_options, load_overrides, parser, run
 
 
 def int_list(text: str) -> list[int]:
@@ -44,6 +44,7 @@ def arguments() -> argparse.ArgumentParser:
     ap.add_argument("--body-timeout", type=float, default=30.0, help="seconds a request body may take to arrive (408)")
     ap.add_argument("--served-model-name", default=None, help="the model name of the OpenAI API (default: the checkpoint's)")
     ap.add_argument("--mp", type=int, default=1, help="tensor-parallel devices")
+    add_load_options(ap, "compute dtype, e.g. float32 (default: the checkpoint's)")
     ap.add_argument("--no-request-log", action="store_true",
                     help="no line per request on stdout (client, path, status, rows, tokens, time; never the text)")
     sharing = ap.add_argument_group("sharing the server (see README: Sharing a server)")
@@ -84,7 +85,7 @@ def main() -> None:
     if not args.no_request_log:
         request_log(sys.stdout)
     distributed.initialize(args)
-    lm = mtj.load(args.ckpt, mp=args.mp)
+    lm = mtj.load(args.ckpt, mp=args.mp, **load_overrides(args))
     server = Server(lm, args.host, args.port, args.max_batch, args.max_queue, args.max_tokens,
                     model_name=args.served_model_name or user_path(args.ckpt).name, max_body_bytes=args.max_body_bytes,
                     max_connections=args.max_connections, body_timeout_s=args.body_timeout,

@@ -61,7 +61,7 @@ def screens(cfg: Config, mesh: jax.sharding.Mesh) -> bool:
     with AMX, with a vocabulary large enough that the candidate blocks are a small part of it.
     (Measured: on a 2-core Xeon with AMX the screen paid; on a 2-core EPYC with avx512_bf16 but no
     AMX fp32 greedy decoding ran faster without it, 517 vs 372 tokens/s at batch 1.)"""
-    return (cfg.dtype == "float32" and mesh.shape.get("mp", 1) == 1
+    return (cfg.dtype == "float32" and cfg.quantize == "none" and mesh.shape.get("mp", 1) == 1
             and cfg.padded_vocab % SCREEN_BLOCK == 0 and cfg.padded_vocab >= 2 * SCREEN_BLOCK * SCREEN_CANDIDATES
             and enabled() and has_amx())
 

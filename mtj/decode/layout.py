@@ -1,6 +1,6 @@
 """The weights as decoding reads them (`LM.use_decode_layout` applies it to an LM's own, once): the layers
-one tree each and q/k/v joined (`mtj.model.Layout`), matmul kernels in the compute dtype, a tied head as its
-own kernel."""
+one tree each and q/k/v joined (`mtj.model.Layout`), matmul kernels in the compute dtype (or quantized, with
+the embedding table: `mtj.quantize`), a tied head as its own kernel."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 import jax
 
 from mtj.model import Layout, Params, join_qkv, joins_qkv, output_head
+from mtj.quantize import is_quantized, quantize_weights
 
 COMPUTE_CAST = {"q", "k", "v", "o", "fc_in", "fc_out", "kernel"}  # matmul kernels: cast to the compute dtype at every use
 
@@ -25,16 +26,19 @@ def decode_layout(params: Params, cfg: Any) -> Params:
     Made one layer-stacked array at a time, each deleted once cut into its layers, so that making them
     takes the weights' memory plus the largest array's, not twice the weights' (a 6B in bf16 on a 24 GB
     GPU): `params`' layer arrays are consumed. Call under the model's mesh."""
-    def dtype(path: tuple, a: jax.Array) -> Any:
-        return cfg.dtype if path[-1].key in COMPUTE_CAST else a.dtype
+    cast = cfg.quantize == "none"  # (kernels to be quantized are, from their stored values)
 
-    out = jax.tree_util.tree_map_with_path(lambda path, a: a.astype(dtype(path, a)),
-                                           {k: v for k, v in params.items() if k != "layers"})
+    def dtype(path: tuple, a: jax.Array) -> Any:
+        return cfg.dtype if cast and path[-1].key in COMPUTE_CAST else a.dtype
+
+    out = jax.tree_util.tree_map_with_path(lambda path, a: a if is_quantized(a) else a.astype(dtype(path, a)),
+                                           {k: v for k, v in params.items() if k != "layers"}, is_leaf=is_quantized)
     layout = Layout.of(params)
     if layout.tied:
-        out["lm_head"] = {"kernel": output_head(params, cfg)[0].astype(cfg.dtype)}
+        kernel = output_head(params, cfg)[0]
+        out["lm_head"] = {"kernel": kernel.astype(cfg.dtype) if cast else kernel}
     if not layout.stacked:  # already per layer (made before)
-        return {**out, "layers": params["layers"]}
+        return _quantized({**out, "layers": params["layers"]}, cfg)
     leaves, tree = jax.tree_util.tree_flatten_with_path(params["layers"])
     per_layer: list[list[jax.Array]] = [[] for _ in range(cfg.layers)]
     for path, stacked in leaves:
@@ -47,7 +51,11 @@ def decode_layout(params: Params, cfg: Any) -> Params:
             apart, layer["attn"] = layer["attn"], _join_qkv(layer["attn"])
             for name in ("q", "k", "v"):
                 apart[name].delete()
-    return {**out, "layers": layers}
+    return _quantized({**out, "layers": layers}, cfg)
+
+
+def _quantized(params: Params, cfg: Any) -> Params:
+    return params if cfg.quantize == "none" else quantize_weights(params, cfg.quantize)
 
 
 @functools.partial(jax.jit, static_argnums=1)

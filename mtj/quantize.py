@@ -1,0 +1,75 @@
+"""Quantized inference weights (config key `quantize`): the matmul kernels, the LM head and the embedding table
+held as Qwix's `QArray` (integer values and their scales), read by `matmul` and `embed`.
+
+- int8: one scale per output channel (per row of the embedding table), so a product is the integer kernel's
+  product scaled afterwards (exact arithmetic on the integers: they fit bf16).
+- int4: one scale per output channel and group of `INT4_GROUP` input rows, so the kernel is dequantized
+  before its product (XLA fuses that into the matmul on TPUs and GPUs).
+
+Weights are quantized from their stored (param_dtype) values once, at load, in the decode layout
+(`mtj.decode.layout`), the layout every inference path reads.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import qwix
+from qwix import QArray
+
+INT4_GROUP = 128  # input rows sharing an int4 scale (the usual group size: GPTQ's, llama.cpp's Q4 blocks are 32)
+KERNELS = {"q", "k", "v", "qkv", "o", "fc_in", "fc_out", "kernel"}  # [in, out] matmul kernels ("kernel": the head)
+QTYPES = {"int8": jnp.int8, "int4": jnp.int4}
+
+
+def group_size(rows: int) -> int:
+    """The int4 group of a kernel with `rows` input rows: INT4_GROUP, or (small models) the largest common
+    divisor of the two."""
+    return math.gcd(rows, INT4_GROUP) if rows % INT4_GROUP else INT4_GROUP
+
+
+def quantize_array(w: jax.Array, kind: str, rows_axis: int) -> QArray:
+    """`w` quantized symmetrically (absmax): every axis but `rows_axis` (the contraction) gets its own scales;
+    int4 also per group of rows. Scales stay fp32."""
+    others = tuple(a for a in range(w.ndim) if a != rows_axis)
+    tiles = {rows_axis: group_size(w.shape[rows_axis])} if kind == "int4" else None
+    return qwix.quantize(w.astype(jnp.float32), QTYPES[kind], channelwise_axes=others, tiled_axes=tiles)
+
+
+def quantize_weights(params: dict, kind: str) -> dict:
+    """The weights (decode layout) with every matmul kernel and the embedding table quantized to `kind`, one
+    array at a time (so the temporaries are one array's); biases, norms, learned positions and kernels already
+    quantized stay as they are."""
+    def quantize(path: tuple, a: Any) -> Any:
+        name = path[-1].key
+        if is_quantized(a) or (name not in KERNELS and name != "wte"):
+            return a
+        # a kernel's rows are its inputs; the embedding table is gathered by row and (tied) read transposed
+        return _quantize(a, kind, a.ndim - 2 if name in KERNELS else a.ndim - 1)
+
+    return jax.tree_util.tree_map_with_path(quantize, params, is_leaf=is_quantized)
+
+
+_quantize = jax.jit(quantize_array, static_argnums=(1, 2))
+
+
+def is_quantized(w: Any) -> bool:
+    return isinstance(w, QArray)
+
+
+def matmul(x: jax.Array, w: QArray) -> jax.Array:
+    """x [..., in] @ w [in, out] in fp32 (compute-dtype operands) for a quantized kernel."""
+    if w.scale.shape[-2] == 1:  # one scale per output channel: scale the integer product
+        y = jnp.einsum("...i,io->...o", x, w.qvalue.astype(x.dtype), preferred_element_type=jnp.float32)
+        return y * w.scale[0].astype(jnp.float32)
+    kernel = qwix.dequantize(QArray(w.qvalue, w.scale.astype(x.dtype), qtype=w.qtype))
+    return jnp.einsum("...i,io->...o", x, kernel, preferred_element_type=jnp.float32)
+
+
+def embed(table: QArray, tokens: jax.Array) -> jax.Array:
+    """Rows `tokens` of a quantized table [V, d], dequantized (fp32)."""
+    rows = QArray(jnp.take(table.qvalue, tokens, axis=0), jnp.take(table.scale, tokens, axis=0), qtype=table.qtype)
+    return qwix.dequantize(rows)
