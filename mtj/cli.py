@@ -48,8 +48,7 @@ def add_load_options(ap: argparse.ArgumentParser, dtype_help: str) -> None:
 
 def load_overrides(args: argparse.Namespace) -> dict:
     """The config overrides `add_load_options`' options ask `mtj.load` for."""
-    return {**({"dtype": args.dtype} if args.dtype else {}),
-            **({"quantize": args.quantize} if args.quantize != "none" else {})}
+    return {"quantize": args.quantize, **({"dtype": args.dtype} if args.dtype else {})}
 
 
 def _urls() -> list[str]:

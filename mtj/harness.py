@@ -59,8 +59,9 @@ class MTJLM(TemplateLM):
         super().__init__()
         if lm is None and ckpt is None:
             raise ValueError("the mtj model needs model_args ckpt=PATH (a model_dir, step directory or HF directory)")
-        overrides = {**({"dtype": dtype} if dtype else {}), **({"quantize": quantize} if quantize != "none" else {})}
-        self.lm = lm if lm is not None else load(ckpt, mp=int(mp), **overrides)
+        if lm is None:
+            lm = load(ckpt, mp=int(mp), quantize=quantize, **({"dtype": dtype} if dtype else {}))
+        self.lm = lm
         self.tok = self.lm.require_tokenizer()
         size = str(batch_size or 8)
         self.batch = int(size) if size.isdigit() else 8  # "auto": the harness's HF model searches; 8 here

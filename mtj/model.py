@@ -371,8 +371,9 @@ class Transformer(nnx.Module):
         """fp32 logits [..., padded_vocab] of hidden states; padded vocabulary columns are -1e30."""
         kernel, bias = self.head()
         if quantize.is_quantized(kernel):
-            return scale_shift(quantize.matmul(x, kernel), None, bias)
-        logits = jnp.einsum("...d,dv->...v", x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
+            logits = quantize.matmul(x, kernel)
+        else:
+            logits = jnp.einsum("...d,dv->...v", x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
         return scale_shift(logits, None, bias)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
