@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from mtj import checkpoint, convert, platforms
+from mtj import cpu_matmul, checkpoint, convert, platforms
 from mtj.config import Config
 from mtj.decode.generator import Generator, TokenSink
 from mtj.decode.layout import decode_layout
@@ -144,7 +144,8 @@ def load(path: PathLike, mp: int = 1, **overrides: Any) -> LM:
 
 
 def _ready(lm: LM) -> LM:
-    """A quantized model (config key `quantize`) is quantized once, here, in the layout decoding reads."""
-    if lm.config.quantize != "none":
+    """A quantized model (config key `quantize`) is quantized once, here, in the layout decoding reads; so
+    is a bf16 one on one CPU device, whose kernels `mtj.cpu_matmul` reads as bf16."""
+    if lm.config.quantize != "none" or (lm.config.dtype == "bfloat16" and cpu_matmul.enabled(lm.mesh)):
         lm.use_decode_layout()
     return lm

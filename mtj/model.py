@@ -25,7 +25,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 
-from mtj import quantize
+from mtj import cpu_matmul, quantize
 from mtj.attention import fused, implementation
 from mtj.config import Config
 from mtj.ops import matmul_f32
@@ -370,8 +370,8 @@ class Transformer(nnx.Module):
     def logits(self, x: jax.Array) -> jax.Array:
         """fp32 logits [..., padded_vocab] of hidden states; padded vocabulary columns are -1e30."""
         kernel, bias = self.head()
-        if quantize.is_quantized(kernel):
-            logits = quantize.matmul(x, kernel)
+        if quantize.is_quantized(kernel) or cpu_matmul.is_packed(kernel):  # inference kernels
+            logits = matmul_f32(x, kernel)
         else:
             logits = jnp.einsum("...d,dv->...v", x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
         return scale_shift(logits, None, bias)

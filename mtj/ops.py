@@ -14,7 +14,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from mtj import quantize
+from mtj import cpu_matmul, quantize
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -40,9 +40,11 @@ def _backward(spec, res, g):
 einsum_f32.defvjp(_forward, _backward)
 
 
-def matmul_f32(x: jax.Array, w: jax.Array | quantize.QArray) -> jax.Array:
-    """x [..., in] @ w [in, out] in fp32 with compute-dtype operands (`einsum_f32`); a quantized kernel
-    (inference) through `quantize.matmul`."""
+def matmul_f32(x: jax.Array, w: jax.Array | quantize.QArray | cpu_matmul.PackedKernel) -> jax.Array:
+    """x [..., in] @ w [in, out] in fp32 with compute-dtype operands (`einsum_f32`); the inference kernels,
+    quantized or packed, through `quantize.matmul` and `cpu_matmul.matmul`."""
     if quantize.is_quantized(w):
         return quantize.matmul(x, w)
+    if cpu_matmul.is_packed(w):
+        return cpu_matmul.matmul(x, w)
     return einsum_f32("...i,io->...o", x, w.astype(x.dtype))

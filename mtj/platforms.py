@@ -69,6 +69,15 @@ def cpu_kernels() -> bool:
     return platform().cpu_kernels and os.environ.get("MTJ_CPU_KERNELS", "1") != "0"
 
 
+def cpu_flags() -> frozenset[str]:
+    """The instruction-set flags of this machine's CPU (Linux's /proc/cpuinfo; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return frozenset(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+    except OSError:
+        return frozenset()
+
+
 def gloo_collectives() -> bool:
     """Whether processes on this host talk through gloo (CPU processes, not a TPU VM)."""
     return jax.config.jax_platforms in (None, "", "cpu") and not os.environ.get("TPU_NAME")

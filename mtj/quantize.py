@@ -42,18 +42,23 @@ def quantize_array(w: jax.Array, kind: str, rows_axis: int) -> QArray:
 def quantize_weights(params: dict, kind: str) -> dict:
     """The weights (decode layout) with every matmul kernel and the embedding table quantized to `kind`, one
     array at a time (so the temporaries are one array's); biases, norms, learned positions and kernels already
-    quantized stay as they are."""
+    quantized (or packed) stay as they are."""
     def quantize(path: tuple, a: Any) -> Any:
         name = path[-1].key
-        if is_quantized(a) or (name not in KERNELS and name != "wte"):
+        if not isinstance(a, jax.Array) or (name not in KERNELS and name != "wte"):
             return a
         # a kernel's rows are its inputs; the embedding table is gathered by row and (tied) read transposed
         return _quantize(a, kind, a.ndim - 2 if name in KERNELS else a.ndim - 1)
 
-    return jax.tree_util.tree_map_with_path(quantize, params, is_leaf=is_quantized)
+    return jax.tree_util.tree_map_with_path(quantize, params, is_leaf=is_weight)
 
 
 _quantize = jax.jit(quantize_array, static_argnums=(1, 2))
+
+
+def is_weight(a: Any) -> bool:
+    """A leaf of a weights tree (nested dicts): an array, a `QArray` or another inference kernel."""
+    return not isinstance(a, dict)
 
 
 def is_quantized(w: Any) -> bool:

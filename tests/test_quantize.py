@@ -11,9 +11,11 @@ import jax
 import jax.numpy as jnp
 
 import mtj
+from mtj import cpu_matmul
 from conftest import REPO, SHARP, assets, hf_gptj
 from mtj.config import ConfigError, from_dict
 from mtj.quantize import INT4_GROUP, is_quantized, matmul, quantize_array
+from mtj.cpu_matmul import is_packed
 from mtj.sharding import make_mesh
 from mtj.tokenizer import load_tokenizer
 from mtj.train import train
@@ -56,7 +58,9 @@ def test_quantized_models_keep_their_quality(trained):
     int8, int4 = (mtj.load(run, dtype="float32", quantize=q) for q in ("int8", "int4"))
     assert perplexity(int8, held_out) <= 1.01 * base
     assert perplexity(int4, held_out) <= 1.05 * base
-    assert is_quantized(int8.params["lm_head"]["kernel"]) and is_quantized(int4.params["layers"][0]["mlp"]["fc_out"])
+    head = int8.params["lm_head"]["kernel"]  # int8 kernels: packed for mtj's CPU matmul where it runs
+    assert is_packed(head) if cpu_matmul.enabled(int8.mesh) else is_quantized(head)
+    assert is_quantized(int4.params["layers"][0]["mlp"]["fc_out"])
     starts = np.linspace(0, len(held_out) - 100, 50).astype(int)
     prompts = [held_out[s: s + 16].tolist() for s in starts]
     same = [a == b for a, b in zip(int8.generate_tokens(prompts, 64, temperature=0),
@@ -80,10 +84,12 @@ def test_the_quantized_product_is_the_dequantized_kernels(kind):
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
-def test_sharded_quantized_models_equal_one_device(tmp_path, kind):
+def test_sharded_quantized_models_equal_one_device(tmp_path, monkeypatch, kind):
+    """(One device through XLA's dot, as mp=2 runs: mtj's CPU matmul is compared with it in test_cpu_matmul.)"""
     path = hf_gptj(tmp_path / "hf", vocab_size=1000, n_positions=64, n_embd=256, n_head=4, rotary_dim=8, n_layer=2,
                    **SHARP)
     tokens = np.random.default_rng(0).integers(0, 1000, (2, 12))
+    monkeypatch.setenv("MTJ_CPU_KERNELS", "0")
     one = mtj.load(path, dtype="float32", quantize=kind)
     two = mtj.load(path, mp=2, dtype="float32", quantize=kind)
     np.testing.assert_allclose(two.logits(tokens), one.logits(tokens), rtol=1e-5, atol=1e-4)

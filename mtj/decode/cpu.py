@@ -18,7 +18,6 @@ import jax.numpy as jnp
 from mtj import platforms
 from mtj.config import Config
 from mtj.model import Params, output_head
-from mtj.paths import user_path
 
 
 def enabled() -> bool:
@@ -49,11 +48,7 @@ SCREEN_BLOCK, SCREEN_CANDIDATES = 32, 8
 
 def has_amx() -> bool:
     """Whether this CPU has AMX bf16 tiles (Linux: the amx_bf16 flag in /proc/cpuinfo)."""
-    try:
-        return any(line.startswith("flags") and " amx_bf16" in line
-                   for line in user_path("/proc/cpuinfo").read_text().splitlines())
-    except OSError:
-        return False
+    return "amx_bf16" in platforms.cpu_flags()
 
 
 def screens(cfg: Config, mesh: jax.sharding.Mesh) -> bool:

@@ -1,6 +1,7 @@
 """The weights as decoding reads them (`LM.use_decode_layout` applies it to an LM's own, once): the layers
 one tree each and q/k/v joined (`mtj.model.Layout`), matmul kernels in the compute dtype (or quantized, with
-the embedding table: `mtj.quantize`), a tied head as its own kernel."""
+the embedding table: `mtj.quantize`), a tied head as its own kernel; on one CPU device, int8 and bf16
+kernels packed for mtj's CPU matmul (`mtj.cpu_matmul`)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from typing import Any
 
 import jax
 
+from mtj import cpu_matmul
 from mtj.model import Layout, Params, join_qkv, joins_qkv, output_head
-from mtj.quantize import is_quantized, quantize_weights
+from mtj.quantize import KERNELS, is_weight, quantize_weights
 
 COMPUTE_CAST = {"q", "k", "v", "o", "fc_in", "fc_out", "kernel"}  # matmul kernels: cast to the compute dtype at every use
 
@@ -31,8 +33,8 @@ def decode_layout(params: Params, cfg: Any) -> Params:
     def dtype(path: tuple, a: jax.Array) -> Any:
         return cfg.dtype if cast and path[-1].key in COMPUTE_CAST else a.dtype
 
-    out = jax.tree_util.tree_map_with_path(lambda path, a: a if is_quantized(a) else a.astype(dtype(path, a)),
-                                           {k: v for k, v in params.items() if k != "layers"}, is_leaf=is_quantized)
+    out = jax.tree_util.tree_map_with_path(lambda path, a: a.astype(dtype(path, a)) if isinstance(a, jax.Array) else a,
+                                           {k: v for k, v in params.items() if k != "layers"}, is_leaf=is_weight)
     layout = Layout.of(params)
     if layout.tied:
         kernel = output_head(params, cfg)[0]
@@ -55,7 +57,21 @@ def decode_layout(params: Params, cfg: Any) -> Params:
 
 
 def _quantized(params: Params, cfg: Any) -> Params:
-    return params if cfg.quantize == "none" else quantize_weights(params, cfg.quantize)
+    """Kernels quantized as `cfg` says, then packed for the CPU matmul where it runs."""
+    if cfg.quantize != "none":
+        params = quantize_weights(params, cfg.quantize)
+    leaves = jax.tree.leaves(params, is_leaf=is_weight)
+    if not any(map(cpu_matmul.packable, leaves)) or not cpu_matmul.enabled(jax.sharding.get_abstract_mesh()):
+        return params
+
+    def pack(path: tuple, a: Any) -> Any:
+        if path[-1].key not in KERNELS or not cpu_matmul.packable(a):
+            return a
+        packed = cpu_matmul.pack(a)
+        jax.tree.map(lambda leaf: leaf.delete(), a)  # (consumed: the weights are held once)
+        return packed
+
+    return jax.tree_util.tree_map_with_path(pack, params, is_leaf=is_weight)
 
 
 @functools.partial(jax.jit, static_argnums=1)
