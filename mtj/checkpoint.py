@@ -26,6 +26,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
+from mtj import quantize
 from mtj.config import Config, ConfigError, from_dict
 from mtj.model import Params, param_shardings, param_specs
 from mtj.paths import PathLike, is_remote, user_path
@@ -330,17 +331,34 @@ def read_tokenizer(step_dir: PathLike) -> Tokenizer | None:
     return Tokenizer.from_json(restore_items(step_dir, tokenizer=ocp.args.JsonRestore())["tokenizer"]["tokenizer_json"])
 
 
-def abstract_params(cfg: Config, mesh: Mesh) -> Params:
-    """ShapeDtypeStructs with target shardings: restoring onto them reshards to `mesh`."""
+def stored_quantization(step_dir: PathLike) -> str:
+    """How a step's weights are stored: "none", or "int8"/"int4" for `mtj-slim --quantize` (meta "quantized")."""
+    return read_meta(step_dir).get("quantized", "none")
+
+
+def abstract_params(cfg: Config, mesh: Mesh, quantized: str = "none") -> Params:
+    """ShapeDtypeStructs with target shardings: restoring onto them reshards to `mesh`. `quantized`: the
+    weights as a quantized checkpoint stores them (`mtj.quantize.QArray`s)."""
     shardings = param_shardings(cfg, mesh)
     specs = param_specs(cfg)
-    return jax.tree.map(
+    abstract = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, jax.numpy.dtype(cfg.param_dtype), sharding=sh),
         specs, shardings, is_leaf=lambda x: hasattr(x, "axes"))
+    return abstract if quantized == "none" else quantize.abstract_weights(abstract, quantized)
 
 
-def restore_params(step_dir: PathLike, cfg: Config, mesh: Mesh) -> Params:
-    return restore_items(step_dir, params=ocp.args.StandardRestore(abstract_params(cfg, mesh)))["params"]
+def restore_params(step_dir: PathLike, cfg: Config, mesh: Mesh, quantized: str = "none") -> Params:
+    abstract = abstract_params(cfg, mesh, quantized)
+    return restore_items(step_dir, params=ocp.args.StandardRestore(abstract))["params"]
+
+
+def refuse_quantized(step_dir: PathLike, use: str) -> None:
+    """A quantized checkpoint (`mtj-slim --quantize`) serves inference only: `use` (training, export) needs
+    the checkpoint it was made from."""
+    kind = stored_quantization(step_dir)
+    if kind != "none":
+        raise ConfigError(f"{step_dir} holds {kind}-quantized weights (mtj-slim --quantize), which are for "
+                              f"sampling, serving and evaluation; {use} needs the checkpoint it was made from")
 
 
 @dataclass
@@ -358,7 +376,12 @@ def restore_model(ckpt: PathLike, mesh: Mesh, adjust: Callable[[Config], Config]
     """The newest step of `ckpt` that restores, onto `mesh`; `overrides` replace config keys, then `adjust`
     may change the config (the weights are restored in its param_dtype)."""
     def restore(step_dir: epath.Path) -> Model:
+        quantized = stored_quantization(step_dir)
+        if quantized != "none" and overrides.get("quantize", quantized) != quantized:
+            raise ConfigError(f"{step_dir} holds {quantized}-quantized weights (mtj-slim --quantize); they "
+                                  f"load as {quantized} only, not as quantize='{overrides['quantize']}': load the "
+                                  "checkpoint it was made from for that")
         cfg = adjust(read_config(step_dir).replace(cores_per_replica=mesh.shape["mp"], **overrides))
-        return Model(cfg, restore_params(step_dir, cfg, mesh), read_tokenizer(step_dir), step_dir)
+        return Model(cfg, restore_params(step_dir, cfg, mesh, quantized), read_tokenizer(step_dir), step_dir)
 
     return restore_newest(ckpt, restore)[0]

@@ -41,14 +41,14 @@ def parser(prog: str, description: str | None) -> argparse.ArgumentParser:
 def add_load_options(ap: argparse.ArgumentParser, dtype_help: str) -> None:
     """--dtype and --quantize: how a command that loads a model (`mtj.load`) holds it."""
     ap.add_argument("--dtype", default=None, help=dtype_help)
-    ap.add_argument("--quantize", choices=QUANTIZE, default="none",
+    ap.add_argument("--quantize", choices=QUANTIZE, default=None,
                     help="inference weights: int8 (a scale per output channel) or int4 (a scale per group of 128 "
-                         "input rows), quantized at load")
+                         "input rows), quantized at load (default: as the checkpoint stores them)")
 
 
 def load_overrides(args: argparse.Namespace) -> dict:
     """The config overrides `add_load_options`' options ask `mtj.load` for."""
-    return {"quantize": args.quantize, **({"dtype": args.dtype} if args.dtype else {})}
+    return {key: value for key, value in (("quantize", args.quantize), ("dtype", args.dtype)) if value}
 
 
 def _urls() -> list[str]:

@@ -54,13 +54,13 @@ class MTJLM(TemplateLM):
 
     def __init__(self, ckpt: str | None = None, mp: int | str = 1, dtype: str | None = None,
                  batch_size: int | str | None = 8, max_gen_toks: int | str = 256, lm: LM | None = None,
-                 device: str | None = None, max_batch_size: int | None = None, quantize: str = "none") -> None:
+                 device: str | None = None, max_batch_size: int | None = None, quantize: str | None = None) -> None:
         # `device` and `max_batch_size` come from the harness's command line: the mesh decides the devices.
         super().__init__()
         if lm is None and ckpt is None:
             raise ValueError("the mtj model needs model_args ckpt=PATH (a model_dir, step directory or HF directory)")
         if lm is None:
-            lm = load(ckpt, mp=int(mp), quantize=quantize, **({"dtype": dtype} if dtype else {}))
+            lm = load(ckpt, mp=int(mp), **{k: v for k, v in (("quantize", quantize), ("dtype", dtype)) if v})
         self.lm = lm
         self.tok = self.lm.require_tokenizer()
         size = str(batch_size or 8)

@@ -502,7 +502,8 @@ def join_qkv(attn: Params) -> Params:
     """A layer's attention weights with the q, k and v kernels (and biases) as one "qkv" kernel: one small
     matmul instead of three."""
     attn = dict(attn)
-    attn["qkv"] = jnp.concatenate([attn.pop(n) for n in ("q", "k", "v")], axis=-1)
+    # (quantized kernels too: their integers and per-output-channel scales join along the outputs alike)
+    attn["qkv"] = jax.tree.map(lambda *a: jnp.concatenate(a, axis=-1), *[attn.pop(n) for n in ("q", "k", "v")])
     if "q_bias" in attn:
         attn["qkv_bias"] = jnp.concatenate([attn.pop(f"{n}_bias") for n in ("q", "k", "v")], axis=-1)
     return attn

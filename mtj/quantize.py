@@ -12,6 +12,7 @@ Weights are quantized from their stored (param_dtype) values once, at load, in t
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -44,13 +45,36 @@ def quantize_weights(params: dict, kind: str) -> dict:
     array at a time (so the temporaries are one array's); biases, norms, learned positions and kernels already
     quantized (or packed) stay as they are."""
     def quantize(path: tuple, a: Any) -> Any:
-        name = path[-1].key
-        if not isinstance(a, jax.Array) or (name not in KERNELS and name != "wte"):
-            return a
-        # a kernel's rows are its inputs; the embedding table is gathered by row and (tied) read transposed
-        return _quantize(a, kind, a.ndim - 2 if name in KERNELS else a.ndim - 1)
+        rows = rows_axis(path[-1].key, a.ndim) if isinstance(a, jax.Array) else None
+        return a if rows is None else _quantize(a, kind, rows)
 
     return jax.tree_util.tree_map_with_path(quantize, params, is_leaf=is_weight)
+
+
+def rows_axis(name: str, ndim: int) -> int | None:
+    """The contraction axis of a weights leaf called `name` that is quantized, None for one that is not: a
+    kernel's rows are its inputs; the embedding table is gathered by row and (tied) read transposed."""
+    if name in KERNELS:
+        return ndim - 2
+    return ndim - 1 if name == "wte" else None
+
+
+def abstract_weights(abstract: dict, kind: str) -> dict:
+    """The ShapeDtypeStructs of `quantize_weights(params, kind)` for `abstract` (params' ShapeDtypeStructs
+    with shardings: restoring onto them places a quantized checkpoint). The integers are sharded as the
+    weights were; scales along the weights' sharded axes where they have the same length there."""
+    def quantized(path: tuple, a: jax.ShapeDtypeStruct) -> Any:
+        rows = rows_axis(path[-1].key, len(a.shape))
+        if rows is None:
+            return a
+        shapes = jax.eval_shape(functools.partial(quantize_array, kind=kind, rows_axis=rows), a)
+        spec = tuple(a.sharding.spec) + (None,) * (len(a.shape) - len(a.sharding.spec))
+        scale_spec = [axis if n == full else None for axis, n, full in zip(spec, shapes.scale.shape, a.shape)]
+        scale = jax.sharding.NamedSharding(a.sharding.mesh, jax.sharding.PartitionSpec(*scale_spec))
+        return QArray(jax.ShapeDtypeStruct(a.shape, shapes.qvalue.dtype, sharding=a.sharding),
+                      jax.ShapeDtypeStruct(shapes.scale.shape, shapes.scale.dtype, sharding=scale), qtype=shapes.qtype)
+
+    return jax.tree_util.tree_map_with_path(quantized, abstract)
 
 
 _quantize = jax.jit(quantize_array, static_argnums=(1, 2))

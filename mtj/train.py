@@ -162,6 +162,7 @@ def _restore_state(trainer: Trainer, ckpt: PathLike, with_opt: bool, resume: boo
     abstract = trainer.abstract_state
 
     def restore(step_dir: epath.Path) -> dict:
+        checkpoint.refuse_quantized(step_dir, "training")
         _check_same_model(trainer.cfg, checkpoint.read_config(step_dir), str(step_dir))
         items = {"params": ocp.args.StandardRestore(abstract["params"]), "meta": ocp.args.JsonRestore()}
         if resume or (with_opt and (step_dir / "opt_state").is_dir()):

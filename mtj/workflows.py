@@ -13,13 +13,14 @@ import numpy as np
 from etils import epath
 
 from mtj import checkpoint
-from mtj.config import load_config
+from mtj.config import QUANTIZE, load_config
 from mtj.convert import (EXPORT_DTYPES, HFTensors, config_from_hf, config_to_hf, hf_shapes, hf_to_params, is_hf_dir,
                          params_to_hf, read_hf_config, spec_at, write_shards)
 from mtj.families import GPTJ
 from mtj.model import param_shardings
 from mtj.mtj_v1 import V1Shards, v1_to_params
 from mtj.paths import PathLike, local_copy, published_dir, refuse_overwrite, user_path
+from mtj.quantize import is_quantized, is_weight, quantize_weights
 from mtj.sharding import make_mesh, place
 from mtj.tokenizer import Tokenizer, find_tokenizer_files, load_tokenizer
 
@@ -44,6 +45,7 @@ def export_hf(ckpt: PathLike, out: PathLike, dtype: str = "fp32", max_shard_size
     default is transformers'), generation_config.json, tokenizer."""
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(EXPORT_DTYPES)}, got '{dtype}'")
+    checkpoint.refuse_quantized(checkpoint.latest(ckpt), "export to Hugging Face")
     with published_dir(out) as tmp:
         model = checkpoint.restore_model(ckpt, make_mesh(mp=1, dp=1))
         cfg, params, tokenizer = model.cfg, model.params, model.tokenizer
@@ -81,13 +83,21 @@ def import_v1(step_dir: PathLike, config: PathLike, out: PathLike, **overrides: 
     return step
 
 
-def slim(ckpt: PathLike, out: PathLike, dtype: str = "bf16") -> epath.Path:
-    """A params-only copy of a checkpoint in a smaller dtype (no optimizer state): for sampling and serving."""
+def slim(ckpt: PathLike, out: PathLike, dtype: str = "bf16", quantize: str = "none") -> epath.Path:
+    """A params-only copy of a checkpoint in a smaller dtype (no optimizer state), for sampling and serving;
+    with `quantize` ("int8", "int4") its matmul kernels and embedding table are stored quantized (`mtj.quantize`:
+    integers and their scales), as `mtj.load(quantize=...)` would make them, and the step's meta says so."""
     names = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
     if dtype not in names:
         raise ValueError(f"--dtype must be one of {sorted(names)}, got '{dtype}'")
+    if quantize not in QUANTIZE:
+        raise ValueError(f"--quantize must be one of {QUANTIZE}, got '{quantize}'")
     refuse_overwrite(out)
+    checkpoint.refuse_quantized(checkpoint.latest(ckpt), "slimming")
     model = checkpoint.restore_model(ckpt, make_mesh(mp=1, dp=1))
-    small = jax.tree.map(lambda a: a.astype(names[dtype]), model.params)
+    # quantized from the stored values (as mtj.load quantizes), not from the smaller dtype's
+    params = model.params if quantize == "none" else quantize_weights(model.params, quantize)
+    small = jax.tree.map(lambda a: a if is_quantized(a) else a.astype(names[dtype]), params, is_leaf=is_weight)
     return checkpoint.save(out, checkpoint.step_number(model.step_dir), small,
-                           model.cfg.replace(param_dtype=names[dtype]), model.tokenizer)
+                           model.cfg.replace(param_dtype=names[dtype], quantize=quantize), model.tokenizer,
+                           meta={"quantized": quantize} if quantize != "none" else None)

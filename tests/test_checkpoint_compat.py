@@ -18,7 +18,8 @@ from make_pre_nnx_checkpoints import CONFIGS, TOKENS  # noqa: E402
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_a_checkpoint_from_before_the_nnx_model_restores_to_the_same_logits(name, tmp_path):
+def test_a_checkpoint_from_before_the_nnx_model_restores_to_the_same_logits(name, tmp_path, monkeypatch):
+    monkeypatch.setenv("MTJ_CPU_KERNELS", "0")  # the fixture's logits are XLA's (mtj's CPU matmul: test_cpu_matmul)
     ckpt = shutil.copytree(FIXTURES / "pre_nnx" / name, tmp_path / name)  # restoring must not touch the fixture
     lm = mtj.load(ckpt)
     assert lm.config.to_dict() == CONFIGS[name].to_dict()
@@ -26,8 +27,10 @@ def test_a_checkpoint_from_before_the_nnx_model_restores_to_the_same_logits(name
     np.testing.assert_allclose(lm.logits(TOKENS), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_a_model_loads_with_its_weights_in_the_compute_dtype(tmp_path):
-    # What loading defaults to on accelerators (mtj.lm.inference_config); on CPU it is asked for.
+def test_a_model_loads_with_its_weights_in_the_compute_dtype(tmp_path, monkeypatch):
+    # What loading defaults to on accelerators (mtj.lm.inference_config); on CPU it is asked for (and
+    # without mtj's CPU matmul, which would hold a bf16 model's kernels packed in bf16 either way).
+    monkeypatch.setenv("MTJ_CPU_KERNELS", "0")
     ckpt = shutil.copytree(FIXTURES / "pre_nnx" / "gptj", tmp_path / "gptj")
     masters = mtj.load(ckpt, dtype="bfloat16")
     compact = mtj.load(ckpt, dtype="bfloat16", param_dtype="bfloat16")

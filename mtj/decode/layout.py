@@ -41,18 +41,17 @@ def decode_layout(params: Params, cfg: Any) -> Params:
         out["lm_head"] = {"kernel": kernel.astype(cfg.dtype) if cast else kernel}
     if not layout.stacked:  # already per layer (made before)
         return _quantized({**out, "layers": params["layers"]}, cfg)
-    leaves, tree = jax.tree_util.tree_flatten_with_path(params["layers"])
+    leaves, tree = jax.tree_util.tree_flatten_with_path(params["layers"], is_leaf=is_weight)
     per_layer: list[list[jax.Array]] = [[] for _ in range(cfg.layers)]
-    for path, stacked in leaves:
+    for path, stacked in leaves:  # (arrays, or the QArrays of a quantized checkpoint)
         for i, piece in enumerate(_cut(stacked, dtype(path, stacked))):
             per_layer[i].append(piece)
-        stacked.delete()
+        jax.tree.map(lambda a: a.delete(), stacked)
     layers = {i: jax.tree_util.tree_unflatten(tree, pieces) for i, pieces in enumerate(per_layer)}
     if joins_qkv():
         for layer in layers.values():
             apart, layer["attn"] = layer["attn"], _join_qkv(layer["attn"])
-            for name in ("q", "k", "v"):
-                apart[name].delete()
+            jax.tree.map(lambda a: a.delete(), [apart[name] for name in ("q", "k", "v")])
     return _quantized({**out, "layers": layers}, cfg)
 
 
