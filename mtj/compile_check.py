@@ -20,6 +20,7 @@ import numpy as np
 
 from mtj.checkpoint import abstract_params
 from mtj.config import REMAT_POLICIES, Config
+from mtj.decode.cache import cache_dtype
 from mtj.decode.generator import Generator
 from mtj.lm import inference_config
 from mtj.metrics import flops_per_token
@@ -27,6 +28,7 @@ from mtj.sharding import make_mesh
 from mtj.train import Trainer
 
 GIB = 2**30
+MAX_BATCH = 4096  # check_inference searches no further
 # name -> (libtpu topology, HBM per chip in GiB)
 TOPOLOGIES = {
     "v2-8": ("v2:2x2", 16), "v2-32": ("v2:4x4", 16),
@@ -224,21 +226,50 @@ def remat_table(cfg: Config, topology: str) -> list[dict[str, Any]]:
 
 
 def check_decode(cfg: Config, mesh: jax.sharding.Mesh, hbm: float | None, batch: int = 8,
-                 prompt: int = 512, new_tokens: int = 512) -> dict[str, Any]:
+                 prompt: int = 512, new_tokens: int = 512, quantize: str = "none") -> dict[str, Any]:
     """Compile generation (prefill + KV-cache decode loop) for `batch` prompts on the same mesh, with the
-    weights as a model loaded there holds them (the compute dtype on TPUs)."""
-    inference = inference_config(cfg.replace(remat=False), {}, mesh.devices.flat[0].platform)
-    params = abstract_params(inference, mesh)
+    weights as a model loaded there holds them (the compute dtype on TPUs; `quantize`: as a quantized
+    checkpoint stores them, `mtj.quantize`). Per device: the weights, the KV cache (part of XLA's
+    temporaries: the program makes it) and XLA's totals."""
+    inference = inference_config(cfg.replace(remat=False, quantize=quantize), {}, mesh.devices.flat[0].platform)
+    params = abstract_params(inference, mesh, quantize)
     gen = Generator(inference, params, mesh, eos_id=0)
+    shape = {"batch": batch, "prompt": prompt, "new_tokens": new_tokens, "quantize": quantize,
+             "weights_gib": _gib(_bytes_per_device(params))}
     start = time.perf_counter()
     try:
         with jax.set_mesh(mesh):
+            shape["cache_gib"] = _gib(2 * cfg.layers * batch * cfg.n_heads * (prompt + new_tokens) * cfg.head_dim
+                                      * cache_dtype(inference).itemsize / mesh.shape["mp"])
             compiled = gen._fn(new_tokens, streaming=False, greedy=False).lower(
                 params, None, *gen.abstract_args(batch, prompt)).compile()
     except Exception as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
-        return {"batch": batch, "prompt": prompt, "new_tokens": new_tokens, "fits": False,
-                "error": str(e).strip().splitlines()[0][:300]}
-    return {"batch": batch, "prompt": prompt, "new_tokens": new_tokens,
-            "compile_seconds": round(time.perf_counter() - start, 1), **_memory(compiled, hbm)}
+        return {**shape, "fits": False, "error": str(e).strip().splitlines()[0][:300]}
+    return {**shape, "compile_seconds": round(time.perf_counter() - start, 1), **_memory(compiled, hbm)}
+
+
+def check_inference(cfg: Config, topology: str, quantize: str = "none", batch: int = 8, context: int = 1024,
+                    largest_batch: bool = True) -> dict[str, Any]:
+    """Generation alone (no train step) on `topology`: `check_decode` for `batch` rows of `context` tokens (half
+    prompt, half new), and (`largest_batch`) the largest multiple of `batch` that fits there (doubling, then
+    bisecting; every answer compiled): what the memory quantization frees is worth in rows."""
+    devices, hbm = topology_devices(topology)
+    mesh = make_mesh(mp=cfg.mp, devices=devices)
+    prompt = context // 2
+
+    def fits(rows: int) -> bool:
+        return check_decode(cfg, mesh, hbm, rows, prompt, context - prompt, quantize)["fits"]
+
+    decode = check_decode(cfg, mesh, hbm, batch, prompt, context - prompt, quantize)
+    if largest_batch and decode["fits"] and hbm is not None:
+        low, high = batch, 2 * batch  # low fits; high is the next to try, then the smallest known not to
+        while high <= MAX_BATCH and fits(high):
+            low, high = high, 2 * high
+        while high - low > batch:
+            middle = (low + high) // 2 // batch * batch
+            low, high = (middle, high) if fits(middle) else (low, middle)
+        decode["largest_batch"], decode["failing_batch"] = low, high  # (high: compiled and did not fit, or untried)
+    return {"topology": topology, "devices": len(devices), "mesh": dict(mesh.shape), "fits": decode["fits"],
+            "decode": decode}

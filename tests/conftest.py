@@ -114,7 +114,7 @@ def refused(match: str):
 # The longest files first: two workers take whole files (--dist loadfile, --no-loadscope-reorder), and a long
 # file started last runs alone at the end (test_readme's 157 s did). Longest first: the two finish together.
 LONGEST_FIRST = ["test_train.py", "test_compile_check.py", "test_harness.py", "test_lock.py", "test_gcs.py",
-                 "test_scale.py", "test_serve_fuzz.py", "test_readme.py", "test_faults.py", "test_generate.py",
+                 "test_scale.py", "test_serve_fuzz.py", "test_readme.py", "test_quantize.py", "test_faults.py", "test_generate.py",
                  "test_serve_faults.py", "test_engine.py"]
 
 

@@ -147,3 +147,20 @@ def test_an_unknown_topology_is_a_usage_error():
                            "--topology", "v9-8"], cwd=REPO, capture_output=True, text=True)
     last = done.stderr.strip().splitlines()[-1]
     assert done.returncode == 2 and "unknown --topology 'v9-8'" in last and "v6e-8" in last, done.stderr[-2000:]
+
+
+@needs_libtpu
+def test_quantized_generation_holds_half_the_weights_and_the_largest_batch_is_compiled():
+    """compile_check --quantize int8: generation alone, its weights half of bf16's, and the largest batch (a
+    multiple of --batch) that fits, found by compiling: the next multiple did not fit, in int8 nor in bf16."""
+    shape = ("--config", "configs/gpt_neox_20B.json", "--topology", "v5e-4", "--context", "2048", "layers=4",
+             "cores_per_replica=4")
+    r = run(*shape, "--quantize", "int8", "--batch", "32")
+    int8 = r["decode"]
+    assert r["fits"] and int8["quantize"] == "int8" and r["mesh"] == {"dp": 1, "mp": 4}
+    largest = int8["largest_batch"]
+    assert largest % 32 == 0 and largest > 32 and int8["failing_batch"] == largest + 32
+    bf16 = run(*shape, "--decode-only", "--batch", str(largest + 32))["decode"]
+    assert bf16["quantize"] == "none" and bf16["fits"] is False and "largest_batch" not in bf16
+    assert bf16["weights_gib"] == pytest.approx(2 * int8["weights_gib"], rel=0.05)
+    assert bf16["cache_gib"] == pytest.approx(int8["cache_gib"] * (largest + 32) / 32, rel=0.02)

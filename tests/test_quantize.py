@@ -19,6 +19,7 @@ from mtj.cpu_matmul import is_packed
 from mtj.sharding import make_mesh
 from mtj.tokenizer import load_tokenizer
 from mtj.train import train
+from mtj.workflows import export_hf, slim
 from test_serve import Running, alone, request
 
 TRAIN_BYTES = 900_000  # of tinyshakespeare; the rest is held out
@@ -148,11 +149,12 @@ def test_a_quantized_slim_checkpoint_round_trips(trained, tmp_path):
     assert sizes["int8"] < 0.75 * sizes["none"] and sizes["int4"] < 0.6 * sizes["int8"], sizes
     with pytest.raises(ConfigError, match="int8-quantized weights"):
         mtj.load(tmp_path / "int8", quantize="none")
-    for command, args in [("to_hf.py", ["--out", str(tmp_path / "hf")]), ("slim.py", ["--out", str(tmp_path / "x")]),
-                          ("train.py", ["--config", "configs/demo.json", f"model_dir={tmp_path / 'run'}",
-                                        f"train_set={run.parent / 'train.txt'}", "val_set={}"])]:
-        flag = "--tune-model-path" if command == "train.py" else "--ckpt"
-        refused = subprocess.run([sys.executable, str(REPO / "scripts" / command), flag, str(tmp_path / "int8"), *args],
-                                 capture_output=True, text=True, cwd=REPO)
-        assert refused.returncode == 1 and "int8-quantized weights (mtj-slim --quantize)" in refused.stderr, \
-            (command, refused.stderr[-2000:])
+    for refused in (lambda: export_hf(tmp_path / "int8", tmp_path / "hf"), lambda: slim(tmp_path / "int8", tmp_path / "x")):
+        with pytest.raises(ConfigError, match="int8-quantized weights"):
+            refused()
+    trained_on = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), "--config", "configs/demo.json",
+                                 "--tune-model-path", str(tmp_path / "int8"), f"model_dir={tmp_path / 'run'}",
+                                 f"train_set={run.parent / 'train.txt'}", "val_set={}"], capture_output=True, text=True,
+                                cwd=REPO)
+    assert trained_on.returncode == 1 and "int8-quantized weights (mtj-slim --quantize)" in trained_on.stderr, \
+        trained_on.stderr[-2000:]

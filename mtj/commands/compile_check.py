@@ -1,5 +1,6 @@
 """Will this config train on that TPU pod? Compiles the real train step for the topology here and reports
-memory per device; when it does not fit, the overrides that make it fit, or the smallest slice that holds it."""
+memory per device; when it does not fit, the overrides that make it fit, or the smallest slice that holds it.
+With --decode-only (or --quantize), generation alone: its memory and the largest batch that fits."""
 
 import json
 import os
@@ -9,8 +10,8 @@ import sys
 os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v3-8")  # quiets libtpu's host probing; the topology is explicit
 os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 
-from mtj.compile_check import TOPOLOGIES, check, remat_table
-from mtj.config import load_config
+from mtj.compile_check import TOPOLOGIES, check, check_inference, remat_table
+from mtj.config import QUANTIZE, load_config
 from mtj.cli import parser, run
 
 
@@ -28,6 +29,24 @@ def memory(r: dict) -> str:
     return ", ".join(parts) + f" GiB per device{hbm}"
 
 
+def decode_line(d: dict) -> str:
+    weights = f"{d['quantize']} weights" if d["quantize"] != "none" else "weights"
+    return (f"decode (batch {d['batch']}, {d['prompt']} + {d['new_tokens']} tokens; {weights} {d['weights_gib']}, "
+            f"KV cache {d['cache_gib']} GiB per device): " + (memory(d) if d["fits"] else d["error"])
+            + f": {'fits' if d['fits'] else 'does not fit'}")
+
+
+def inference_only(r: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(r))
+    else:
+        print(f"{r['topology']}: {r['devices']} devices, mesh {r['mesh']}")
+        print(decode_line(r["decode"]))
+        if "largest_batch" in r["decode"]:
+            print(f"largest batch that fits (powers of two times {r['decode']['batch']}): {r['decode']['largest_batch']}")
+    sys.exit(0 if r["fits"] else 1)
+
+
 def main() -> None:
     ap = parser("mtj-compile-check", __doc__)
     ap.add_argument("--config", required=True, help="JSON config (keys: docs/config.md) of the run to check")
@@ -37,11 +56,20 @@ def main() -> None:
     ap.add_argument("--no-decode", action="store_true", help="do not also compile generation")
     ap.add_argument("--remat-policies", action="store_true",
                     help="also compile the step under each remat_policy (and without remat): a memory table")
+    ap.add_argument("--decode-only", action="store_true",
+                    help="compile generation alone (no train step): its memory and the largest batch that fits")
+    ap.add_argument("--quantize", choices=QUANTIZE, default=None,
+                    help="generation with int8/int4 weights, as a quantized checkpoint holds them (implies --decode-only)")
+    ap.add_argument("--batch", type=int, default=8, help="rows of the generation compiled")
+    ap.add_argument("--context", type=int, default=1024, help="tokens per row of the generation (half prompt, half new)")
     ap.add_argument("overrides", nargs="*", help="config key=value overrides, e.g. remat=true")
     args = ap.parse_args()
     if args.topology not in TOPOLOGIES and not re.fullmatch(r"cpu(-[1-9]\d*)?", args.topology):
         ap.error(f"unknown --topology '{args.topology}'; known: {', '.join(TOPOLOGIES)}, cpu-N")
     cfg = load_config(args.config, args.overrides)
+    if args.decode_only or args.quantize:
+        return inference_only(check_inference(cfg, args.topology, args.quantize or "none", args.batch, args.context),
+                              args.json)
     r = check(cfg, args.topology, advise=not args.no_advice, decode=not args.no_decode)
     if args.remat_policies:
         r["remat_policies"] = remat_table(cfg, args.topology)
@@ -54,9 +82,7 @@ def main() -> None:
     if not r["fits"] and r.get("error"):
         print(f"  {r['error']}")
     if "decode" in r:
-        d = r["decode"]
-        print(f"decode (batch {d['batch']}, {d['prompt']} + {d['new_tokens']} tokens): "
-              + (memory(d) if d["fits"] else d["error"]) + f": {'fits' if d['fits'] else 'does not fit'}")
+        print(decode_line(r["decode"]))
     if "remat_policies" in r:
         print(f"{'remat_policy':14s}{'temporaries GiB':>16s}{'total GiB':>11s}  fits")
         for row in r["remat_policies"]:
