@@ -19,16 +19,17 @@ import shutil
 import subprocess
 import tempfile
 import warnings
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from etils import epath
 from flax import struct
 
 from mtj import platforms
+from mtj.paths import user_path
 from mtj.quantize import QArray, is_quantized
 
-SOURCE = Path(__file__).with_name("cpu_matmul.cc")
+SOURCE = user_path(__file__).parent / "cpu_matmul.cc"
 PANEL = 128  # columns per contiguous panel of a packed kernel (cpu_matmul.cc's kPanel)
 MAX_ROWS = 64  # more rows than this (a prefill) run XLA's dot on the unpacked kernel
 FLAGS = ("avx512f", "avx512bw", "avx512_vnni", "avx512_bf16")  # what cpu_matmul.cc's instructions need
@@ -103,11 +104,8 @@ def matmul(x: jax.Array, w: PackedKernel) -> jax.Array:
     """x [..., k] @ w in fp32: the custom call for up to MAX_ROWS rows, else XLA's dot."""
     rows = math.prod(x.shape[:-1])
     if rows > MAX_ROWS or rows == 0:
-        kernel = unpack(w)
-        if w.scale is None:
-            return jnp.einsum("...i,io->...o", x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
-        y = jnp.einsum("...i,io->...o", x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
-        return y * w.scale[: w.n]
+        y = jnp.einsum("...i,io->...o", x, unpack(w).astype(x.dtype), preferred_element_type=jnp.float32)
+        return y if w.scale is None else y * w.scale[: w.n]
     flat = x.reshape(rows, w.k).astype(jnp.float32)
     out = jax.ShapeDtypeStruct((rows, w.weights.shape[0] * PANEL), jnp.float32)
     if w.scale is None:
@@ -136,18 +134,18 @@ def _library() -> ctypes.CDLL | None:
     return lib
 
 
-def _build() -> Path:
+def _build() -> epath.Path:
     compiler = os.environ.get("CXX", "g++")
     if shutil.which(compiler) is None:
         raise OSError(f"no C++ compiler '{compiler}' on PATH")
     key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), jax.__version__.encode(), " ".join(COMPILE).encode(),
                                      " ".join(sorted(platforms.cpu_flags())).encode()])).hexdigest()[:16]
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mtj"
+    cache = user_path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "mtj"
     library = cache / f"cpu_matmul-{key}.so"
     if not library.exists():
         cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:  # built aside, then renamed: processes may race
-            built = Path(tmp) / library.name
+            built = user_path(tmp) / library.name
             subprocess.run([compiler, *COMPILE, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(built)],
                            check=True, capture_output=True, text=True)
             os.replace(built, library)

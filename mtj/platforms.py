@@ -16,6 +16,8 @@ import os
 
 import jax
 
+from mtj.paths import user_path
+
 
 @dataclasses.dataclass(frozen=True)
 class Platform:
@@ -72,10 +74,10 @@ def cpu_kernels() -> bool:
 def cpu_flags() -> frozenset[str]:
     """The instruction-set flags of this machine's CPU (Linux's /proc/cpuinfo; empty elsewhere)."""
     try:
-        with open("/proc/cpuinfo") as f:
-            return frozenset(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+        lines = user_path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         return frozenset()
+    return frozenset(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
 
 
 def gloo_collectives() -> bool:
