@@ -12,6 +12,7 @@ backend (at `import mtj`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import jax
@@ -71,8 +72,9 @@ def cpu_kernels() -> bool:
     return platform().cpu_kernels and os.environ.get("MTJ_CPU_KERNELS", "1") != "0"
 
 
+@functools.cache
 def cpu_flags() -> frozenset[str]:
-    """The instruction-set flags of this machine's CPU (Linux's /proc/cpuinfo; empty elsewhere)."""
+    """The instruction-set flags of this machine's CPU (Linux's /proc/cpuinfo, read once; empty elsewhere)."""
     try:
         lines = user_path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
