@@ -37,8 +37,9 @@ def dump(out: Path) -> None:
                      dtype=dtype, z_loss=0.0, warmup_steps=1, scan_layers=False, remat=False)
         trainer = Trainer(cfg, mesh)
         batch = sds((1, 8, cfg.seq + 1), jnp.int32, sharding=trainer.batch_sharding)
+        base = (trainer.abstract_base,) if hasattr(trainer, "abstract_base") else ()  # (LoRA's frozen base, since #46)
         with jax.set_mesh(mesh):
-            (out / f"train_{dtype}.hlo").write_text(clean(trainer._step.lower(trainer.abstract_state, batch).compile().as_text()))
+            (out / f"train_{dtype}.hlo").write_text(clean(trainer._step.lower(trainer.abstract_state, batch, *base).compile().as_text()))
         params = jax.jit(lambda k: init_params(cfg, k))(jax.random.key(0))
         gen = generator().Generator(cfg.replace(seq=512), params, mesh, eos_id=0)
         for b in (1, 8):

@@ -26,7 +26,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from mtj import quantize
+from mtj import lora, quantize
 from mtj.config import Config, ConfigError, from_dict
 from mtj.model import Params, param_shardings, param_specs
 from mtj.paths import PathLike, is_remote, user_path
@@ -341,9 +341,12 @@ def abstract_params(cfg: Config, mesh: Mesh, quantized: str = "none") -> Params:
     weights as a quantized checkpoint stores them (`mtj.quantize.QArray`s)."""
     shardings = param_shardings(cfg, mesh)
     specs = param_specs(cfg)
-    abstract = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, jax.numpy.dtype(cfg.param_dtype), sharding=sh),
-        specs, shardings, is_leaf=lambda x: hasattr(x, "axes"))
+
+    def leaf(path: tuple, s: Any, sh: Any) -> jax.ShapeDtypeStruct:
+        dtype = "float32" if lora.is_adapter(path[-1].key) else cfg.param_dtype  # (adapters are always fp32)
+        return jax.ShapeDtypeStruct(s.shape, jax.numpy.dtype(dtype), sharding=sh)
+
+    abstract = jax.tree_util.tree_map_with_path(leaf, specs, shardings, is_leaf=lambda x: hasattr(x, "axes"))
     return abstract if quantized == "none" else quantize.abstract_weights(abstract, quantized)
 
 
@@ -359,6 +362,48 @@ def refuse_quantized(step_dir: PathLike, use: str) -> None:
     if kind != "none":
         raise ConfigError(f"{step_dir} holds {kind}-quantized weights (mtj-slim --quantize), which are for "
                               f"sampling, serving and evaluation; {use} needs the checkpoint it was made from")
+
+
+def check_same_model(cfg: Config, other: Config, source: str) -> None:
+    """`other` (a checkpoint's config) describes the model `cfg` does, or a ConfigError lists the differences."""
+    keys = ("model_type", "layers", "d_model", "n_heads", "d_head", "d_ff", "n_vocab", "pe_rotary_dims", "tie_embeddings")
+    keys += ("seq",) if cfg.family.rotary is None else ()  # (learned positions: a table of seq rows)
+    diff = [f"{k}: {getattr(other, k)} in {source} vs {getattr(cfg, k)}" for k in keys if getattr(cfg, k) != getattr(other, k)]
+    if diff:
+        raise ConfigError(f"the checkpoint {source} has a different model shape: " + "; ".join(diff))
+
+
+# --- LoRA: a checkpoint of adapters names its base ---------------------------------------
+
+def lora_base_of(step_dir: PathLike) -> dict | None:
+    """{"path", "fingerprint"} of the base model a step of LoRA adapters was trained on (meta "lora_base");
+    None for a step that holds a whole model."""
+    return read_meta(step_dir).get("lora_base")
+
+
+def restore_lora_base(ckpt: PathLike, cfg: Config, mesh: Mesh, dtype: str) -> tuple[Params, dict]:
+    """The frozen base of `cfg`'s adapters from the checkpoint `ckpt` (its newest step that restores), in
+    `dtype`, and its record for the adapters' meta: the step's path and the weights' fingerprint."""
+    def restore(step_dir: epath.Path) -> Params:
+        refuse_quantized(step_dir, "LoRA training")
+        if (record := lora_base_of(step_dir)) is not None:
+            raise ConfigError(f"{step_dir} holds LoRA adapters, not a base model: give their base ({record['path']}), "
+                              "or a checkpoint with the adapters merged (mtj-to-hf --merge-lora, then mtj-from-hf)")
+        check_same_model(cfg, read_config(step_dir), str(step_dir))
+        return restore_params(step_dir, lora.base_config(cfg).replace(param_dtype=dtype), mesh)
+
+    params, step_dir = restore_newest(ckpt, restore)
+    return params, {"path": str(step_dir), "fingerprint": lora.fingerprint(params)}
+
+
+def restore_recorded_base(record: dict, cfg: Config, mesh: Mesh, dtype: str, adapters: str) -> Params:
+    """The base that adapters (at `adapters`) record, refused unless its weights are the ones they were trained on."""
+    params, found = restore_lora_base(record["path"], cfg, mesh, dtype)
+    if found["fingerprint"] != record["fingerprint"]:
+        raise CheckpointError(f"{record['path']} is not the base model the adapters in {adapters} were trained on: its "
+                              f"weights' fingerprint is {found['fingerprint']}, the adapters record "
+                              f"{record['fingerprint']}. Put that base back at its path")
+    return params
 
 
 @dataclass
@@ -382,6 +427,20 @@ def restore_model(ckpt: PathLike, mesh: Mesh, adjust: Callable[[Config], Config]
                                   f"load as {quantized} only, not as quantize='{overrides['quantize']}': load the "
                                   "checkpoint it was made from for that")
         cfg = adjust(read_config(step_dir).replace(cores_per_replica=mesh.shape["mp"], **overrides))
+        if (record := lora_base_of(step_dir)) is not None:  # adapters: merged into their base
+            return Model(lora.base_config(cfg), _merged_adapters(step_dir, record, cfg, mesh), read_tokenizer(step_dir),
+                         step_dir)
         return Model(cfg, restore_params(step_dir, cfg, mesh, quantized), read_tokenizer(step_dir), step_dir)
 
     return restore_newest(ckpt, restore)[0]
+
+
+def _merged_adapters(step_dir: epath.Path, record: dict, cfg: Config, mesh: Mesh) -> Params:
+    """The adapters of `step_dir` folded into the base they record (in cfg's param_dtype)."""
+    adapters = lora.split(abstract_params(cfg, mesh))[1]
+    adapters = restore_items(step_dir, params=ocp.args.StandardRestore(adapters))["params"]
+    base = restore_recorded_base(record, cfg, mesh, cfg.param_dtype, str(step_dir))
+    merge = jax.jit(lambda base, adapters: lora.merged(lora.combine(base, adapters), cfg), donate_argnums=0,
+                    out_shardings=param_shardings(lora.base_config(cfg), mesh))
+    with jax.set_mesh(mesh):
+        return merge(base, adapters)

@@ -16,8 +16,8 @@ from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from mtj import lora
 from mtj.checkpoint import abstract_params
 from mtj.config import REMAT_POLICIES, Config
 from mtj.decode.cache import cache_dtype
@@ -29,13 +29,15 @@ from mtj.train import Trainer
 
 GIB = 2**30
 MAX_BATCH = 4096  # check_inference searches no further
+_LORA = {"lora_rank": 16, "lora_targets": ["q", "k", "v", "out", "ff_in", "ff_out"]}
+LORA_ALTERNATIVES = (_LORA, {**_LORA, "base_quant": "int8"}, {**_LORA, "base_quant": "nf4"})  # what the advice offers
 # name -> (libtpu topology, HBM per chip in GiB)
 TOPOLOGIES = {
     "v2-8": ("v2:2x2", 16), "v2-32": ("v2:4x4", 16),
     "v3-8": ("v3:2x2", 32), "v3-32": ("v3:4x4", 32), "v3-64": ("v3:4x8", 32), "v3-128": ("v3:8x8", 32),
     "v3-256": ("v3:8x16", 32),
     "v4-8": ("v4:2x2x1", 32), "v4-16": ("v4:2x2x2", 32), "v4-32": ("v4:2x2x4", 32), "v4-64": ("v4:2x4x4", 32),
-    "v5e-4": ("v5e:2x2", 16), "v5e-8": ("v5e:2x4", 16), "v5e-16": ("v5e:4x4", 16),
+    "v5e-1": ("v5e:1x1", 16), "v5e-4": ("v5e:2x2", 16), "v5e-8": ("v5e:2x4", 16), "v5e-16": ("v5e:4x4", 16),
     "v5p-8": ("v5p:2x2x1", 95), "v5p-16": ("v5p:2x2x2", 95), "v5p-32": ("v5p:2x2x4", 95), "v5p-64": ("v5p:2x4x4", 95),
     "v6e-4": ("v6e:2x2", 32), "v6e-8": ("v6e:2x4", 32), "v6e-16": ("v6e:4x4", 32), "v6e-32": ("v6e:4x8", 32),
     "v6e-64": ("v6e:8x8", 32), "v6e-256": ("v6e:16x16", 32),
@@ -69,7 +71,9 @@ def _gib(nbytes: float) -> float:
 
 def _bytes_per_device(tree: Any) -> int:
     """Bytes one device holds of a tree of sharded ShapeDtypeStructs (shardings are even)."""
-    return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+    # (bits: int4 and nf4 values take half a byte)
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * jax.dtypes.itemsize_bits(x.dtype) // 8
+               for x in jax.tree.leaves(tree))
 
 
 def _train_step(cfg: Config, devices: list, hbm: float | None) -> dict[str, Any]:
@@ -80,24 +84,25 @@ def _train_step(cfg: Config, devices: list, hbm: float | None) -> dict[str, Any]
     trainer = Trainer(cfg, mesh)
     batch = jax.ShapeDtypeStruct((cfg.gradient_accumulation_steps, trainer.global_batch, cfg.seq + 1), jnp.int32,
                                  sharding=trainer.batch_sharding)
-    state = trainer.abstract_state
-    params, optimizer = _bytes_per_device(state["params"]), _bytes_per_device(state["opt_state"])
+    state, base = trainer.abstract_state, trainer.abstract_base  # (base: LoRA's frozen one, else empty)
+    params, optimizer, frozen = (_bytes_per_device(t) for t in (state["params"], state["opt_state"], base))
     tokens = cfg.gradient_accumulation_steps * trainer.global_batch * cfg.seq
     report: dict[str, Any] = {
         "mesh": dict(mesh.shape), "fsdp": cfg.fsdp, "tokens_per_step": tokens,
         "flops_per_step": flops_per_token(cfg) * tokens,
         "hbm_per_device_gib": None if hbm is None else _gib(hbm),
         "parameters_gib": _gib(params), "optimizer_state_gib": _gib(optimizer),
-        "arguments_gib": _gib(_bytes_per_device((state, batch))),
+        **({"frozen_base_gib": _gib(frozen)} if base else {}),
+        "arguments_gib": _gib(_bytes_per_device((state, batch, base))),
     }
-    if hbm is not None and params + optimizer > hbm:  # no compile can make this fit
+    if hbm is not None and params + optimizer + frozen > hbm:  # no compile can make this fit
         return {**report, "temporaries_gib": None, "total_gib": None, "fits": False,
                 "error": f"parameters and optimizer state alone need "
-                f"{_gib(params + optimizer)} GiB per device, more than its {_gib(hbm)} GiB of HBM"}
+                f"{_gib(params + optimizer + frozen)} GiB per device, more than its {_gib(hbm)} GiB of HBM"}
     start = time.perf_counter()
     try:
         with jax.set_mesh(mesh):
-            compiled = trainer._step.lower(state, batch).compile()
+            compiled = trainer._step.lower(state, batch, base).compile()
     except Exception as e:  # XLA refuses programs that do not fit in HBM
         message = str(e)
         if "RESOURCE_EXHAUSTED" not in message and "out of memory" not in message.lower():
@@ -132,8 +137,9 @@ def _divisors_above(n: int, above: int, limit: int) -> list[int]:
 
 def candidate_fixes(cfg: Config, devices: int) -> Iterator[dict[str, Any]]:
     """Overrides to try, cheapest first, each adding to the ones before: remat, a bf16 accumulator,
-    fsdp (where dp > 1), a larger cores_per_replica, a smaller per_replica_batch. Tokens per step stay
-    the same: where dp or per_replica_batch shrinks, gradient_accumulation_steps grows to match."""
+    fsdp (where dp > 1), a larger cores_per_replica, a smaller per_replica_batch; with LoRA, its frozen base
+    quantized (int8, then nf4: QLoRA). Tokens per step stay the same: where dp or per_replica_batch shrinks,
+    gradient_accumulation_steps grows to match."""
     fixes: dict[str, Any] = {}
     current = cfg
 
@@ -158,6 +164,23 @@ def candidate_fixes(cfg: Config, devices: int) -> Iterator[dict[str, Any]]:
     for batch in reversed(_divisors_above(cfg.per_replica_batch, 0, cfg.per_replica_batch)[:-1]):
         steps = current.gradient_accumulation_steps * current.per_replica_batch // batch
         yield add(per_replica_batch=batch, gradient_accumulation_steps=steps)
+    if cfg.lora_rank and cfg.base_quant == "none":
+        yield add(base_quant="int8")
+    if cfg.lora_rank and cfg.base_quant != "nf4":
+        yield add(base_quant="nf4")
+
+
+def lora_alternative(cfg: Config, devices: list, hbm: float) -> dict[str, Any] | None:
+    """For a full fine-tune that does not fit: the first LoRA setting (rank 16 on the attention and MLP
+    projections, then with its base quantized: QLoRA) whose step fits on `devices`, with its memory; None
+    when none does (or `cfg` already trains adapters)."""
+    if cfg.lora_rank:
+        return None
+    for changes in LORA_ALTERNATIVES:
+        report = _train_step(cfg.replace(**changes), devices, hbm)
+        if report["fits"]:
+            return {"overrides": changes, **{k: report[k] for k in ("mesh", "frozen_base_gib", "total_gib")}}
+    return None
 
 
 def find_fixes(cfg: Config, devices: list, hbm: float) -> tuple[dict[str, Any], dict[str, Any]] | None:
@@ -192,12 +215,23 @@ def smallest_topology(cfg: Config, name: str) -> dict[str, Any] | None:
     return None
 
 
+def for_slice(cfg: Config, devices: int) -> tuple[Config, dict[str, Any]]:
+    """`cfg` with cores_per_replica cut to what divides a slice of `devices` (a 6B config's 8 on one chip:
+    1), and that change ({} for none)."""
+    if devices % cfg.mp == 0:
+        return cfg, {}
+    mp = math.gcd(cfg.mp, devices)
+    return cfg.replace(cores_per_replica=mp), {"cores_per_replica": mp}
+
+
 def check(cfg: Config, topology: str, advise: bool = True, decode: bool = True) -> dict[str, Any]:
     """Compile `cfg`'s train step for `topology`: memory per device and whether it fits; `fixes`: {} when
     it fits, else (with `advise`) the overrides that make it fit here, or None and the smallest slice
-    where it fits (`smallest_topology`). With `decode`, also compile generation on the same mesh."""
+    where it fits (`smallest_topology`). With `decode`, also compile generation on the same mesh.
+    `adjusted`: what `for_slice` changed to place the config on the slice at all."""
     devices, hbm = topology_devices(topology)
-    report = {"topology": topology, "devices": len(devices), **_train_step(cfg, devices, hbm),
+    cfg, adjusted = for_slice(cfg, len(devices))
+    report = {"topology": topology, "devices": len(devices), "adjusted": adjusted, **_train_step(cfg, devices, hbm),
               "fixes": None, "smallest_topology": None}
     if report["fits"]:
         report["fixes"] = {}
@@ -211,6 +245,7 @@ def check(cfg: Config, topology: str, advise: bool = True, decode: bool = True) 
             report["fixed"] = {k: found[1][k] for k in ("mesh", "arguments_gib", "temporaries_gib", "total_gib")}
         else:
             report["smallest_topology"] = smallest_topology(cfg, topology)
+        report["lora"] = lora_alternative(cfg, devices, hbm)
     return report
 
 
@@ -231,7 +266,9 @@ def check_decode(cfg: Config, mesh: jax.sharding.Mesh, hbm: float | None, batch:
     weights as a model loaded there holds them (the compute dtype on TPUs; `quantize`: as a quantized
     checkpoint stores them, `mtj.quantize`). Per device: the weights, the KV cache (part of XLA's
     temporaries: the program makes it) and XLA's totals."""
-    inference = inference_config(cfg.replace(remat=False, quantize=quantize), {}, mesh.devices.flat[0].platform)
+    # (a LoRA model generates as its merged base)
+    inference = inference_config(lora.base_config(cfg).replace(remat=False, quantize=quantize), {},
+                                 mesh.devices.flat[0].platform)
     params = abstract_params(inference, mesh, quantize)
     gen = Generator(inference, params, mesh, eos_id=0)
     shape = {"batch": batch, "prompt": prompt, "new_tokens": new_tokens, "quantize": quantize,
@@ -256,6 +293,7 @@ def check_inference(cfg: Config, topology: str, quantize: str = "none", batch: i
     prompt, half new), and (`largest_batch`) the largest multiple of `batch` that fits there (doubling, then
     bisecting; every answer compiled): what the memory quantization frees is worth in rows."""
     devices, hbm = topology_devices(topology)
+    cfg = for_slice(cfg, len(devices))[0]
     mesh = make_mesh(mp=cfg.mp, devices=devices)
     prompt = context // 2
 

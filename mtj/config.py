@@ -26,6 +26,8 @@ MODEL_TYPES = tuple(FAMILIES)
 DTYPES = ("float32", "bfloat16", "float16")
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # the command lines' spellings
 QUANTIZE = ("none", "int8", "int4")  # inference weights (mtj.quantize)
+LORA_TARGETS = ("q", "k", "v", "out", "ff_in", "ff_out")  # the projections LoRA may adapt (mtj.lora)
+BASE_QUANT = ("none", "int8", "nf4")  # the frozen base under LoRA (QLoRA)
 ACTIVATIONS = ("gelu_new", "gelu", "gelu_fast", "relu", "silu")
 # What a rematerialised layer saves for the backward pass (MaxText's names): "full" nothing (recompute the
 # layer), "minimal" the projections' outputs (q/k/v, MLP in, output), "save_qkv_proj" the q/k/v projections,
@@ -93,6 +95,11 @@ class Config:
     log_every: int = 1
     keep_last: int = 3
     quantize: str = "none"  # inference weights: "int8" (a scale per output channel), "int4" (per group of 128 rows)
+    lora_rank: int = 0  # LoRA adapters' rank (0: off; training then updates the adapters only, mtj.lora)
+    lora_alpha: float = 16.0  # the adapters' product is scaled by lora_alpha / lora_rank (PEFT's rule)
+    lora_dropout: float = 0.0  # dropout on the adapters' inputs while training
+    lora_targets: list[str] = dataclasses.field(default_factory=lambda: ["q", "v"])  # PEFT's default for GPT-J
+    base_quant: str = "none"  # the frozen base's storage under LoRA: "int8", "nf4" (QLoRA)
     skip_corrupt_records: bool = False  # skip (with a warning) TFRecords with bad CRCs instead of failing
 
     def __post_init__(self) -> None:
@@ -242,6 +249,7 @@ def _check_consistency(c: Config) -> None:
     _require(c.remat_policy in REMAT_POLICIES,
              f"config key 'remat_policy' must be one of {REMAT_POLICIES}, got '{c.remat_policy}'")
     _require(c.quantize in QUANTIZE, f"config key 'quantize' must be one of {QUANTIZE}, got '{c.quantize}'")
+    _check_lora(c)
     _require(c.attention in ATTENTION, f"config key 'attention' must be one of {ATTENTION}, got '{c.attention}'")
     _require(c.norm == "layernorm", f"config key 'norm' must be 'layernorm', got '{c.norm}'")
     for key in ("layers", "d_model", "n_heads", "n_vocab", "seq", "cores_per_replica", "per_replica_batch",
@@ -271,3 +279,16 @@ def _check_consistency(c: Config) -> None:
                  f"attention_layers has {len(c.attention_layers)} entries but layers={c.layers} (keys 'attention_layers', 'layers')")
         bad = [a for a in c.attention_layers if a not in ("global", "local")]
         _require(not bad, f"config key 'attention_layers' entries must be 'global' or 'local', got {bad[0]!r}" if bad else "")
+
+
+def _check_lora(c: Config) -> None:
+    _require(c.lora_rank >= 0, f"config key 'lora_rank' must be 0 (off) or more, got {c.lora_rank}")
+    _require(0 <= c.lora_dropout < 1, f"config key 'lora_dropout' must be in [0, 1), got {c.lora_dropout}")
+    _require(math.isfinite(c.lora_alpha) and c.lora_alpha > 0, f"config key 'lora_alpha' must be positive, got {c.lora_alpha}")
+    bad = [t for t in c.lora_targets if t not in LORA_TARGETS]
+    _require(not bad, f"config key 'lora_targets' entries must be among {LORA_TARGETS}, got {bad[0]!r}" if bad else "")
+    _require(bool(c.lora_targets) and len(set(c.lora_targets)) == len(c.lora_targets),
+             f"config key 'lora_targets' must name each target once, got {c.lora_targets}")
+    _require(c.base_quant in BASE_QUANT, f"config key 'base_quant' must be one of {BASE_QUANT}, got '{c.base_quant}'")
+    _require(c.base_quant == "none" or c.lora_rank > 0,
+             f"base_quant={c.base_quant!r} quantizes the frozen base of LoRA training: set lora_rank too")

@@ -25,7 +25,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 
-from mtj import cpu_matmul, quantize
+from mtj import cpu_matmul, lora, quantize
 from mtj.attention import fused, implementation
 from mtj.config import Config
 from mtj.ops import matmul_f32
@@ -39,11 +39,13 @@ KV = tuple[jax.Array, jax.Array]  # one layer's key/value cache, each [B, H, S, 
 
 def _param(rngs: nnx.Rngs, cfg: Config, shape: tuple[int, ...], axes: tuple[str | None, ...], init: str) -> nnx.Param:
     """A parameter initialised as `init` ("normal": std 0.02; "out": the residual branch's output projections,
-    scaled by 1/sqrt(2*layers); "zeros"; "ones"), annotated with its logical axes (placed by `param_shardings`,
-    not when created)."""
-    dtype = jnp.dtype(cfg.param_dtype)
-    if init in ("zeros", "ones"):
-        value = (jnp.zeros if init == "zeros" else jnp.ones)(shape, dtype)
+    scaled by 1/sqrt(2*layers); "zeros"; "ones"; "lora_a", "lora_b": an adapter's, fp32, see `mtj.lora`),
+    annotated with its logical axes (placed by `param_shardings`, not when created)."""
+    dtype = jnp.dtype(jnp.float32 if init.startswith("lora") else cfg.param_dtype)
+    if init in ("zeros", "ones", "lora_b"):
+        value = (jnp.ones if init == "ones" else jnp.zeros)(shape, dtype)
+    elif init == "lora_a":  # PEFT's draw (kaiming-uniform, a=sqrt(5)): uniform in +-1/sqrt(fan_in)
+        value = jax.random.uniform(rngs.params(), shape, dtype, -1.0, 1.0) / math.sqrt(shape[0])
     else:
         std = 0.02 / math.sqrt(2 * cfg.layers) if init == "out" else 0.02
         value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
@@ -58,9 +60,11 @@ def scale_shift(x: jax.Array, scale: jax.Array | None, shift: jax.Array) -> jax.
     return y + shift.astype(jnp.float32)
 
 
-def dense(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
+def dense(x: jax.Array, w: jax.Array, b: jax.Array | None = None, adapter: jax.Array | None = None) -> jax.Array:
     # fp32 accumulation (bf16 in, fp32 out is also the fastest CPU matmul).
     y = matmul_f32(x, w)
+    if adapter is not None:
+        y = y + adapter
     if b is not None:
         y = scale_shift(y, None, b)
     return y.astype(x.dtype)
@@ -83,6 +87,22 @@ def rotary(x: jax.Array, positions: jax.Array, dims: int, base: float, interleav
         x1, x2 = jnp.split(rot, 2, axis=-1)
         out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return jnp.concatenate([out.astype(x.dtype), rest], axis=-1)
+
+
+def _add_adapters(module: nnx.Module, cfg: Config, rngs: nnx.Rngs, kernel: str, rows: tuple[int, str],
+                  cols: tuple[int, str]) -> None:
+    """`kernel`'s LoRA adapters (`mtj.lora`) on `module` when the config targets it: A [rows, rank], B [rank, cols]."""
+    if kernel in lora.adapted_kernels(cfg):
+        r = cfg.lora_rank
+        setattr(module, f"{kernel}_lora_a", _param(rngs, cfg, (rows[0], r), (rows[1], "lora"), "lora_a"))
+        setattr(module, f"{kernel}_lora_b", _param(rngs, cfg, (r, cols[0]), ("lora", cols[1]), "lora_b"))
+
+
+def _adapter(module: nnx.Module, cfg: Config, kernel: str, x: jax.Array, layer: jax.Array | int | None
+             ) -> jax.Array | None:
+    """`kernel`'s adapter term for input x (fp32), None where it has none."""
+    a = getattr(module, f"{kernel}_lora_a", None)
+    return None if a is None else lora.delta(x, a[...], getattr(module, f"{kernel}_lora_b")[...], cfg, kernel, layer)
 
 
 REMAT_POLICIES = {  # mtj.config.REMAT_POLICIES
@@ -130,7 +150,10 @@ class Attention(nnx.Module):
             setattr(self, name, _param(rngs, cfg, (D, width), ("embed", "heads"), "normal"))
             if cfg.family.qkv_bias:
                 setattr(self, f"{name}_bias", _param(rngs, cfg, (width,), ("heads",), "zeros"))
+            if not fused_qkv:
+                _add_adapters(self, cfg, rngs, name, (D, "embed"), (HD, "heads"))
         self.o = _param(rngs, cfg, (HD, D), ("heads", "embed"), "out")
+        _add_adapters(self, cfg, rngs, "o", (HD, "heads"), (D, "embed"))
         if cfg.family.o_bias:
             self.o_bias = _param(rngs, cfg, (D,), ("norm",), "zeros")
 
@@ -154,7 +177,8 @@ class Attention(nnx.Module):
             y = dense(h, self.qkv[...], self._bias("qkv")).reshape(B, T, 3, H, Dh)
             q, k, v = y[:, :, 0], y[:, :, 1], y[:, :, 2]
         else:
-            q, k, v = (constrain(checkpoint_name(dense(h, getattr(self, n)[...], self._bias(n)), f"{n}_proj")
+            q, k, v = (constrain(checkpoint_name(dense(h, getattr(self, n)[...], self._bias(n),
+                                                       _adapter(self, cfg, n, h, layer)), f"{n}_proj")
                                  .reshape(B, T, H, Dh), "batch", "seq", "heads", "head_dim") for n in "qkv")
         if cfg.family.rotary:
             interleaved = cfg.family.rotary == "interleaved"
@@ -195,14 +219,18 @@ class MLP(nnx.Module):
     def __init__(self, cfg: Config, rngs: nnx.Rngs):
         self.activation = cfg.activation
         D, F = cfg.d_model, cfg.ff_dim
+        self.cfg = cfg
         self.fc_in = _param(rngs, cfg, (D, F), ("embed", "mlp"), "normal")
         self.fc_in_bias = _param(rngs, cfg, (F,), ("mlp",), "zeros")
         self.fc_out = _param(rngs, cfg, (F, D), ("mlp", "embed"), "out")
         self.fc_out_bias = _param(rngs, cfg, (D,), ("norm",), "zeros")
+        _add_adapters(self, cfg, rngs, "fc_in", (D, "embed"), (F, "mlp"))
+        _add_adapters(self, cfg, rngs, "fc_out", (F, "mlp"), (D, "embed"))
 
-    def __call__(self, h: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, h: jax.Array, layer: jax.Array | int | None = None) -> tuple[jax.Array, jax.Array]:
         """(hidden activations, output projection): the block applies the projection (see Attention)."""
-        y = ACTIVATIONS[self.activation](checkpoint_name(dense(h, self.fc_in[...], self.fc_in_bias[...]), "mlp_in"))
+        y = dense(h, self.fc_in[...], self.fc_in_bias[...], _adapter(self, self.cfg, "fc_in", h, layer))
+        y = ACTIVATIONS[self.activation](checkpoint_name(y, "mlp_in"))
         return constrain(y, "batch", "seq", "mlp"), self.fc_out[...]
 
 
@@ -227,14 +255,27 @@ class Block(nnx.Module):
             # Both branches' output projections are reduced over mp together: one all-reduce per layer, not two.
             h2 = self.ln_2(x) if hasattr(self, "ln_2") else h
             attn, kv = self.attn(h, positions, mask, kv, index, is_local, layer)
-            y = checkpoint_name(row_parallel_sum([attn, self.mlp(h2)]), "out_proj")
+            y = checkpoint_name(self._project(attn, self.mlp(h2, layer), layer=layer), "out_proj")
             x = x + scale_shift(y, None, attn_bias + mlp_bias).astype(x.dtype)
         else:
             attn, kv = self.attn(h, positions, mask, kv, index, is_local, layer)
-            x = x + scale_shift(checkpoint_name(row_parallel_sum([attn]), "out_proj"), None, attn_bias).astype(x.dtype)
-            y = checkpoint_name(row_parallel_sum([self.mlp(self.ln_2(x))]), "out_proj")
+            y = checkpoint_name(self._project(attn, layer=layer), "out_proj")
+            x = x + scale_shift(y, None, attn_bias).astype(x.dtype)
+            y = checkpoint_name(self._project(mlp=self.mlp(self.ln_2(x), layer), layer=layer), "out_proj")
             x = x + scale_shift(y, None, mlp_bias).astype(x.dtype)
         return constrain(x, "batch", "seq", "embed"), kv
+
+    def _project(self, attn: tuple | None = None, mlp: tuple | None = None,
+                 layer: jax.Array | int | None = None) -> jax.Array:
+        """The branches' output projections ((input, kernel) pairs) summed in fp32 (`row_parallel_sum`), with
+        the adapters of those kernels that have them."""
+        branches = [(pair, module, kernel) for pair, module, kernel in ((attn, self.attn, "o"), (mlp, self.mlp, "fc_out"))
+                    if pair is not None]
+        y = row_parallel_sum([pair for pair, _, _ in branches])
+        for (x, _), module, kernel in branches:
+            extra = _adapter(module, module.cfg, kernel, x, layer)
+            y = y if extra is None else y + extra
+        return y
 
 
 class Head(nnx.Module):

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mtj import lora
 from mtj.config import Config
 from mtj.model import Params, param_axes
 
@@ -23,9 +24,11 @@ def schedule(cfg: Config) -> optax.Schedule:
 
 
 def decay_mask(cfg: Config) -> Params:
-    """Weight decay on matrices only: not on biases or LayerNorm parameters."""
-    return jax.tree.map(lambda axes: len([a for a in axes if a != "layers"]) >= 2, param_axes(cfg),
+    """Weight decay on matrices only: not on biases or LayerNorm parameters (with LoRA: of the adapters,
+    which are all that is trained)."""
+    mask = jax.tree.map(lambda axes: len([a for a in axes if a != "layers"]) >= 2, param_axes(cfg),
                         is_leaf=lambda x: isinstance(x, tuple))
+    return lora.split(mask)[1] if lora.enabled(cfg) else mask
 
 
 def optimizer(cfg: Config) -> optax.GradientTransformation:

@@ -25,6 +25,7 @@ RULES: dict[str, str | None] = {
     "mlp": "mp",
     "embed": None,
     "layers": None,
+    "lora": None,  # an adapter's rank (mtj.lora)
     "norm": None,
     "seq": None,
     "head_dim": None,

@@ -18,7 +18,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from mtj import checkpoint, convert, data, harness, lock
+from mtj import checkpoint, convert, data, harness, lock, lora, quantize
 from mtj.checkpoint import CheckpointError
 from mtj.config import Config, ConfigError
 from mtj.data import Loader, StreamLoader
@@ -30,7 +30,7 @@ from mtj.paths import PathLike, user_path
 from mtj.sharding import make_mesh
 from mtj.tokenizer import Tokenizer, load_tokenizer
 
-State = dict[str, Any]  # {"params", "opt_state", "step"}
+State = dict[str, Any]  # {"params", "opt_state", "step"}; params: what is trained (with LoRA, the adapters)
 
 
 def loss_fn(params: Params, batch: jax.Array, cfg: Config) -> tuple[jax.Array, jax.Array]:
@@ -52,8 +52,18 @@ def opt_state_shardings(opt_shape: Any, param_shardings: Params, mesh: Mesh) -> 
                         is_leaf=is_param_tree)
 
 
+def frozen_base(cfg: Config, mesh: Mesh) -> Params:
+    """The abstract frozen base of LoRA training (with shardings): the compute dtype, its layers' kernels
+    quantized when `base_quant` says so (QLoRA)."""
+    abstract = checkpoint.abstract_params(lora.base_config(cfg).replace(param_dtype=cfg.dtype), mesh)
+    if cfg.base_quant == "none":
+        return abstract
+    return quantize.abstract_weights(abstract, cfg.base_quant, quantize.BLOCK_KERNELS)
+
+
 class Trainer:
-    """Holds the mesh, shardings and compiled steps of one run configuration."""
+    """Holds the mesh, shardings and compiled steps of one run configuration. With LoRA (`lora_rank`) the
+    state's params are the adapters alone; the frozen base is `base` (`set_base`), an argument of the steps."""
 
     def __init__(self, cfg: Config, mesh: Mesh | None = None):
         self.cfg = cfg
@@ -63,6 +73,13 @@ class Trainer:
         self.lr = schedule(cfg)
         param_sh = param_shardings(cfg, self.mesh)
         abstract = checkpoint.abstract_params(cfg, self.mesh)
+        self.base: Params = {}
+        self.base_record: dict | None = None  # (LoRA) the base's checkpoint and fingerprint, for the adapters' meta
+        self.abstract_base: Params = {}
+        if lora.enabled(cfg):
+            param_sh, abstract = lora.split(param_sh)[1], lora.split(abstract)[1]
+            self.abstract_base = frozen_base(cfg, self.mesh)
+        base_sh = jax.tree.map(lambda a: a.sharding, self.abstract_base)
         opt_shape = jax.eval_shape(self.opt.init, abstract)
         self.state_shardings: State = {
             "params": param_sh,
@@ -76,46 +93,60 @@ class Trainer:
         self.batch_sharding = NamedSharding(self.mesh, P(None, "dp", None))
         self.global_batch = cfg.per_replica_batch * self.dp
         replicated = NamedSharding(self.mesh, P())
-        self._step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
+        self._step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding, base_sh),
                              out_shardings=(self.state_shardings, replicated), donate_argnums=0)
-        self._eval = jax.jit(self._eval_step, in_shardings=(param_sh, self.batch_sharding), out_shardings=replicated)
+        self._eval = jax.jit(self._eval_step, in_shardings=(param_sh, self.batch_sharding, base_sh),
+                             out_shardings=replicated)
         self._init = jax.jit(self._init_state, out_shardings=self.state_shardings)
 
     # --- compiled functions ---------------------------------------------------
     def _init_state(self, key: jax.Array) -> State:
         params = init_params(self.cfg, key)
+        if lora.enabled(self.cfg):  # (the base's draws are dead code here, left out by the compiler)
+            params = lora.split(params)[1]
         return {"params": params, "opt_state": self.opt.init(params), "step": jnp.zeros((), jnp.int32)}
 
-    def gradients(self, params: Params, batch: jax.Array) -> tuple[Params, jax.Array]:
-        """Mean gradient (fp32) and cross entropy over the micro-batches batch[0..gas-1] (a scan,
-        accumulating in grad_accum_dtype)."""
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    def gradients(self, params: Params, batch: jax.Array, base: Params | None = None,
+                  dropout_key: jax.Array | None = None) -> tuple[Params, jax.Array]:
+        """Mean gradient (fp32) of `params` and cross entropy over the micro-batches batch[0..gas-1] (a scan,
+        accumulating in grad_accum_dtype); with LoRA, `params` are the adapters on the frozen `base`, their
+        inputs dropped out by masks drawn from `dropout_key` (one key per micro-batch)."""
+        def loss(trained: Params, mb: jax.Array, key: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+            with lora.dropout(key, self.cfg.lora_dropout):
+                return loss_fn(lora.combine(base or {}, trained), mb, self.cfg)
+
+        grad_fn = jax.value_and_grad(loss, has_aux=True)
+        keys = None if dropout_key is None else jax.random.split(dropout_key, batch.shape[0])
         if batch.shape[0] == 1:  # one micro-batch: no accumulator to fill with zeros and add into
-            (_, ce), grads = grad_fn(params, batch[0], self.cfg)
+            (_, ce), grads = grad_fn(params, batch[0], None if keys is None else keys[0])
             return jax.tree.map(lambda g: g.astype(jnp.float32), grads), ce
 
         acc_dtype = jnp.dtype(self.cfg.grad_accum_dtype)
 
-        def micro(acc: tuple, mb: jax.Array) -> tuple[tuple, None]:
-            (_, ce), grads = grad_fn(params, mb, self.cfg)
+        def micro(acc: tuple, xs: tuple) -> tuple[tuple, None]:
+            (_, ce), grads = grad_fn(params, *xs)
             grads = jax.tree.map(lambda g: g.astype(acc_dtype), grads)
             return jax.tree.map(jnp.add, acc, (grads, ce)), None
 
         zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, acc_dtype), params), jnp.zeros((), jnp.float32))
-        (grads, ce), _ = jax.lax.scan(micro, zeros, batch)
+        (grads, ce), _ = jax.lax.scan(micro, zeros, (batch, keys))
         n = batch.shape[0]
         return jax.tree.map(lambda g: g.astype(jnp.float32) / n, grads), ce / n
 
-    def _train_step(self, state: State, batch: jax.Array) -> tuple[State, dict]:
+    def _train_step(self, state: State, batch: jax.Array, base: Params) -> tuple[State, dict]:
         params = state["params"]
-        grads, loss = self.gradients(params, batch)  # gradient accumulation inside one step
+        dropout_key = None  # (LoRA's dropout: new masks each step, the same again on a resumed run)
+        if self.cfg.lora_rank and self.cfg.lora_dropout:
+            dropout_key = jax.random.fold_in(jax.random.key(self.cfg.seed), state["step"])
+        grads, loss = self.gradients(params, batch, base, dropout_key)  # gradient accumulation inside one step
         updates, opt_state = self.opt.update(grads, state["opt_state"], params)
         lr = self.lr(state["step"])
         params = jax.tree.map(lambda p, u: (p - lr * u).astype(p.dtype), params, updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr}
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
-    def _eval_step(self, params: Params, batch: jax.Array) -> jax.Array:
+    def _eval_step(self, params: Params, batch: jax.Array, base: Params) -> jax.Array:
+        params = lora.combine(base, params)
         return jnp.mean(jax.vmap(lambda mb: loss_fn(params, mb, self.cfg)[1])(batch))
 
     # --- host-side API ---------------------------------------------------------
@@ -127,14 +158,31 @@ class Trainer:
         shape = (local.shape[0], self.global_batch, local.shape[2])
         return jax.make_array_from_process_local_data(self.batch_sharding, local, shape)
 
+    def set_base(self, params: Params, record: dict) -> None:
+        """(LoRA) The frozen base (as `checkpoint.restore_lora_base` gives it, in the compute dtype), quantized
+        as `base_quant` says, one array at a time, each original deleted (`params` is consumed); `record` names
+        it in the adapters' checkpoints."""
+        if self.cfg.base_quant != "none":
+            with jax.set_mesh(self.mesh):
+                params = quantize.quantize_weights(params, self.cfg.base_quant, quantize.BLOCK_KERNELS, consume=True)
+        self.base = jax.device_put(params, jax.tree.map(lambda a: a.sharding, self.abstract_base))
+        self.base_record = record
+
+    def merged(self, params: Params) -> Params:
+        """The whole model's weights: with LoRA, the adapters folded into the base (compute dtype)."""
+        if not lora.enabled(self.cfg):
+            return params
+        with jax.set_mesh(self.mesh):
+            return jax.jit(lambda base, adapters: lora.merged(lora.combine(base, adapters), self.cfg))(self.base, params)
+
     def step(self, state: State, local_batch: np.ndarray) -> tuple[State, dict]:
         with jax.set_mesh(self.mesh):
-            return self._step(state, self.global_array(local_batch))
+            return self._step(state, self.global_array(local_batch), self.base)
 
     def evaluate(self, params: Params, loader: Loader, batches: int) -> float:
         loader.reset()
         with jax.set_mesh(self.mesh):
-            losses = [self._eval(params, self.global_array(next(loader))) for _ in range(batches)]
+            losses = [self._eval(params, self.global_array(next(loader)), self.base) for _ in range(batches)]
         return float(np.mean([float(x) for x in losses]))
 
     def loader(self, spec: str, tokenizer: Tokenizer, shuffle: bool = True) -> Loader | StreamLoader:
@@ -148,13 +196,6 @@ def run_dir(cfg: Config) -> str:
     return f"gs://{cfg.bucket}/{cfg.model_dir}" if cfg.bucket else cfg.model_dir
 
 
-def _check_same_model(cfg: Config, other: Config, source: str) -> None:
-    keys = ("model_type", "layers", "d_model", "n_heads", "d_head", "d_ff", "n_vocab", "pe_rotary_dims", "tie_embeddings")
-    diff = [f"{k}: {getattr(other, k)} in {source} vs {getattr(cfg, k)}" for k in keys if getattr(cfg, k) != getattr(other, k)]
-    if diff:
-        raise ConfigError(f"the checkpoint {source} has a different model shape: " + "; ".join(diff))
-
-
 def _restore_state(trainer: Trainer, ckpt: PathLike, with_opt: bool, resume: bool) -> tuple[State, dict]:
     """The state and meta of the newest step of `ckpt` that restores. Resuming takes its step,
     optimizer state and data position (all required), and sets unrestorable newer steps aside
@@ -163,7 +204,8 @@ def _restore_state(trainer: Trainer, ckpt: PathLike, with_opt: bool, resume: boo
 
     def restore(step_dir: epath.Path) -> dict:
         checkpoint.refuse_quantized(step_dir, "training")
-        _check_same_model(trainer.cfg, checkpoint.read_config(step_dir), str(step_dir))
+        checkpoint.check_same_model(trainer.cfg, checkpoint.read_config(step_dir), str(step_dir))
+        _check_lora_run(trainer.cfg, checkpoint.lora_base_of(step_dir), step_dir)
         items = {"params": ocp.args.StandardRestore(abstract["params"]), "meta": ocp.args.JsonRestore()}
         if resume or (with_opt and (step_dir / "opt_state").is_dir()):
             items["opt_state"] = ocp.args.StandardRestore(abstract["opt_state"])
@@ -173,12 +215,25 @@ def _restore_state(trainer: Trainer, ckpt: PathLike, with_opt: bool, resume: boo
         return restored
 
     restored, step_dir = checkpoint.restore_newest(ckpt, restore, set_aside=resume)
+    if (record := restored["meta"].get("lora_base")) is not None:
+        trainer.set_base(checkpoint.restore_recorded_base(record, trainer.cfg, trainer.mesh, trainer.cfg.dtype,
+                                                          str(step_dir)), record)
     with jax.set_mesh(trainer.mesh):
         opt_state = restored["opt_state"] if "opt_state" in restored else \
             jax.jit(trainer.opt.init, out_shardings=trainer.state_shardings["opt_state"])(restored["params"])
     step = checkpoint.step_number(step_dir) if resume else 0
     step_arr = jax.device_put(jnp.asarray(step, jnp.int32), trainer.state_shardings["step"])
     return {"params": restored["params"], "opt_state": opt_state, "step": step_arr}, restored["meta"]
+
+
+def _check_lora_run(cfg: Config, record: dict | None, step_dir: epath.Path) -> None:
+    """A run resumes as it was: adapters (lora_rank) from adapters, a whole model from a whole model."""
+    if lora.enabled(cfg) and record is None:
+        raise ConfigError(f"{step_dir} holds a whole model, not LoRA adapters, but lora_rank={cfg.lora_rank}: "
+                          "to train adapters on it, give it as --tune-model-path to a new model_dir")
+    if not lora.enabled(cfg) and record is not None:
+        raise ConfigError(f"{step_dir} holds LoRA adapters (on {record['path']}): resume it with the run's lora_rank "
+                          "and lora_targets (see its config.json)")
 
 
 def _harness(cfg: Config, trainer: Trainer, params: Params, tokenizer: Tokenizer, lead: bool) -> Any:
@@ -191,7 +246,7 @@ def _harness(cfg: Config, trainer: Trainer, params: Params, tokenizer: Tokenizer
             print(f"eval_harness_tasks needs lm-evaluation-harness ({harness.MISSING}): pip install 'mtj[eval]'; "
                   "training goes on without it")
         return None
-    return harness.TrainingEval(cfg, params, trainer.mesh, tokenizer, report=lead)
+    return harness.TrainingEval(lora.base_config(cfg), trainer.merged(params), trainer.mesh, tokenizer, report=lead)
 
 
 class StopRequests:
@@ -278,7 +333,7 @@ def _train(cfg: Config, tune_model_path: str | None, fresh_opt: bool, mesh: Mesh
 
     def validation() -> dict[str, float]:
         row = {f"val/{name}": trainer.evaluate(state["params"], vl, cfg.val_batches) for name, vl in val.items()}
-        return {**row, **(harness(state["params"]) if harness is not None else {})}
+        return {**row, **(harness(trainer.merged(state["params"])) if harness is not None else {})}
 
     stopped_at = None
     for step in range(start + 1, cfg.total_steps + 1):
@@ -291,9 +346,8 @@ def _train(cfg: Config, tune_model_path: str | None, fresh_opt: bool, mesh: Mesh
         if lost:
             raise lock.taken_over(writer, out, step)
         if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.total_steps or stop:
-            meta = {"step": step, "data": loader.state(), "rng": np.asarray(jax.random.key_data(
-                jax.random.fold_in(jax.random.key(cfg.seed), step))).tolist()}
-            mngr.save(step, args=checkpoint.save_args(state["params"], cfg, tokenizer, state["opt_state"], meta))
+            mngr.save(step, args=checkpoint.save_args(state["params"], cfg, tokenizer, state["opt_state"],
+                                                      _step_meta(trainer, loader, step)))
             log.sync()  # a bucket's metrics.jsonl keeps up with its checkpoints
             if hooks.after_save:
                 hooks.after_save(step)  # (the async write is in flight)
@@ -312,6 +366,13 @@ def _train(cfg: Config, tune_model_path: str | None, fresh_opt: bool, mesh: Mesh
             print(outcome, flush=True)
     log.close()
     return state
+
+
+def _step_meta(trainer: Trainer, loader: Loader, step: int) -> dict:
+    """A checkpoint's meta: the step, the data position, the step's RNG key and (LoRA) the base it adapts."""
+    key = jax.random.fold_in(jax.random.key(trainer.cfg.seed), step)
+    meta = {"step": step, "data": loader.state(), "rng": np.asarray(jax.random.key_data(key)).tolist()}
+    return meta if trainer.base_record is None else {**meta, "lora_base": trainer.base_record}
 
 
 class StepReport:
@@ -352,10 +413,18 @@ def _starting_state(trainer: Trainer, loader: Loader, out: epath.Path, tune_mode
         if lead:
             print(f"resuming {out} from step {int(state['step'])}")
         return state, int(state["step"])
+    if tune_model_path and convert.is_hf_dir(tune_model_path):
+        raise ConfigError(f"--tune-model-path {tune_model_path} is a Hugging Face model directory: convert it "
+                          f"first (mtj-from-hf --hf {tune_model_path} --out CKPT) and give CKPT")
+    if lora.enabled(trainer.cfg):
+        if not tune_model_path:
+            raise ConfigError(f"lora_rank={trainer.cfg.lora_rank} trains adapters on a frozen base model: give it as "
+                              "--tune-model-path CKPT")
+        trainer.set_base(*checkpoint.restore_lora_base(tune_model_path, trainer.cfg, trainer.mesh, trainer.cfg.dtype))
+        if lead:
+            print(f"training LoRA adapters on {trainer.base_record['path']} (frozen)")
+        return trainer.init(), 0
     if tune_model_path:
-        if convert.is_hf_dir(tune_model_path):
-            raise ConfigError(f"--tune-model-path {tune_model_path} is a Hugging Face model directory: convert it "
-                              f"first (mtj-from-hf --hf {tune_model_path} --out CKPT) and give CKPT")
         state, _ = _restore_state(trainer, tune_model_path, with_opt=not fresh_opt, resume=False)
         if lead:
             print(f"fine-tuning from {tune_model_path}" + (" with a fresh optimizer" if fresh_opt else ""))
@@ -388,9 +457,13 @@ def _outcome(cfg: Config, out: epath.Path, log: MetricsLog, start: int, stopped_
 
 def summary(cfg: Config, trainer: Trainer, loader: Loader, out: epath.Path) -> str:
     """What a run is, in a few lines: the model, the devices and mesh, the batch and the data."""
+    base = count_params(lora.base_config(cfg))
+    adapters = (f"\nLoRA: rank {cfg.lora_rank} on {', '.join(cfg.lora_targets)}, {(count_params(cfg) - base) / 1e6:,.2f}M "
+                f"trained parameters; the base frozen in {cfg.dtype if cfg.base_quant == 'none' else cfg.base_quant}"
+                if lora.enabled(cfg) else "")
     return "\n".join([
-        f"model: {cfg.model_type}, {count_params(cfg) / 1e6:,.1f}M parameters ({cfg.layers} layers, d_model "
-        f"{cfg.d_model}, {cfg.n_heads} heads, context {cfg.seq}, vocabulary {cfg.n_vocab}), compute {cfg.dtype}",
+        f"model: {cfg.model_type}, {base / 1e6:,.1f}M parameters ({cfg.layers} layers, d_model "
+        f"{cfg.d_model}, {cfg.n_heads} heads, context {cfg.seq}, vocabulary {cfg.n_vocab}), compute {cfg.dtype}{adapters}",
         f"devices: {trainer.mesh.size} x {trainer.mesh.devices.flat[0].device_kind} over {jax.process_count()} process(es), "
         f"mesh {dict(trainer.mesh.shape)}",
         f"batch: {cfg.gradient_accumulation_steps} x {trainer.global_batch} sequences of {cfg.seq} tokens = "

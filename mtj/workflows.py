@@ -10,10 +10,12 @@ from typing import Any
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
+import safetensors.numpy
 from etils import epath
 
-from mtj import checkpoint
-from mtj.config import QUANTIZE, load_config
+from mtj import adapters, checkpoint, lora
+from mtj.config import QUANTIZE, ConfigError, load_config
 from mtj.convert import (EXPORT_DTYPES, HFTensors, config_from_hf, config_to_hf, hf_shapes, hf_to_params, is_hf_dir,
                          params_to_hf, read_hf_config, spec_at, write_shards)
 from mtj.families import GPTJ
@@ -40,12 +42,27 @@ def import_hf(hf_dir: PathLike, out: PathLike, allow_pickle: bool = False, **ove
     return step_dir
 
 
-def export_hf(ckpt: PathLike, out: PathLike, dtype: str = "fp32", max_shard_size: int | str = "50GB") -> epath.Path:
+LORA_EXPORTS = ("none", "merge", "peft")
+
+
+def export_hf(ckpt: PathLike, out: PathLike, dtype: str = "fp32", max_shard_size: int | str = "50GB",
+              lora_export: str = "none") -> epath.Path:
     """Our checkpoint -> HF directory: config.json, the weights (sharded past `max_shard_size`, whose
-    default is transformers'), generation_config.json, tokenizer."""
+    default is transformers'), generation_config.json, tokenizer. A checkpoint of LoRA adapters exports
+    merged into its base (`lora_export` "merge") or as PEFT's adapter files ("peft")."""
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(EXPORT_DTYPES)}, got '{dtype}'")
-    checkpoint.refuse_quantized(checkpoint.latest(ckpt), "export to Hugging Face")
+    step_dir = checkpoint.latest(ckpt)
+    checkpoint.refuse_quantized(step_dir, "export to Hugging Face")
+    record = checkpoint.lora_base_of(step_dir)
+    if record is None and lora_export != "none":
+        raise ConfigError(f"--{'merge-lora' if lora_export == 'merge' else 'peft'} exports LoRA adapters, and "
+                          f"{step_dir} holds a whole model (no lora_rank in its training)")
+    if record is not None and lora_export == "none":
+        raise ConfigError(f"{step_dir} holds LoRA adapters on {record['path']}: export them with --merge-lora (one "
+                          "model with the adapters merged) or --peft (adapter files for peft.PeftModel)")
+    if lora_export == "peft":
+        return export_peft(step_dir, out, record)
     with published_dir(out) as tmp:
         model = checkpoint.restore_model(ckpt, make_mesh(mp=1, dp=1))
         cfg, params, tokenizer = model.cfg, model.params, model.tokenizer
@@ -65,6 +82,42 @@ def export_hf(ckpt: PathLike, out: PathLike, dtype: str = "fp32", max_shard_size
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp, model_max_length=cfg.seq)
     return user_path(out)
+
+
+def export_peft(step_dir: epath.Path, out: PathLike, record: dict) -> epath.Path:
+    """A step of LoRA adapters -> PEFT's adapter_config.json + adapter_model.safetensors (fp32), which
+    `peft.PeftModel.from_pretrained` loads onto the base's HF export."""
+    cfg = checkpoint.read_config(step_dir)
+    abstract = lora.split(checkpoint.abstract_params(cfg.replace(cores_per_replica=1), make_mesh(mp=1, dp=1)))[1]
+    trained = checkpoint.restore_items(step_dir, params=ocp.args.StandardRestore(abstract))["params"]
+    with published_dir(out) as tmp:
+        safetensors.numpy.save_file(dict(adapters.to_peft(trained, cfg)), str(tmp / adapters.WEIGHTS_FILE),
+                                    metadata={"format": "pt"})
+        (tmp / adapters.CONFIG_FILE).write_text(json.dumps(adapters.peft_config(cfg, record["path"]), indent=2))
+    return user_path(out)
+
+
+def import_peft(peft_dir: PathLike, base: PathLike, out: PathLike) -> epath.Path:
+    """PEFT adapter files + the mtj checkpoint of their base -> a checkpoint of mtj LoRA adapters `out/step_0`
+    that names that base (as training would have written it)."""
+    refuse_overwrite(out)
+    with local_copy(peft_dir) as local:
+        if not (local / adapters.CONFIG_FILE).is_file() or not (local / adapters.WEIGHTS_FILE).is_file():
+            raise FileNotFoundError(f"{peft_dir} is not a PEFT adapter directory ({adapters.CONFIG_FILE} + "
+                                    f"{adapters.WEIGHTS_FILE})")
+        config = adapters.read_config(local)
+        adapters.check_peft_config(config, str(peft_dir))
+        tensors = {k: v.astype(np.float32) for k, v in safetensors.numpy.load_file(str(local / adapters.WEIGHTS_FILE)).items()}
+    base_step = checkpoint.latest(base)
+    cfg, trained = adapters.from_peft(tensors, config, checkpoint.read_config(base_step).replace(cores_per_replica=1),
+                                      str(peft_dir))
+    mesh = make_mesh(mp=1, dp=1)
+    _, record = checkpoint.restore_lora_base(base_step, cfg, mesh, cfg.param_dtype)
+    shardings = lora.split(param_shardings(cfg, mesh))[1]
+    placed = jax.tree.map(lambda a, sh: jax.device_put(a, sh), trained, shardings)
+    step = checkpoint.save(out, 0, placed, cfg, checkpoint.read_tokenizer(base_step), meta={"lora_base": record})
+    cfg.save(user_path(out) / "config.json")
+    return step
 
 
 def import_v1(step_dir: PathLike, config: PathLike, out: PathLike, **overrides: Any) -> epath.Path:

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import REPO
-from mtj.compile_check import candidate_fixes, larger_topologies
+from mtj.compile_check import LORA_ALTERNATIVES, candidate_fixes, larger_topologies
 from mtj.config import Config, load_config
 from mtj.model import count_params
 from test_readme import readme_commands
@@ -32,7 +32,7 @@ def readme_lines() -> list[list[str]]:
     """The README's compile_check command lines, as arguments: these tests run them as written (with --json
     added) and check their answers; tests/test_readme.py leaves them to this file."""
     lines = [shlex.split(c)[2:] for c in readme_commands() if "scripts/compile_check.py" in c]
-    assert len(lines) == 3, lines
+    assert len(lines) == 4, lines
     return lines
 
 
@@ -83,6 +83,29 @@ def test_20b_names_the_smallest_v3_slice_that_holds_it():
     confirmed = run("--config", "configs/gpt_neox_20B.json", "--topology", smallest["topology"],
                     *as_args(smallest["fixes"]), "--no-decode")
     assert confirmed["fits"] is True and confirmed["total_gib"] == smallest["total_gib"]
+    # ... or adapters on the frozen 20B, on this slice: its bf16 weights over 8 devices, compiled
+    assert r["lora"]["overrides"] == LORA_ALTERNATIVES[0] and r["lora"]["total_gib"] <= r["hbm_per_device_gib"]
+    assert r["lora"]["frozen_base_gib"] == pytest.approx(count_params(load_config("configs/gpt_neox_20B.json")) * 2
+                                                         / 8 / 2**30, rel=0.02)
+
+
+@needs_libtpu
+def test_gptj_6b_lora_with_an_int8_base_fits_one_v5e_chip():
+    args = readme_lines()[3]
+    assert args == ["--config", "configs/6B_roto_256.json", "--topology", "v5e-1", "lora_rank=16", "base_quant=int8",
+                    "--no-decode"]
+    r = run(*args)
+    assert r["fits"] is True and r["adjusted"] == {"cores_per_replica": 1} and r["mesh"] == {"dp": 1, "mp": 1}
+    assert r["total_gib"] <= r["hbm_per_device_gib"] == 16
+    # the frozen base: the layers' kernels as int8 (with their scales), the embedding and head in bf16
+    cfg = load_config("configs/6B_roto_256.json")
+    embeddings = 2 * cfg.padded_vocab * cfg.d_model
+    kernels = count_params(cfg) - 2 * cfg.n_vocab * cfg.d_model
+    assert r["frozen_base_gib"] == pytest.approx((kernels + 2 * embeddings) / 2**30, rel=0.03)
+    # what is trained: rank-16 q and v adapters (the default targets) and their Adam moments, in fp32
+    adapters = cfg.layers * 2 * 16 * (cfg.d_model + cfg.n_heads * cfg.head_dim) * 4 / 2**30
+    assert r["parameters_gib"] == pytest.approx(adapters, abs=0.01)
+    assert r["optimizer_state_gib"] == pytest.approx(2 * adapters, abs=0.01)
 
 
 def test_fixes_are_tried_cheapest_first_and_keep_tokens_per_step():
@@ -98,6 +121,9 @@ def test_fixes_are_tried_cheapest_first_and_keep_tokens_per_step():
         c = cfg.replace(**fixes)
         assert c.gradient_accumulation_steps * c.per_replica_batch * (8 // c.mp) == tokens, fixes
     assert larger_topologies("v3-8") == ["v3-32", "v3-64", "v3-128", "v3-256"]
+    # training adapters: their base quantized last, int8 before nf4
+    lora = list(candidate_fixes(cfg.replace(lora_rank=8), devices=8))
+    assert lora[:-2] == steps and lora[-2:] == [{**steps[-1], "base_quant": "int8"}, {**steps[-1], "base_quant": "nf4"}]
 
 
 def test_the_remat_policy_table_orders_memory_as_the_policies_promise():

@@ -5,6 +5,7 @@ With --decode-only (or --quantize), generation alone: its memory and the largest
 import json
 import os
 import re
+import shlex
 import sys
 
 os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v3-8")  # quiets libtpu's host probing; the topology is explicit
@@ -16,11 +17,14 @@ from mtj.cli import parser, run
 
 
 def overrides(fixes: dict) -> str:
-    return " ".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in fixes.items())
+    """key=value words a shell takes as they are printed."""
+    return " ".join(f"{k}={v if isinstance(v, str) else shlex.quote(json.dumps(v, separators=(',', ':')))}"
+                    for k, v in fixes.items())
 
 
 def memory(r: dict) -> str:
-    parts = [f"parameters {r['parameters_gib']} + optimizer state {r['optimizer_state_gib']}"
+    frozen = f" + frozen base {r['frozen_base_gib']}" if "frozen_base_gib" in r else ""  # (LoRA)
+    parts = [f"parameters {r['parameters_gib']} + optimizer state {r['optimizer_state_gib']}{frozen}"
              f" (arguments {r['arguments_gib']})" if "parameters_gib" in r else f"arguments {r['arguments_gib']}"]
     parts += [f"{k} {r[k + '_gib']}" for k in ("temporaries", "outputs", "total") if r.get(k + "_gib") is not None]
     hbm = f" of {r['hbm_per_device_gib']} HBM" if r.get("hbm_per_device_gib") else ""
@@ -77,7 +81,8 @@ def main() -> None:
         print(json.dumps(r))
         sys.exit(0 if r["fits"] else 1)
     print(f"{r['topology']}: {r['devices']} devices, mesh {r['mesh']}, fsdp {r['fsdp']}, "
-          f"{r['tokens_per_step']:,} tokens per step")
+          f"{r['tokens_per_step']:,} tokens per step" + (f" (with {overrides(r['adjusted'])}: the config's "
+                                                       "does not divide the slice)" if r["adjusted"] else ""))
     print(f"train step: {memory(r)}: {'fits' if r['fits'] else 'does not fit'}")
     if not r["fits"] and r.get("error"):
         print(f"  {r['error']}")
@@ -98,6 +103,9 @@ def main() -> None:
                   + f"   (mesh {s['mesh']}, total {s['total_gib']} GiB per device)")
         else:
             print("no slice of that generation in the table holds it")
+    if r.get("lora"):
+        print(f"or train LoRA adapters on the frozen model, which fits here with: {overrides(r['lora']['overrides'])}"
+              f"   (frozen base {r['lora']['frozen_base_gib']}, total {r['lora']['total_gib']} GiB per device)")
     sys.exit(0 if r["fits"] else 1)
 
 

@@ -15,8 +15,14 @@ def main() -> None:
     ap.add_argument("--max-shard-size", type=size, default="50GB",
                     help="largest weights file; a larger export is sharded with model.safetensors.index.json "
                     "(bytes, or e.g. 500MB, 5GB, 2GiB)")
+    lora = ap.add_mutually_exclusive_group()
+    lora.add_argument("--merge-lora", dest="lora_export", action="store_const", const="merge", default="none",
+                      help="a checkpoint of LoRA adapters: export one model, the adapters merged into their base")
+    lora.add_argument("--peft", dest="lora_export", action="store_const", const="peft",
+                      help="a checkpoint of LoRA adapters: export PEFT's adapter files (adapter_config.json, "
+                      "adapter_model.safetensors) for peft.PeftModel.from_pretrained on the base's export")
     args = ap.parse_args()
-    print(f"wrote {export_hf(args.ckpt, args.out, args.dtype, args.max_shard_size)}")
+    print(f"wrote {export_hf(args.ckpt, args.out, args.dtype, args.max_shard_size, args.lora_export)}")
 
 
 def size(text: str) -> int:
