@@ -11,6 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+import mtj
 from mtj import checkpoint, lora, model, quantize
 from mtj.checkpoint import CheckpointError
 from mtj.config import ConfigError, from_dict
@@ -111,6 +112,13 @@ def test_training_touches_only_the_adapters_and_the_loss_falls(tmp_path, base_ru
     expected = jax.jit(lambda b, a: lora.merged(lora.combine(b, a), cfg))(base_before, state["params"])
     jax.tree.map(np.testing.assert_array_equal, loaded.params, expected)
     assert np.asarray(loaded.params["wte"]).tobytes() == np.asarray(base_before["wte"]).tobytes()  # (what no adapter touches is the base's)
+    # sampling, serving and evaluation load it so (mtj.load), on one device or two
+    tokens = np.random.RandomState(0).randint(0, cfg.n_vocab, (2, 12))
+    merged_logits = np.asarray(model.forward(expected, tokens, lora.base_config(cfg)))[..., : cfg.n_vocab]
+    for mp in (1, 2):
+        lm = mtj.load(tmp_path / "run", mp=mp, dtype="float32")
+        np.testing.assert_allclose(lm.logits(tokens), merged_logits, rtol=0, atol=2e-5 * np.abs(merged_logits).max())
+    assert lm.generate_tokens([tokens[0].tolist()], max_new_tokens=4)
 
 
 @pytest.mark.parametrize("base_quant", ["int8", "nf4"])
