@@ -49,10 +49,6 @@ def modules(cfg: Config) -> list[Module]:
     return [Module(hf, tuple(ours[w.ours] for w in ws), tuple(ws)) for hf, ws in found.items()]
 
 
-def module_of(cfg: Config, kernel: str) -> Module:
-    return next(m for m in modules(cfg) if kernel in m.kernels)
-
-
 # --- export ----------------------------------------------------------------------------
 
 def to_peft(adapters: dict, cfg: Config) -> Iterator[tuple[str, np.ndarray]]:

@@ -435,10 +435,15 @@ def restore_model(ckpt: PathLike, mesh: Mesh, adjust: Callable[[Config], Config]
     return restore_newest(ckpt, restore)[0]
 
 
+def restore_adapters(step_dir: PathLike, cfg: Config, mesh: Mesh) -> Params:
+    """The LoRA adapters a step holds (fp32), onto `mesh`."""
+    abstract = lora.split(abstract_params(cfg, mesh))[1]
+    return restore_items(step_dir, params=ocp.args.StandardRestore(abstract))["params"]
+
+
 def _merged_adapters(step_dir: epath.Path, record: dict, cfg: Config, mesh: Mesh) -> Params:
     """The adapters of `step_dir` folded into the base they record (in cfg's param_dtype)."""
-    adapters = lora.split(abstract_params(cfg, mesh))[1]
-    adapters = restore_items(step_dir, params=ocp.args.StandardRestore(adapters))["params"]
+    adapters = restore_adapters(step_dir, cfg, mesh)
     base = restore_recorded_base(record, cfg, mesh, cfg.param_dtype, str(step_dir))
     merge = jax.jit(lambda base, adapters: lora.merged(lora.combine(base, adapters), cfg), donate_argnums=0,
                     out_shardings=param_shardings(lora.base_config(cfg), mesh))

@@ -28,9 +28,10 @@ import qwix
 
 from mtj.config import Config
 
-# config target -> (module, kernel) in the params dict; the order numbers the dropout sites.
+# config target -> (module, kernel) in the params dict
 TARGETS: dict[str, tuple[str, str]] = {"q": ("attn", "q"), "k": ("attn", "k"), "v": ("attn", "v"),
                                        "out": ("attn", "o"), "ff_in": ("mlp", "fc_in"), "ff_out": ("mlp", "fc_out")}
+SITES = {kernel: i for i, (_, kernel) in enumerate(TARGETS.values())}  # a kernel's number in its dropout keys
 SUFFIXES = ("_lora_a", "_lora_b")
 
 
@@ -121,8 +122,7 @@ def delta(x: jax.Array, a: jax.Array, b: jax.Array, cfg: Config, kernel: str, la
     """scale * dropout(x) @ A @ B in fp32 (compute-dtype operands, as the base's product)."""
     active = _DROPOUT.get()
     if active is not None:
-        site = list(TARGETS).index(next(t for t, (_, k) in TARGETS.items() if k == kernel))
-        key = jax.random.fold_in(jax.random.fold_in(active.key, 0 if layer is None else layer), site)
+        key = jax.random.fold_in(jax.random.fold_in(active.key, 0 if layer is None else layer), SITES[kernel])
         keep = jax.random.bernoulli(key, 1.0 - active.rate, x.shape)
         x = jnp.where(keep, x / (1.0 - active.rate), 0).astype(x.dtype)
     low = jnp.einsum("...i,ir->...r", x, a.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)

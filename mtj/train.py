@@ -98,6 +98,7 @@ class Trainer:
         self._eval = jax.jit(self._eval_step, in_shardings=(param_sh, self.batch_sharding, base_sh),
                              out_shardings=replicated)
         self._init = jax.jit(self._init_state, out_shardings=self.state_shardings)
+        self._merge = jax.jit(lambda base, adapters: lora.merged(lora.combine(base, adapters), cfg))
 
     # --- compiled functions ---------------------------------------------------
     def _init_state(self, key: jax.Array) -> State:
@@ -173,7 +174,7 @@ class Trainer:
         if not lora.enabled(self.cfg):
             return params
         with jax.set_mesh(self.mesh):
-            return jax.jit(lambda base, adapters: lora.merged(lora.combine(base, adapters), self.cfg))(self.base, params)
+            return self._merge(self.base, params)
 
     def step(self, state: State, local_batch: np.ndarray) -> tuple[State, dict]:
         with jax.set_mesh(self.mesh):

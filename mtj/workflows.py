@@ -10,7 +10,6 @@ from typing import Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import safetensors.numpy
 from etils import epath
 
@@ -40,9 +39,6 @@ def import_hf(hf_dir: PathLike, out: PathLike, allow_pickle: bool = False, **ove
     step_dir = checkpoint.save(out, 0, params, cfg, Tokenizer(tok) if tok else None)
     cfg.save(user_path(out) / "config.json")
     return step_dir
-
-
-LORA_EXPORTS = ("none", "merge", "peft")
 
 
 def export_hf(ckpt: PathLike, out: PathLike, dtype: str = "fp32", max_shard_size: int | str = "50GB",
@@ -88,8 +84,7 @@ def export_peft(step_dir: epath.Path, out: PathLike, record: dict) -> epath.Path
     """A step of LoRA adapters -> PEFT's adapter_config.json + adapter_model.safetensors (fp32), which
     `peft.PeftModel.from_pretrained` loads onto the base's HF export."""
     cfg = checkpoint.read_config(step_dir)
-    abstract = lora.split(checkpoint.abstract_params(cfg.replace(cores_per_replica=1), make_mesh(mp=1, dp=1)))[1]
-    trained = checkpoint.restore_items(step_dir, params=ocp.args.StandardRestore(abstract))["params"]
+    trained = checkpoint.restore_adapters(step_dir, cfg.replace(cores_per_replica=1), make_mesh(mp=1, dp=1))
     with published_dir(out) as tmp:
         safetensors.numpy.save_file(dict(adapters.to_peft(trained, cfg)), str(tmp / adapters.WEIGHTS_FILE),
                                     metadata={"format": "pt"})

@@ -241,13 +241,20 @@ def hf_gptj(path: Path, seed: int = 0, **kw) -> Path:
     cfg.update(kw)
     torch.manual_seed(seed)
     model = transformers.GPTJForCausalLM(transformers.GPTJConfig(**cfg)).eval()
-    # Random LayerNorm and bias values, so that a mix-up of weights cannot hide.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1:
-                p.add_(0.1 * torch.randn_like(p))
+    random_vectors(model)
     model.save_pretrained(path)
     return path
+
+
+def random_vectors(model) -> None:
+    """Random LayerNorm and bias values (a torch model's 1-D parameters, from torch's current seed), so that a
+    mix-up of weights cannot hide behind transformers' ones and zeros."""
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn_like(p))
 
 
 def hf_logits(path: Path, tokens: np.ndarray) -> np.ndarray:

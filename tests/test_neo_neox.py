@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import mtj
-from conftest import REPO, SHARP, assert_logits_close, assets, hf_logits
+from conftest import REPO, SHARP, assert_logits_close, assets, hf_logits, random_vectors
 from mtj.config import load_config
 from mtj.model import count_params
 from mtj.tokenizer import load_tokenizer
@@ -44,10 +44,7 @@ def hf_model(path, family: str, seed: int, **kw):
     torch.manual_seed(seed)
     cls = transformers.GPTNeoForCausalLM if family == "neo" else transformers.GPTNeoXForCausalLM
     model = cls(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 1:
-                p.add_(0.1 * torch.randn_like(p))
+    random_vectors(model)
     model.save_pretrained(path)
     return model
 

@@ -4,10 +4,9 @@ logits, adapters made by peft import and give peft's, and the merged export equa
 import json
 
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from conftest import SHARP, assert_logits_close
+from conftest import SHARP, assert_logits_close, random_vectors
 from mtj import checkpoint, lora, model
 from mtj.adapters import PeftError
 from mtj.config import ConfigError
@@ -40,10 +39,7 @@ def hf_base(path, family: str):
     torch.manual_seed(len(family))
     hf = getattr(transformers, model_cls)(getattr(transformers, config_cls)(
         vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, **SHARP, **kw)).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            if p.ndim == 1:
-                p.add_(0.1 * torch.randn_like(p))
+    random_vectors(hf)
     hf.save_pretrained(path)
     return path
 
@@ -69,8 +65,7 @@ def adapted_logits(ckpt, tokens: np.ndarray) -> np.ndarray:
     step = checkpoint.latest(ckpt)
     cfg = checkpoint.read_config(step).replace(dtype="float32")  # (an import keeps the base's bf16 compute)
     mesh = make_mesh(1, 1)
-    abstract = lora.split(checkpoint.abstract_params(cfg, mesh))[1]
-    trained = checkpoint.restore_items(step, params=ocp.args.StandardRestore(abstract))["params"]
+    trained = checkpoint.restore_adapters(step, cfg, mesh)
     base = checkpoint.restore_recorded_base(checkpoint.lora_base_of(step), cfg, mesh, "float32", str(step))
     return np.asarray(model.forward(lora.combine(base, trained), tokens, cfg))[..., :VOCAB]
 
