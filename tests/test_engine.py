@@ -30,6 +30,8 @@ class Request:
     ended: bool = False
     events: queue.Queue = dataclasses.field(default_factory=queue.Queue)
     times: list = dataclasses.field(default_factory=list)  # when each event arrived
+    queued_at: float = 0.0  # (the engine's timing, for /metrics)
+    last_at: float = 0.0
 
     def wait(self) -> None:
         while True:

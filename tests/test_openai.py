@@ -9,9 +9,10 @@ import pytest
 
 import mtj
 from conftest import hf_gptj
+from mtj.decode.slots import pool_bytes_per_token
 from mtj.workflows import export_hf, import_hf
 from mtj.tokenizer import load_tokenizer
-from test_serve import Running
+from test_serve import Running, request
 
 PROMPTS = ["Hello there", "The king said", "Once upon a time, in a land"]
 
@@ -25,7 +26,9 @@ def served(tmp_path_factory):
     load_tokenizer("gpt2").save_pretrained(hf)
     import_hf(hf, root / "ckpt", dtype="float32")
     export_hf(root / "ckpt", root / "export")
-    srv = Running(root / "ckpt", "--served-model-name", "tiny", "--engine", "continuous")  # (the default; the static one: test_serve)
+    # the continuous engine (the default; the static one: test_serve) with a prefix cache of ~1,000 tokens: every
+    # test here also shows that the cache changes no output
+    srv = Running(root / "ckpt", "--served-model-name", "tiny", "--engine", "continuous", "--prefix-cache-gb", "0.0005")
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{srv.port}/v1", api_key="unused", max_retries=0, timeout=120)
     client.export, client.port = root / "export", srv.port  # for lm-eval's hf model and its local-completions
     yield client, mtj.load(root / "ckpt")
@@ -184,3 +187,57 @@ def test_a_mix_in_flight_is_token_identical_to_generate_tokens(served):
         assert all(f.result() for f in left)
     for (ids, max_tokens, _), text in zip(jobs, texts):
         assert text == lm.decode_new(lm.generate_tokens([ids], max_tokens, temperature=0)[0])
+
+
+def scrape(port: int) -> dict:
+    """/metrics, read with prometheus_client's own parser: {(sample name, labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, text = request(port, "/metrics")
+    assert status == 200
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_metrics_count_what_a_load_test_did(served):
+    import concurrent.futures
+
+    client, lm = served
+    header = "In the beginning the model read a long shared header, and every request began with it: "
+    asks = [dict(prompt=header + f"request {i}", max_tokens=3 + i, temperature=0, n=1 + i % 2, stream=i % 3 == 0)
+            for i in range(8)] + [dict(prompt="x", max_tokens=2, temperature=2.5)] * 3  # three 400s
+
+    def ask(args):
+        try:
+            if not args.get("stream"):
+                usage = client.completions.create(model="tiny", **args).usage
+            else:
+                usage = [c.usage for c in client.completions.create(model="tiny", **args,
+                                                                    stream_options={"include_usage": True}) if c.usage][0]
+        except openai.BadRequestError:
+            return None
+        return usage.prompt_tokens, usage.completion_tokens
+
+    before = scrape(client.port)
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(ask, asks))
+    after = scrape(client.port)
+
+    def grew(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0) - before.get(key, 0)
+
+    done = [(a, args["n"]) for a, args in zip(answers, asks) if a is not None]
+    assert len(done) == 8 and grew("mtj_requests_total", endpoint="/v1/completions", status="200") == 8
+    assert grew("mtj_requests_total", endpoint="/v1/completions", status="400") == 3
+    rows = sum(n for _, n in done)
+    assert grew("mtj_prompt_tokens_total") == sum(p * n for (p, _), n in done)  # (usage counts a prompt once for n rows)
+    assert grew("mtj_generation_tokens_total") == sum(c for (_, c), _ in done)
+    assert grew("mtj_time_to_first_token_seconds_count") == rows
+    assert grew("mtj_inter_token_latency_seconds_count") == sum(c for (_, c), _ in done) - rows
+    # every row's prompt (but its last token) was looked up in the prefix cache; the shared header was found
+    looked_up = sum(len(lm.tokenizer.encode(args["prompt"])) - 1 for args in asks[:8] for _ in range(args["n"]))
+    assert grew("mtj_prefix_cache_queries_total") == looked_up
+    assert 0.5 * looked_up < grew("mtj_prefix_cache_hits_total") < looked_up
+    assert after[("mtj_queue_depth", ())] == 0 and after[("mtj_busy_slots", ())] == 0
+    assert after[("mtj_prefix_cache_capacity_tokens", ())] == 0.0005 * 2 ** 30 // pool_bytes_per_token(lm.config)

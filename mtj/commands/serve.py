@@ -31,6 +31,10 @@ def arguments() -> argparse.ArgumentParser:
     ap.add_argument("--prefill-buckets", type=int_list, default=None,
                     metavar="N,N,...", help="prompt lengths the continuous engine compiles prefill for (a prompt is "
                     "padded to the next; the context is always the last); default: powers of two from 16")
+    ap.add_argument("--prefix-cache-gb", type=float, default=0.0, metavar="G",
+                    help="device memory (GiB per device) that keeps the keys and values of recent prompts, so that a "
+                         "prompt sharing a prefix with one of them computes only the rest (continuous engine; "
+                         "least recently used prefixes are evicted; outputs are unchanged); default 0: off")
     ap.add_argument("--max-queue", type=int, default=64, help="queued rows (prompts x n) before answering 503")
     ap.add_argument("--max-tokens", type=int, default=None, help="largest max_tokens a request may ask for")
     ap.add_argument("--max-connections", type=int, default=256,
@@ -89,7 +93,8 @@ def main() -> None:
     server = Server(lm, args.host, args.port, args.max_batch, args.max_queue, args.max_tokens,
                     model_name=args.served_model_name or user_path(args.ckpt).name, max_body_bytes=args.max_body_bytes,
                     max_connections=args.max_connections, body_timeout_s=args.body_timeout,
-                    engine=args.engine, prefill_buckets=args.prefill_buckets, head_timeout_s=args.head_timeout,
+                    engine=args.engine, prefill_buckets=args.prefill_buckets, prefix_cache_gb=args.prefix_cache_gb,
+                    head_timeout_s=args.head_timeout,
                     max_connections_per_client=args.max_connections_per_client, api_keys=keys,
                     max_queue_per_key=args.max_queue_per_key, allowed_origins=args.allowed_origins,
                     ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile)

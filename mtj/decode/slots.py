@@ -4,7 +4,9 @@ mtj.serve.scheduler decides what runs when):
 
 - `init_cache`: every slot's empty cache row;
 - `prefill`: one prompt's keys and values; `insert`: them into a slot's row;
-- `decode`: up to MAX_STEPS tokens for every slot, each at its own position with its own sampling values.
+- `decode`: up to MAX_STEPS tokens for every slot, each at its own position with its own sampling values;
+- with a prefix cache: `init_pool`, `save` (a row's positions into the pool), `extend` (a prefill that starts
+  from positions in the pool).
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from mtj.decode.cache import empty_cache
+from mtj.decode.cache import cache_dtype, empty_cache
 from mtj.decode.generator import bucket
 from mtj.decode.sampling import SamplingParams, argmax, sample
 from mtj.model import Params, logits_of, run_layers
+from mtj.sharding import constrain
 
 SPAN_MIN = 64  # the shortest cache prefix a decode call attends to (spans are powers of two up to seq)
 MAX_STEPS = 8  # decode steps one call may take before the host looks at the slots again
@@ -26,6 +30,13 @@ MAX_STEPS = 8  # decode steps one call may take before the host looks at the slo
 def powers_of_two(lowest: int, top: int) -> list[int]:
     """lowest, 2 * lowest, ... (lowest a power of two) up to top, and top last."""
     return sorted({min(bucket(2 ** i, lowest), top) for i in range(top.bit_length() + 1)})
+
+
+def right_padded(ids: list[int], size: int) -> jax.Array:
+    """A prompt's ids as [1, size] (size >= len(ids)), zeros after them."""
+    padded = np.zeros((1, size), np.int32)
+    padded[0, :len(ids)] = ids
+    return jnp.asarray(padded)
 
 
 def prefill(params: Params, tokens: jax.Array, cfg: Any) -> list:
@@ -84,3 +95,35 @@ def decode(params: Params, cache: list, slots: Slots, steps: jax.Array, eos: jax
     start = (jnp.int32(0), slots.tokens, slots.lengths, cache, jnp.zeros((MAX_STEPS, S), jnp.int32), jnp.zeros(S, bool))
     ran, _, _, cache, out, _ = jax.lax.while_loop(running, step, start)
     return out, ran, cache
+
+
+# --- the prefix cache's pool (token rows of keys and values; `mtj.serve.prefix_cache` decides which are which) ---
+def init_pool(cfg: Any, size: int) -> list:
+    """`size` token positions of keys and values, made on the devices: per layer (k, v) [H, size, Dh]."""
+    def zeros() -> jax.Array:
+        return constrain(jnp.zeros((cfg.n_heads, size, cfg.head_dim), cache_dtype(cfg)), "heads", None, None)
+
+    return jax.jit(lambda: [(zeros(), zeros()) for _ in range(cfg.layers)])()
+
+
+def pool_bytes_per_token(cfg: Any) -> int:
+    """What one cached token's keys and values take, all layers and heads together."""
+    return 2 * cfg.layers * cfg.n_heads * cfg.head_dim * cache_dtype(cfg).itemsize
+
+
+def save(pool: list, cache: list, slot: jax.Array, dest: jax.Array) -> list:
+    """Copy the slot's row position i to pool position dest[i] [seq] (an index past the pool: not copied)."""
+    put = lambda p, c: p.at[:, dest].set(jax.lax.dynamic_index_in_dim(c, slot, 0, False).astype(p.dtype), mode="drop")  # noqa: E731
+    return [(put(pk, k), put(pv, v)) for (pk, pv), (k, v) in zip(pool, cache)]
+
+
+def extend(params: Params, cache: list, pool: list, tokens: jax.Array, start: jax.Array, slot: jax.Array,
+           load: jax.Array, dest: jax.Array, *, cfg: Any) -> tuple[list, list]:
+    """Prefill with a cached prefix: the slot's row takes its first `start` positions from the pool
+    (row position i from pool position load[i]), then the prompt's tokens [1, T] at positions start..start+T-1
+    (start + T <= seq), then `save`s the row's positions named in `dest`. The cache and the pool."""
+    row = [(k[:, load][None], v[:, load][None]) for k, v in pool]  # past `start`: overwritten before it is read
+    positions = start + jnp.arange(tokens.shape[1])[None, :]
+    _, row = run_layers(params, tokens, cfg, positions, cache=row, index=start)
+    cache = insert(cache, row, slot)
+    return cache, save(pool, cache, slot, dest)

@@ -1,4 +1,5 @@
-"""HTTP serving (SPEC §6): the original /complete, OpenAI completions (/v1/completions, /v1/models), /health.
+"""HTTP serving (SPEC §6): the original /complete, OpenAI completions (/v1/completions, /v1/models), /health,
+Prometheus metrics (/metrics).
 
 The HTTP front is uvicorn + Starlette: framing, keep-alive, timeouts and the connection limit are
 theirs; this module adds the body limits, the errors' shape, the per-request log line and the cancelling
@@ -19,6 +20,7 @@ import time
 from typing import Any, Awaitable, Callable
 
 import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -61,13 +63,24 @@ def request_log(stream: Any, maxsize: int = 10_000) -> logging.handlers.QueueLis
     return listener
 
 
+def make_engine(lm: LM, engine: str, max_batch: int, max_queue: int, prefill_buckets: list[int] | None,
+                prefix_cache_gb: float) -> SlotEngine | StaticBatcher:
+    if engine not in ("static", "continuous"):
+        raise ValueError(f"--engine must be 'static' or 'continuous', got '{engine}'")
+    if engine == "static":
+        if prefix_cache_gb:
+            raise ValueError("--prefix-cache-gb needs the continuous engine")
+        return StaticBatcher(lm, max_batch, max_queue)
+    return SlotEngine(lm, max_batch, max_queue, prefill_buckets, prefix_cache_gb)
+
+
 class Server:
     """serve.py's server: `run()` serves until SIGTERM/SIGINT, then finishes the work in flight."""
 
     def __init__(self, lm: LM, host: str = "127.0.0.1", port: int = 5000, max_batch: int = 8, max_queue: int = 64,
                  max_tokens: int | None = None, model_name: str = "mtj", max_body_bytes: int = 4 << 20,
                  max_connections: int = 256, body_timeout_s: float = 30.0, engine: str = "continuous",
-                 prefill_buckets: list[int] | None = None, head_timeout_s: float = 10.0,
+                 prefill_buckets: list[int] | None = None, prefix_cache_gb: float = 0.0, head_timeout_s: float = 10.0,
                  max_connections_per_client: int = 64, api_keys: list[str] | None = None,
                  max_queue_per_key: int | None = None, allowed_origins: list[str] | None = None,
                  ssl_keyfile: str | None = None, ssl_certfile: str | None = None):
@@ -75,10 +88,7 @@ class Server:
             raise ValueError("serving needs a tokenizer: this checkpoint has none")
         self.model_name = model_name
         self.max_body, self.body_timeout = max_body_bytes, body_timeout_s
-        if engine not in ("static", "continuous"):
-            raise ValueError(f"--engine must be 'static' or 'continuous', got '{engine}'")
-        self.engine = (SlotEngine(lm, max_batch, max_queue, prefill_buckets) if engine == "continuous"
-                       else StaticBatcher(lm, max_batch, max_queue))
+        self.engine = make_engine(lm, engine, max_batch, max_queue, prefill_buckets, prefix_cache_gb)
         shares = Shares(max_queue_per_key) if max_queue_per_key is not None else None
         self.endpoints = Completions(Admission(lm, self.engine, max_tokens or lm.config.seq, shares), model_name,
                                      getattr(self.engine, "prefill_buckets", None) or powers_of_two(16, lm.config.seq))
@@ -93,6 +103,7 @@ class Server:
         app = Starlette(middleware=middleware, routes=[
             Route("/health", self.health, methods=["GET"]),
             Route("/v1/models", self.models, methods=["GET"]),
+            Route("/metrics", self.metrics, methods=["GET"]),
             Route("/complete", self.complete, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
         ], exception_handlers={404: self._not_found, 405: self._not_found})
@@ -177,6 +188,7 @@ class Server:
         finally:
             if watcher is not None:  # (a streaming response listens for the disconnect itself)
                 watcher.cancel()
+        self.engine.metrics.requests.labels(request.url.path, str(response.status_code)).inc()
         # One line per request, never its text: who, what, the answer, the rows and tokens, the time.
         streamed = isinstance(response, StreamingResponse)
         log.info("%s%s %s %s %d rows=%d prompt_tokens=%d new_tokens=%s %.3fs%s", request.client.host if request.client
@@ -202,6 +214,9 @@ class Server:
     async def models(self, request: Request) -> JSONResponse:
         return JSONResponse({"object": "list", "data": [
             {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "mtj"}]})
+
+    async def metrics(self, request: Request) -> Response:
+        return Response(self.engine.metrics.text(), media_type=CONTENT_TYPE_LATEST)
 
     async def complete(self, request: Request) -> Response:
         return await self.answer(request, self.endpoints.complete)

@@ -32,9 +32,11 @@ import numpy as np
 from mtj.decode import slots as slots_verbs
 from mtj.decode.generator import bucket
 from mtj.decode.sampling import SamplingParams, check_sampling
-from mtj.decode.slots import MAX_STEPS, SPAN_MIN, Slots, powers_of_two
+from mtj.decode.slots import MAX_STEPS, SPAN_MIN, Slots, powers_of_two, right_padded
 from mtj.decode.stops import RowText
 from mtj.lm import LM
+from mtj.serve.metrics import Metrics
+from mtj.serve.prefix_cache import PrefixPool
 
 
 @dataclasses.dataclass(eq=False)
@@ -56,14 +58,8 @@ class Job:
     text: RowText | None = None
     cancelled: bool = False  # the client went away: its row ends at the next step
     ended: bool = False
-
-
-def took(job: Job, token: int) -> bool:
-    """A row's next token, streamed if asked for; whether the row has ended."""
-    ended = job.text.append(token)
-    if job.stream:
-        job.events.put(("tokens", [token]))
-    return ended
+    queued_at: float = 0.0  # time.perf_counter() when submitted
+    last_at: float = 0.0  # ... when its last token was made
 
 
 def check_job(job: Job, cfg: Any) -> None:
@@ -100,6 +96,7 @@ class Engine:
         self.stopping = threading.Event()
         self.failure: BaseException | None = None  # what stopped the thread, if anything did (for /health)
         self.most_rows = 0  # the most requests decoded together so far (for /health: is batching happening?)
+        self.metrics = Metrics(self)
         self.thread = threading.Thread(target=self._guarded, name=name, daemon=True)
 
     @property
@@ -114,6 +111,7 @@ class Engine:
         the server is overloaded, EngineStopped when it is not serving."""
         for job in jobs:
             check_job(job, self.lm.config)
+            job.queued_at = time.perf_counter()
         with self.changed:
             if not self.alive:
                 raise EngineStopped("the engine has stopped; see /health") from self.failure
@@ -146,7 +144,20 @@ class Engine:
             job = self.queue.popleft() if self.queue else None
         if job is not None:
             job.text = RowText(self.lm.tokenizer, self.eos, job.stop, job.max_new, tokens=job.tokens)
+            self.metrics.prompt_tokens.inc(len(job.ids))
         return job
+
+    def took(self, job: Job, token: int, at: float) -> bool:
+        """A row's next token, made at time `at`, streamed if asked for; whether the row has ended."""
+        first, before = not job.last_at, len(job.tokens)
+        ended = job.text.append(token)
+        if job.stream:
+            job.events.put(("tokens", [token]))
+        (self.metrics.time_to_first_token if first else self.metrics.inter_token_latency).observe(
+            at - (job.queued_at if first else job.last_at))
+        self.metrics.generation_tokens.inc(len(job.tokens) - before)  # (as usage counts them: not EOS)
+        job.last_at = at
+        return ended
 
     def _guarded(self) -> None:
         try:
@@ -156,7 +167,7 @@ class Engine:
                 self.failure = e
                 waiting = list(self.queue)
                 self.queue.clear()
-            for job in self._in_flight():
+            for job in self.in_flight():
                 job.events.put(("done", e))
             stopped = EngineStopped(f"the engine failed before this request started: {type(e).__name__}: {e}")
             for job in waiting:
@@ -166,7 +177,7 @@ class Engine:
     def _run(self) -> None:
         raise NotImplementedError
 
-    def _in_flight(self) -> list[Job]:
+    def in_flight(self) -> list[Job]:
         """Jobs taken from the queue and not yet answered."""
         raise NotImplementedError
 
@@ -187,7 +198,7 @@ class StaticBatcher(Engine):
     def warm(self) -> None:
         self.lm.generate_tokens([[0]], max_new_tokens=1, temperature=0)
 
-    def _in_flight(self) -> list[Job]:
+    def in_flight(self) -> list[Job]:
         return self.batch
 
     def _next_batch(self) -> list[Job]:
@@ -222,13 +233,14 @@ class StaticBatcher(Engine):
         """Tokens come back step by step: a row ends as soon as its request is answered or its client
         has gone, and the call as soon as every row has ended."""
         def on_tokens(step: int, tokens: np.ndarray) -> np.ndarray:
+            now = time.perf_counter()
             for job, token in zip(batch, tokens.tolist()):
                 if job.ended:
                     continue
                 if job.cancelled:
                     job.ended = True
                     continue
-                job.ended = took(job, token)
+                job.ended = self.took(job, token, now)
             return np.array([job.ended for job in batch])
 
         self.most_rows = max(self.most_rows, len(batch))
@@ -253,9 +265,11 @@ class SlotEngine(Engine):
     """Decodes queued requests in `slots` slots (continuous batching); `--engine continuous`. `lm` holds its
     weights in their decode layout from then on (`LM.use_decode_layout`): the devices hold them once."""
 
-    def __init__(self, lm: LM, slots: int = 8, max_queue: int = 64, prefill_buckets: list[int] | None = None):
+    def __init__(self, lm: LM, slots: int = 8, max_queue: int = 64, prefill_buckets: list[int] | None = None,
+                 prefix_cache_gb: float = 0.0):
         """`prefill_buckets`: the prompt lengths prefill compiles for (a prompt is padded to the next
-        one; the context length is always the last); default: powers of two from 16."""
+        one; the context length is always the last); default: powers of two from 16. `prefix_cache_gb`: the
+        device memory (GiB per device) of the prefix cache's pool; 0: no prefix cache."""
         super().__init__(lm, max_queue, "mtj-slot-engine")
         self.cfg, self.slots = lm.config, slots
         if slots < 1:
@@ -272,6 +286,7 @@ class SlotEngine(Engine):
         self._prefill = jax.jit(functools.partial(slots_verbs.prefill, cfg=cfg))
         self._insert = jax.jit(slots_verbs.insert, donate_argnums=0)
         self._decoders: dict[tuple[int, bool], Any] = {}
+        self.prefix_cache = PrefixPool(cfg, mesh, prefix_cache_gb, self.prefill_buckets) if prefix_cache_gb else None
         self.active: list[Job | None] = [None] * slots
         self.tokens = np.zeros(slots, np.int32)  # each slot's last token, decoded next
         self.lengths = np.zeros(slots, np.int32)  # tokens in each slot's cache
@@ -292,6 +307,8 @@ class SlotEngine(Engine):
             for size in self.prefill_buckets:
                 prompt_cache = self._prefill(self.params, jnp.zeros((1, size), jnp.int32))
                 self.cache = self._insert(self.cache, prompt_cache, jnp.int32(0))
+            if self.prefix_cache:
+                self.cache = self.prefix_cache.warm(self.params, self.cache)
             for span in self.spans():
                 for greedy in (True, False):
                     self._decode_call(span, greedy, 1)
@@ -304,7 +321,7 @@ class SlotEngine(Engine):
                 if any(self.active):
                     self._step()
 
-    def _in_flight(self) -> list[Job]:
+    def in_flight(self) -> list[Job]:
         return [job for job in self.active if job is not None]
 
     def _admit(self) -> None:
@@ -332,10 +349,16 @@ class SlotEngine(Engine):
         self.tokens[slot], self.lengths[slot], self.counts[slot] = job.ids[-1], n - 1, 0
         self.keys[slot] = np.array(jax.random.key_data(jax.random.key(np.uint32(job.seed))))
         self.temperature[slot], self.top_k[slot], self.top_p[slot] = job.temperature, job.top_k, job.top_p
-        if n > 1:
-            padded = np.zeros((1, next(b for b in self.prefill_buckets if b >= n - 1)), np.int32)
-            padded[0, :n - 1] = job.ids[:-1]
-            self.cache = self._insert(self.cache, self._prefill(self.params, jnp.asarray(padded)), jnp.int32(slot))
+        if n == 1:
+            return
+        prompt = job.ids[:-1]
+
+        def cold(cache: list) -> list:
+            tokens = right_padded(prompt, next(b for b in self.prefill_buckets if b >= n - 1))
+            return self._insert(cache, self._prefill(self.params, tokens), jnp.int32(slot))
+
+        self.cache = self.prefix_cache.prefill(self.params, self.cache, slot, prompt, cold) if self.prefix_cache \
+            else cold(self.cache)
 
     def _step(self) -> None:
         """Decode steps of every slot: one while a request waits for a free slot, else up to MAX_STEPS."""
@@ -343,13 +366,15 @@ class SlotEngine(Engine):
         self.most_rows = max(self.most_rows, int(live.sum()))
         steps = 1 if (not live.all() and self.queue) else MAX_STEPS
         span = min(bucket(int(self.lengths[live].max()) + steps, SPAN_MIN), self.cfg.seq)
+        began = time.perf_counter()
         out, ran = self._decode_call(span, bool((self.temperature[live] == 0).all()), steps)
+        each = (time.perf_counter() - began) / max(ran, 1)  # the call's steps are taken as evenly spaced
         for i in range(ran):
             for slot, job in enumerate(self.active):
                 if job is not None:  # (a slot freed earlier in this call ignores the rest)
                     self.lengths[slot] += 1
                     self.counts[slot] += 1
-                    self._deliver(slot, int(out[i, slot]))
+                    self._deliver(slot, int(out[i, slot]), began + (i + 1) * each)
 
     def _decode_call(self, span: int, greedy: bool, steps: int) -> tuple[np.ndarray, int]:
         """Run the compiled decode of this span over every slot (free ones too: their rows are
@@ -367,10 +392,10 @@ class SlotEngine(Engine):
                                                             jnp.int32(self.eos))
         return np.asarray(out), int(ran)
 
-    def _deliver(self, slot: int, token: int) -> None:
-        """A slot's new token: deliver it, and free the slot when its request has ended."""
+    def _deliver(self, slot: int, token: int, at: float) -> None:
+        """A slot's new token, made at time `at`: deliver it, and free the slot when its request has ended."""
         job = self.active[slot]
-        ended = job.cancelled or took(job, token) or self.lengths[slot] >= self.cfg.seq
+        ended = job.cancelled or self.took(job, token, at) or self.lengths[slot] >= self.cfg.seq
         if ended:
             job.text.end()
             job.ended = True
