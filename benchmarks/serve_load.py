@@ -4,11 +4,16 @@ revision (default: the commit before continuous batching, whose only engine is t
 `--baseline HEAD --baseline-args "--engine static"` compares with this checkout's static batcher),
 in one run.
 
-64 streaming requests (prompt lengths 8-200 tokens and max_tokens 8-256 drawn from a fixed seed)
-arrive at Poisson times against each server in turn, on the same random GPT-J (the benchmark
-model: 4 layers, d_model 256, GPT-2 tokenizer). Reported per server: completed tokens/s (tokens
-of all completions over the time from the first arrival to the last answer), time to first
-token and request latency (p50, p99); then the ratios. Run it inside ../shared/bin/offline.
+64 streaming requests arrive at Poisson times against each server in turn, on the same random GPT-J
+(the benchmark model: by default 4 layers, d_model 256, GPT-2 tokenizer). `--workload mixed`: prompt
+lengths 8-200 tokens and max_tokens 8-256 drawn from a fixed seed; `--workload shared-prefix` (a
+5-shot evaluation): every prompt is one 1,024-token header and a 16-48-token question, max_tokens 8-32;
+each server then also answers a time-to-first-token probe: a request with a header it has not seen
+(cold) and one sharing that header (warm), 5 times. Reported per server: completed tokens/s (tokens
+of all completions over the time from the first arrival to the last answer), time to first token and
+request latency (p50, p99); then the ratios. Run it inside ../shared/bin/offline. The prefix cache:
+
+    benchmarks/serve_load.py --workload shared-prefix --baseline HEAD --baseline-args "" --args "--prefix-cache-gb 1"
 """
 
 import argparse
@@ -44,7 +49,7 @@ def benchmark_model(path: Path, args: argparse.Namespace) -> Path:
     from mtj.tokenizer import load_tokenizer
 
     torch.manual_seed(0)
-    cfg = transformers.GPTJConfig(vocab_size=50257, n_positions=512, n_embd=args.d_model, n_layer=args.layers,
+    cfg = transformers.GPTJConfig(vocab_size=50257, n_positions=args.n_positions, n_embd=args.d_model, n_layer=args.layers,
                                   n_head=args.heads, rotary_dim=args.d_model // args.heads // 2,
                                   bos_token_id=50256, eos_token_id=50256)
     transformers.GPTJForCausalLM(cfg).eval().save_pretrained(path)
@@ -52,21 +57,45 @@ def benchmark_model(path: Path, args: argparse.Namespace) -> Path:
     return path
 
 
-def workload(n: int, rate: float, seed: int) -> list[dict]:
-    """Requests with their arrival offsets: prompts are passages of the bundled corpus."""
+def corpus_tokens() -> tuple:
     from mtj.tokenizer import assets_dir, load_tokenizer
 
     tok = load_tokenizer("gpt2")
-    corpus = tok.encode((assets_dir() / "text" / "tinyshakespeare.txt").read_text()[:200_000])
+    return tok, tok.encode((assets_dir() / "text" / "tinyshakespeare.txt").read_text()[:200_000])
+
+
+HEADER = 1024  # the shared-prefix workload's header, in tokens
+
+
+def workload(n: int, rate: float, seed: int, kind: str) -> list[dict]:
+    """Requests with their arrival offsets: prompts are passages of the bundled corpus."""
+    tok, corpus = corpus_tokens()
     rng = np.random.default_rng(seed)
     arrivals = np.cumsum(rng.exponential(1 / rate, n))
     out = []
     for i in range(n):
-        length, new = int(rng.integers(8, 201)), int(rng.integers(8, 257))
-        start = int(rng.integers(0, len(corpus) - length))
-        out.append({"at": float(arrivals[i] - arrivals[0]), "prompt": tok.decode(corpus[start:start + length]),
+        if kind == "mixed":
+            length, new, head = int(rng.integers(8, 201)), int(rng.integers(8, 257)), []
+        else:  # shared-prefix: the header is the corpus's first HEADER tokens
+            length, new, head = int(rng.integers(16, 49)), int(rng.integers(8, 33)), corpus[:HEADER]
+        start = int(rng.integers(0 if kind == "mixed" else HEADER, len(corpus) - length))
+        out.append({"at": float(arrivals[i] - arrivals[0]), "prompt": tok.decode(head + corpus[start:start + length]),
                     "max_tokens": new})
     return out
+
+
+def ttft_probe(port: int, rounds: int = 5) -> tuple[float, float]:
+    """Median time to first token of a request whose HEADER-token header the server has not seen, and of the
+    next one sharing that header (other headers than the workload's)."""
+    tok, corpus = corpus_tokens()
+    cold, warm = [], []
+    for r in range(rounds):
+        header = corpus[(r + 2) * HEADER:(r + 3) * HEADER]
+        for times, question in ((cold, " Who speaks first?"), (warm, " Who speaks last?")):
+            result = {}
+            one_request(port, {"prompt": tok.decode(header) + question, "max_tokens": 1}, r, result)
+            times.append(result["ttft"])
+    return float(np.median(cold)), float(np.median(warm))
 
 
 def start_server(serve_py: Path, ckpt: Path, port: int, max_batch: int, extra: list[str]) -> subprocess.Popen:
@@ -130,13 +159,16 @@ def run_load(port: int, requests: list[dict]) -> dict:
             "latency_p50": np.percentile(latency, 50), "latency_p99": np.percentile(latency, 99), "tokens": tokens}
 
 
-def measure(serve_py: Path, ckpt: Path, requests: list[dict], max_batch: int, extra: list[str]) -> dict:
+def measure(serve_py: Path, ckpt: Path, requests: list[dict], max_batch: int, extra: list[str], probe: bool) -> dict:
     port = free_port()
     proc = start_server(serve_py, ckpt, port, max_batch, extra)
     try:
         warm = [dict(r, at=0.0) for r in requests[:max_batch]]  # compile the shapes the load will use
         run_load(port, warm)
-        return run_load(port, requests)
+        result = run_load(port, requests)
+        if probe:
+            result["ttft_cold"], result["ttft_warm"] = ttft_probe(port)
+        return result
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=120)
@@ -162,17 +194,22 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--d-model", type=int, default=256)
     ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--workload", choices=["mixed", "shared-prefix"], default="mixed")
+    ap.add_argument("--n-positions", type=int, default=None, help="the model's context (default: 512; shared-prefix 2048)")
     args = ap.parse_args()
-    requests = workload(args.requests, args.rate, args.seed)
+    args.n_positions = args.n_positions or (512 if args.workload == "mixed" else 2 * HEADER)
+    requests = workload(args.requests, args.rate, args.seed, args.workload)
+    probe = args.workload == "shared-prefix"
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         ckpt = benchmark_model(tmp / "model", args)
         with revision_tree(args.baseline, tmp / "baseline") as base:
             sides = {f"baseline ({args.baseline})": measure(base / "scripts" / "serve.py", ckpt, requests, args.max_batch,
-                                                            args.baseline_args.split()),
+                                                            args.baseline_args.split(), probe),
                      f"this checkout {args.args}": measure(REPO / "scripts" / "serve.py", ckpt, requests, args.max_batch,
-                                                           args.args.split())}
-    print(f"{cpu_name()}, {os.cpu_count()} cores; {args.requests} requests at {args.rate}/s, max_batch {args.max_batch}")
+                                                           args.args.split(), probe)}
+    print(f"{cpu_name()}, {os.cpu_count()} cores; {args.workload} workload: {args.requests} requests at {args.rate}/s, "
+          f"max_batch {args.max_batch}; model {args.layers} layers, d_model {args.d_model}, context {args.n_positions}")
     print(f"{'server':<40} {'tokens/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} {'lat p50':>8} {'lat p99':>8}")
     for name, r in sides.items():
         print(f"{name:<40} {r['tokens_per_s']:9.1f} {r['ttft_p50']:8.2f}s {r['ttft_p99']:8.2f}s "
@@ -181,6 +218,10 @@ def main() -> None:
     print(f"ratios (this / baseline): tokens/s {new['tokens_per_s'] / base_r['tokens_per_s']:.2f}x, "
           f"TTFT p50 {new['ttft_p50'] / base_r['ttft_p50']:.2f}x, latency p50 {new['latency_p50'] / base_r['latency_p50']:.2f}x, "
           f"latency p99 {new['latency_p99'] / base_r['latency_p99']:.2f}x")
+    for name, r in sides.items():
+        if "ttft_cold" in r:
+            print(f"{name}: time to first token, {HEADER}-token header unseen {r['ttft_cold']:.3f}s, shared "
+                  f"{r['ttft_warm']:.3f}s (shared / unseen {r['ttft_warm'] / r['ttft_cold']:.3f})")
 
 
 if __name__ == "__main__":
