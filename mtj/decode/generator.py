@@ -20,6 +20,7 @@ from jax.experimental import io_callback
 from mtj import platforms
 from mtj.config import Config
 from mtj.decode import cpu as cpu_decode
+from mtj.decode import speculative
 from mtj.decode.cache import empty_cache
 from mtj.decode.sampling import SamplingParams, argmax, check_sampling, sample
 from mtj.model import Layout, Params, logits_of, run_layers, unstack_layers
@@ -43,6 +44,13 @@ class Decoding(NamedTuple):
     done: jax.Array  # [B] rows past EOS
     x: jax.Array  # [B, d_model] the step's final hidden state
     retry: jax.Array  # the screen could not decide the step: the full head must
+    # speculative decoding (mtj.decode.speculative; unused without it)
+    drafts: jax.Array  # [B, k] the prompt-lookup draft of the next step
+    speculate: jax.Array  # a row has a draft and no back-off is pending: the next step verifies the drafts
+    misses: jax.Array  # speculative steps in a row that kept no draft token
+    wait: jax.Array  # plain steps before drafts are tried again (2^misses - 1 after a miss)
+    drafted: jax.Array  # draft tokens verified so far (per step, not per row)
+    accepted: jax.Array  # ... of which kept
 
 
 def cache_lengths(prompt_slots: int, new_slots: int, phases: int) -> list[int]:
@@ -68,6 +76,8 @@ class _BatchLoop:
     eos: jax.Array
     sink: Callable | None
     greedy: bool
+    prompt: jax.Array  # [B, P] (left-padded): with the output, what drafts are looked up in
+    draft_len: int  # draft tokens a speculative step verifies (0: no speculation)
 
     def pick(self, x: jax.Array, step: jax.Array) -> jax.Array:
         logits = logits_of(self.params, x, self.cfg)
@@ -91,10 +101,39 @@ class _BatchLoop:
 
     def take(self, state: Decoding) -> Decoding:
         """The state after the token of state.x, or, where the screen cannot decide it, marked to retry."""
+        state = state._replace(wait=jnp.maximum(state.wait - 1, 0))
         if self.head is None:
-            return self.commit(state, self.pick(state.x, state.step))
+            return self.plan(self.commit(state, self.pick(state.x, state.step)))
         token, decided = cpu_decode.screened_argmax(state.x, self.head)
-        return self.commit(state, token, decided)._replace(retry=~decided)
+        return self.plan(self.commit(state, token, decided)._replace(retry=~decided))
+
+    def plan(self, state: Decoding) -> Decoding:
+        """Look up the next step's drafts (speculative decoding only)."""
+        if not self.draft_len:
+            return state
+        history = jnp.concatenate([self.prompt, state.out], axis=1)
+        drafts, found = speculative.lookup(history, self.prompt.shape[1] + state.step, self.draft_len)
+        return state._replace(drafts=drafts, speculate=jnp.any(found & ~state.done) & (state.wait == 0))
+
+    def verify(self, state: Decoding, key_valid: jax.Array, P: int) -> Decoding:
+        """One speculative step: the last token and the drafts in one pass; every row takes as many tokens as
+        the row that agreed least (rows stay aligned), at least one. A step that keeps no draft token backs off
+        (2^misses - 1 plain steps before drafts are tried again)."""
+        K = self.draft_len
+        tokens = jnp.concatenate([state.token[:, None], state.drafts], axis=1)
+        x, cache = run_layers(self.params, tokens, self.cfg, state.pos[:, None] + jnp.arange(K + 1), key_valid,
+                              state.cache, P + state.step - 1)
+        logits = logits_of(self.params, x, self.cfg)
+        if self.greedy:
+            emitted, count = speculative.accept_greedy(logits, state.drafts)
+        else:
+            step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(self.keys, state.step)
+            emitted, count = speculative.accept_sampled(logits, state.drafts, step_keys, self.sampling)
+        m = jnp.minimum(jnp.min(jnp.where(state.done, K + 1, count)), self.max_new - state.step)
+        state = jax.lax.fori_loop(0, m, lambda i, s: self.commit(s, emitted[:, i]), state._replace(cache=cache))
+        misses = jnp.where(m > 1, 0, jnp.minimum(state.misses + 1, 6))
+        return self.plan(state._replace(misses=misses, wait=jnp.left_shift(1, misses) - 1,
+                                        drafted=state.drafted + K, accepted=state.accepted + m - 1))
 
     def phase(self, state: Decoding, length: int, P: int) -> Decoding:
         """Decode steps while a cache of `length` slots holds them (grown to that first)."""
@@ -108,26 +147,35 @@ class _BatchLoop:
             # step t writes its key/value at slot P + t - 1
             return (state.step < self.max_new) & (state.step <= length - P) & ~jnp.all(state.done)
 
+        def speculating(state: Decoding) -> jax.Array:  # (a speculative step writes k more slots)
+            return running(state) & state.speculate & (state.step + self.draft_len <= length - P)
+
+        plain = (lambda s: running(s) & ~speculating(s)) if self.draft_len else running
+
         def decode(state: Decoding) -> Decoding:
             x, cache = run_layers(self.params, state.token[:, None], self.cfg, state.pos[:, None], phase_valid,
                                   state.cache, P + state.step - 1)
             return self.take(state._replace(cache=cache, x=x[:, 0]))
 
-        if self.head is None:
-            return jax.lax.while_loop(running, decode, state)
-
         def full_head(state: Decoding) -> Decoding:  # takes the step the screen could not decide
             full = argmax(logits_of(self.params, state.x, self.cfg))
-            return self.commit(state, full)._replace(retry=jnp.bool_(False))
+            return self.plan(self.commit(state, full)._replace(retry=jnp.bool_(False)))
 
-        return cpu_decode.screened_loop(running, decode, full_head, state)
+        def steps(state: Decoding) -> Decoding:  # plain steps (a conditional in the loop would slow each one)
+            if self.head is None:
+                return jax.lax.while_loop(plain, decode, state)
+            return cpu_decode.screened_loop(plain, decode, full_head, state)
+
+        if not self.draft_len:
+            return steps(state)
+        return jax.lax.while_loop(speculating, lambda s: steps(self.verify(s, phase_valid, P)), steps(state))
 
 
 def _generate(params: Params, head: Params | None, tokens: jax.Array, valid: jax.Array, max_new: jax.Array,
               sampling: SamplingParams, seeds: jax.Array, eos: jax.Array, *, cfg: Config, new_slots: int,
-              sink: Callable | None, greedy: bool) -> tuple[jax.Array, jax.Array]:
-    """New tokens [B, new_slots] and how many steps ran. `head`: a `screen_head`
-    for greedy batches (None: the full fp32 head decides)."""
+              sink: Callable | None, greedy: bool, draft_len: int = 0) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """New tokens [B, new_slots], how many steps ran, and [draft tokens verified, kept]. `head`: a `screen_head`
+    for greedy batches (None: the full fp32 head decides); `draft_len`: speculative decoding's drafts."""
     B, P = tokens.shape
     platform = platforms.platform()
     lengths = cache_lengths(P, new_slots, platform.cache_phases)
@@ -139,13 +187,14 @@ def _generate(params: Params, head: Params | None, tokens: jax.Array, valid: jax
     key_valid = jnp.concatenate([valid, jnp.ones((B, new_slots), bool)], axis=1)
     positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
     loop = _BatchLoop(params, head, cfg, key_valid, max_new, sampling, jax.vmap(jax.random.key)(seeds), eos, sink,
-                      greedy)
+                      greedy, tokens, draft_len)
     x, cache = run_layers(params, tokens, cfg, positions, key_valid[:, :lengths[0]], cache, 0)  # prefill
     state = loop.take(Decoding(jnp.int32(0), tokens[:, -1], positions[:, -1], cache,
-                               jnp.zeros((B, new_slots), jnp.int32), jnp.zeros(B, bool), x[:, -1], jnp.bool_(False)))
+                               jnp.zeros((B, new_slots), jnp.int32), jnp.zeros(B, bool), x[:, -1], jnp.bool_(False),
+                               jnp.zeros((B, draft_len), jnp.int32), jnp.bool_(False), *[jnp.int32(0)] * 4))
     for length in lengths:
         state = loop.phase(state, length, P)
-    return state.out, state.step
+    return state.out, state.step, jnp.stack([state.drafted, state.accepted])
 
 
 class Generator:
@@ -159,6 +208,7 @@ class Generator:
         self._sink: TokenSink | None = None
         self._rows = 0  # real (not filler) rows of the batch being decoded
         self._screen_head: Params | None = None
+        self.drafts = np.zeros(2, np.int64)  # speculative decoding so far: draft tokens verified, kept
 
     def set_params(self, params: Params) -> None:
         """New weights of the same model (stacked or per layer); what is compiled stays."""
@@ -190,19 +240,23 @@ class Generator:
             self._screen_head = jax.jit(functools.partial(cpu_decode.screen_head, cfg=self.cfg))(self.params)
         return self._screen_head
 
-    def _fn(self, new_slots: int, streaming: bool, greedy: bool) -> Any:
-        key = (new_slots, streaming, greedy)
+    def _fn(self, new_slots: int, streaming: bool, greedy: bool, speculate: int) -> Any:
+        key = (new_slots, streaming, greedy, speculate)
         if key not in self._compiled:
             self._compiled[key] = jax.jit(functools.partial(
-                _generate, cfg=self.cfg, new_slots=new_slots, sink=self._stream if streaming else None, greedy=greedy))
+                _generate, cfg=self.cfg, new_slots=new_slots, sink=self._stream if streaming else None, greedy=greedy,
+                draft_len=speculate))
         return self._compiled[key]
 
     def generate_tokens(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32,
                         temperature: float | Sequence[float] = 1.0, top_k: int | Sequence[int] = 0,
                         top_p: float | Sequence[float] = 1.0, seed: int | Sequence[int] = 0,
-                        on_tokens: TokenSink | None = None) -> list[list[int]]:
-        """New tokens per prompt (ending at EOS, included, or after max_new_tokens)."""
+                        on_tokens: TokenSink | None = None, speculate: int = 0) -> list[list[int]]:
+        """New tokens per prompt (ending at EOS, included, or after max_new_tokens). `speculate` k: prompt-lookup
+        drafts of k tokens (`mtj.decode.speculative`: the same greedy output; sampled, the same distribution)."""
         n = len(prompts)
+        if not 0 <= speculate <= 16:
+            raise ValueError(f"speculate must be in [0, 16] (draft tokens per step; 0 = off), got {speculate}")
         if n == 0:
             return []
         if any(len(p) == 0 for p in prompts):
@@ -242,9 +296,10 @@ class Generator:
             self._sink, self._rows = on_tokens, n
             try:
                 greedy = not (temps > 0).any()
-                fn = self._fn(N, on_tokens is not None, greedy)
-                out, steps = fn(self.params, self._head(greedy), *args)
+                fn = self._fn(N, on_tokens is not None, greedy, speculate)
+                out, steps, drafts = fn(self.params, self._head(greedy), *args)
                 out, steps = np.asarray(out), int(steps)
+                self.drafts += np.asarray(drafts)
             finally:
                 self._sink = None
         results = []

@@ -317,4 +317,13 @@ BUGS = [
     Bug("/metrics counts a request only when it succeeded",
         [("mtj/serve/app.py", "        self.engine.metrics.requests.labels(", "        if response.status_code == 200:\n            self.engine.metrics.requests.labels(")],
         ["tests/test_openai.py", "-k", "metrics"]),
+    Bug("greedy speculation keeps one token past the first draft the model disagrees with",
+        [("mtj/decode/speculative.py", "    return target, agreed.astype(jnp.int32) + 1", "    return target, agreed.astype(jnp.int32) + 2")],
+        ["tests/test_speculative.py", "-k", "greedy and gptj"]),
+    Bug("sampled speculation draws the replacement of a rejected draft from p, not from p without the draft",
+        [("mtj/decode/speculative.py", "    residual = jnp.where(drafted, -jnp.inf, filtered)", "    residual = filtered")],
+        ["tests/test_speculative.py", "-k", "acceptance_draws"]),
+    Bug("a speculative step gives its draft tokens the last token's position",
+        [("mtj/decode/generator.py", "state.pos[:, None] + jnp.arange(K + 1), key_valid,", "state.pos[:, None] + 0 * jnp.arange(K + 1), key_valid,")],
+        ["tests/test_speculative.py", "-k", "greedy and neox"]),
 ]

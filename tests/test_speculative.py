@@ -1,0 +1,86 @@
+"""Speculative decoding with prompt-lookup drafts: the drafts, greedy output equal to plain decoding for the
+three families, and sampled tokens that follow the target distribution (chi-square)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+import mtj
+from mtj.decode import speculative
+from mtj.decode.sampling import SamplingParams, filter_logits
+from test_prefix_cache import family_model
+
+
+def test_lookup_takes_the_most_recent_longest_ngram():
+    history = jnp.array([[1, 2, 3, 9, 9, 1, 2, 3, 7, 8, 5, 1, 2, 3, 0, 0],  # 1 2 3 twice before: the later one
+                         [4, 5, 6, 2, 2, 8, 8, 3, 3, 1, 1, 9, 4, 5, 0, 0],  # no 9 4 5 before; 4 5 -> 6 2 2
+                         [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 0, 0]])  # nothing repeats
+    drafts, found = speculative.lookup(history, jnp.int32(14), 3)
+    np.testing.assert_array_equal(drafts[:2], [[7, 8, 5], [6, 2, 2]])
+    assert found.tolist() == [True, True, False]
+    assert speculative.lookup(history, jnp.int32(7), 3)[1].tolist() == [True, False, False]  # row 0 ends 1 2, seen at 0
+
+
+def chi_square_p(counts: np.ndarray, probs: np.ndarray) -> float:
+    keep = probs > 0
+    assert counts[~keep].sum() == 0, "a token of probability 0 was drawn"
+    expected = probs[keep].astype(np.float64) / probs[keep].astype(np.float64).sum() * counts.sum()
+    return stats.chisquare(counts[keep], expected * counts.sum() / expected.sum()).pvalue
+
+
+def test_sampled_acceptance_draws_from_the_target_distribution():
+    V, K, N = 12, 2, 40_000
+    rng = np.random.RandomState(0)
+    logits = jnp.asarray(rng.normal(0, 1.5, (1, K + 1, V)), jnp.float32)
+    sampling = SamplingParams(jnp.array([0.9]), jnp.array([8]), jnp.array([0.95]))
+    drafts = jnp.array([[int(np.argsort(logits[0, 0])[-2]), 3]])  # the second likeliest, then any token
+    keys = jax.random.split(jax.random.key(1), N)
+    tokens, count = jax.jit(jax.vmap(lambda key: speculative.accept_sampled(logits, drafts, key[None], sampling)))(keys)
+    tokens, count = np.asarray(tokens[:, 0]), np.asarray(count[:, 0])
+    p = np.asarray(jax.nn.softmax(filter_logits(logits[0] / 0.9, jnp.array([8] * 3), jnp.array([0.95] * 3)), axis=-1))
+    assert chi_square_p(np.bincount(tokens[:, 0], minlength=V), p[0]) > 1e-3
+    kept = tokens[:, 0] == int(drafts[0, 0])  # the first draft kept: the next token follows position 1's p
+    assert np.all(count[~kept] == 1) and np.all(count[kept] >= 2) and 0.05 < kept.mean() < 0.95
+    assert chi_square_p(np.bincount(tokens[kept, 1], minlength=V), p[1]) > 1e-3
+    greedy, n = speculative.accept_sampled(logits, drafts, keys[:1], sampling._replace(temperature=jnp.array([0.0])))
+    assert int(greedy[0, 0]) == int(np.argmax(logits[0, 0])) and int(n[0]) == 1  # temperature 0: the argmax
+
+
+@pytest.mark.parametrize("family", ["gptj", "neo", "neox"])
+def test_greedy_speculation_is_plain_greedy_decoding(tmp_path, family):
+    lm = mtj.load(family_model(tmp_path / family, family), dtype="float32")
+    rng = np.random.RandomState(2)
+    passage = rng.randint(1, 300, 30).tolist()
+    prompts = [passage + passage[:6], [7, 8, 9] * 10, rng.randint(1, 300, 20).tolist()]
+    want = lm.generate_tokens(prompts, 90, temperature=0)
+    assert lm.generate_tokens(prompts, 90, temperature=0, speculate=4) == want  # (a batch takes what all rows agree on)
+    before = lm.generator.drafts.copy()
+    assert [lm.generate_tokens([p], 90, temperature=0, speculate=4)[0] for p in prompts] == want
+    drafted, kept = lm.generator.drafts - before
+    assert kept >= 5 and drafted > kept  # drafts were verified, some of them kept and some not
+    streamed = []
+    lm.generate_tokens(prompts[:1], 90, temperature=0, speculate=4, on_tokens=lambda step, t: streamed.append(int(t[0])))
+    assert streamed == want[0]
+    with pytest.raises(ValueError, match="speculate must be in"):
+        lm.generate_tokens(prompts, 4, speculate=-1)
+
+
+def test_sampled_speculation_follows_the_plain_distribution(tmp_path):
+    """The 6th new token of 300 seeded prompts, decoded alone (a batch speculates only as far as all its rows
+    agree), with and without speculation: one distribution (two-sample chi-square), on a model whose vocabulary
+    is small enough to count."""
+    from conftest import SHARP, hf_gptj
+
+    lm = mtj.load(hf_gptj(tmp_path / "small", vocab_size=8, n_positions=64, n_embd=32, n_head=4, rotary_dim=4,
+                          **SHARP), dtype="float32")
+    prompt, rows = [1, 2, 3, 1, 2, 3, 1, 2], 300
+    plain = np.array([lm.generate_tokens([prompt], 8, temperature=1.0, seed=s)[0] for s in range(rows)])
+    before = lm.generator.drafts.copy()
+    fast = np.array([lm.generate_tokens([prompt], 8, temperature=1.0, seed=s, speculate=3)[0]
+                     for s in range(rows, 2 * rows)])
+    assert (lm.generator.drafts - before)[1] > 60
+    table = np.array([np.bincount(plain[:, 5], minlength=8), np.bincount(fast[:, 5], minlength=8)])
+    table = table[:, table.sum(0) > 0]
+    assert stats.chi2_contingency(table).pvalue > 1e-3
