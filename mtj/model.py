@@ -207,10 +207,13 @@ class Attention(nnx.Module):
 
 def _cache_write(cache: jax.Array, new: jax.Array, index: jax.Array | int, layer: jax.Array | int | None) -> jax.Array:
     """`cache` [(layers,) B, H, S, Dh] with `new` [B, T, H, Dh] written from slot `index` (a scalar, or one slot
-    per row [B] for T == 1), in layer `layer` of a stacked cache."""
+    per row [B]: slots past S are dropped), in layer `layer` of a stacked cache."""
     new, lead = new.astype(cache.dtype), () if layer is None else (layer,)
-    if jnp.ndim(index) == 1:
+    if jnp.ndim(index) == 1 and new.shape[1] == 1:
         return cache.at[(*lead, jnp.arange(new.shape[0]), slice(None), index)].set(new[:, 0])
+    if jnp.ndim(index) == 1:  # (a speculative step: each row's token and drafts)
+        slots = index[:, None] + jnp.arange(new.shape[1])
+        return cache.at[(*lead, jnp.arange(new.shape[0])[:, None], slice(None), slots)].set(new, mode="drop")
     new = new.transpose(0, 2, 1, 3)
     return jax.lax.dynamic_update_slice(cache, new.reshape((1,) * len(lead) + new.shape), (*lead, 0, 0, index, 0))
 

@@ -26,9 +26,10 @@ def served(tmp_path_factory):
     load_tokenizer("gpt2").save_pretrained(hf)
     import_hf(hf, root / "ckpt", dtype="float32")
     export_hf(root / "ckpt", root / "export")
-    # the continuous engine (the default; the static one: test_serve) with a prefix cache of ~1,000 tokens: every
-    # test here also shows that the cache changes no output
-    srv = Running(root / "ckpt", "--served-model-name", "tiny", "--engine", "continuous", "--prefix-cache-gb", "0.0005")
+    # the continuous engine (the default; the static one: test_serve) with a prefix cache of ~1,000 tokens and
+    # speculative decoding: every test here also shows that they change no greedy output
+    srv = Running(root / "ckpt", "--served-model-name", "tiny", "--engine", "continuous", "--prefix-cache-gb", "0.0005",
+                  "--speculate", "3")
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{srv.port}/v1", api_key="unused", max_retries=0, timeout=120)
     client.export, client.port = root / "export", srv.port  # for lm-eval's hf model and its local-completions
     yield client, mtj.load(root / "ckpt")
@@ -240,4 +241,5 @@ def test_metrics_count_what_a_load_test_did(served):
     assert grew("mtj_prefix_cache_queries_total") == looked_up
     assert 0.5 * looked_up < grew("mtj_prefix_cache_hits_total") < looked_up
     assert after[("mtj_queue_depth", ())] == 0 and after[("mtj_busy_slots", ())] == 0
+    assert 0 <= grew("mtj_spec_decode_accepted_tokens_total") <= grew("mtj_spec_decode_draft_tokens_total") > 0
     assert after[("mtj_prefix_cache_capacity_tokens", ())] == 0.0005 * 2 ** 30 // pool_bytes_per_token(lm.config)

@@ -10,6 +10,8 @@ from scipy import stats
 import mtj
 from mtj.decode import speculative
 from mtj.decode.sampling import SamplingParams, filter_logits
+from mtj.serve.scheduler import SlotEngine
+from test_engine import Request
 from test_prefix_cache import family_model
 
 
@@ -52,17 +54,37 @@ def test_sampled_acceptance_draws_from_the_target_distribution():
 def test_greedy_speculation_is_plain_greedy_decoding(tmp_path, family):
     lm = mtj.load(family_model(tmp_path / family, family), dtype="float32")
     rng = np.random.RandomState(2)
-    passage = rng.randint(1, 300, 30).tolist()
-    prompts = [passage + passage[:6], [7, 8, 9] * 10, rng.randint(1, 300, 20).tolist()]
+    passage = rng.randint(1, 300, 24).tolist()
+    prompts = [passage + passage[:6], [7, 8, 9] * 10, rng.randint(1, 300, 20).tolist()]  # (one prompt bucket)
     want = lm.generate_tokens(prompts, 90, temperature=0)
-    assert lm.generate_tokens(prompts, 90, temperature=0, speculate=4) == want  # (a batch takes what all rows agree on)
     before = lm.generator.drafts.copy()
     assert [lm.generate_tokens([p], 90, temperature=0, speculate=4)[0] for p in prompts] == want
     drafted, kept = lm.generator.drafts - before
     assert kept >= 5 and drafted > kept  # drafts were verified, some of them kept and some not
-    streamed = []
-    lm.generate_tokens(prompts[:1], 90, temperature=0, speculate=4, on_tokens=lambda step, t: streamed.append(int(t[0])))
-    assert streamed == want[0]
+    engine = SlotEngine(lm, slots=2, speculate=4)  # each slot speculates on its own
+    try:
+        reqs = [Request(p, 90) for p in prompts]
+        engine.submit(reqs)
+        for r in reqs:
+            r.wait()
+        if family == "gptj":  # sampled: a seeded request's tokens are its own, alone or among others
+            alone = Request(prompts[1], 40, temperature=0.9, seed=5)
+            engine.submit([alone])
+            alone.wait()
+            crowd = [Request(p, 40, temperature=1.0, seed=i) for i, p in enumerate(prompts)]
+            again = Request(prompts[1], 40, temperature=0.9, seed=5)
+            engine.submit(crowd[:2] + [again] + crowd[2:])
+            for r in crowd + [again]:
+                r.wait()
+            assert again.tokens == alone.tokens and len(alone.tokens) == 40
+    finally:
+        engine.stop()
+    assert [r.tokens for r in reqs] == want and engine.drafts[1] >= 5
+    if family == "gptj":  # a batch (it takes what all its rows agree on), and streaming
+        assert lm.generate_tokens(prompts, 90, temperature=0, speculate=4) == want
+        streamed = []
+        lm.generate_tokens(prompts[:1], 90, temperature=0, speculate=4, on_tokens=lambda step, t: streamed.append(int(t[0])))
+        assert streamed == want[0]
     with pytest.raises(ValueError, match="speculate must be in"):
         lm.generate_tokens(prompts, 4, speculate=-1)
 

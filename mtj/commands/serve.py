@@ -35,6 +35,11 @@ def arguments() -> argparse.ArgumentParser:
                     help="device memory (GiB per device) that keeps the keys and values of recent prompts, so that a "
                          "prompt sharing a prefix with one of them computes only the rest (continuous engine; "
                          "least recently used prefixes are evicted; outputs are unchanged); default 0: off")
+    ap.add_argument("--speculate", type=int, default=0, metavar="K",
+                    help="speculative decoding (continuous engine): every step verifies a K-token draft per request, "
+                         "the tokens that followed the last 3 (or 2) tokens where they occurred before in its prompt "
+                         "and output; greedy output is unchanged, sampled output follows the same distribution. Pays "
+                         "where a step is memory-bound (accelerators, few requests) and output copies its input")
     ap.add_argument("--max-queue", type=int, default=64, help="queued rows (prompts x n) before answering 503")
     ap.add_argument("--max-tokens", type=int, default=None, help="largest max_tokens a request may ask for")
     ap.add_argument("--max-connections", type=int, default=256,
@@ -93,7 +98,7 @@ def main() -> None:
     server = Server(lm, args.host, args.port, args.max_batch, args.max_queue, args.max_tokens,
                     model_name=args.served_model_name or user_path(args.ckpt).name, max_body_bytes=args.max_body_bytes,
                     max_connections=args.max_connections, body_timeout_s=args.body_timeout,
-                    engine=args.engine, prefill_buckets=args.prefill_buckets, prefix_cache_gb=args.prefix_cache_gb,
+                    engine=args.engine, prefill_buckets=args.prefill_buckets, prefix_cache_gb=args.prefix_cache_gb, speculate=args.speculate,
                     head_timeout_s=args.head_timeout,
                     max_connections_per_client=args.max_connections_per_client, api_keys=keys,
                     max_queue_per_key=args.max_queue_per_key, allowed_origins=args.allowed_origins,

@@ -21,14 +21,15 @@ NGRAMS = (3, 2)  # the n-gram lengths looked up, longest first
 
 
 def lookup(history: jax.Array, length: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-    """Per row of history [B, L] (its first `length` tokens real, `length` a scalar): the k tokens after the most
-    recent earlier occurrence of the row's last n tokens, [B, k], and whether one was found [B]."""
+    """Per row of history [B, L] (its first `length` tokens real: a scalar, or one per row [B]): the k tokens after
+    the most recent earlier occurrence of the row's last n tokens, [B, k], and whether one was found [B]."""
     B, L = history.shape
+    length = jnp.broadcast_to(length, (B,))[:, None]
     drafts, found = jnp.zeros((B, k), history.dtype), jnp.zeros(B, bool)
     for n in NGRAMS:
-        tail = jax.lax.dynamic_slice_in_dim(history, length - n, n, axis=1)  # [B, n]
+        tail = jnp.take_along_axis(history, jnp.maximum(length - n + jnp.arange(n), 0), axis=1)  # [B, n]
         starts = jnp.arange(L - n + 1)
-        match = starts[None, :] + n < length  # an earlier occurrence, followed by at least one token
+        match = (starts[None, :] + n < length) & (length >= n)  # an earlier occurrence, followed by a token
         for o in range(n):
             match &= history[:, o:L - n + 1 + o] == tail[:, o:o + 1]
         last = jnp.max(jnp.where(match, starts, -1), axis=1)  # [B]

@@ -29,9 +29,24 @@ class Metrics:
         Gauge("mtj_queue_depth", "Sequences waiting for the engine", registry=r).set_function(lambda: len(engine.queue))
         Gauge("mtj_busy_slots", "Sequences being decoded", registry=r).set_function(lambda: len(engine.in_flight()))
         r.register(_PrefixCacheCollector(engine))
+        r.register(_DraftCollector(engine))
 
     def text(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _DraftCollector:
+    """Speculative decoding's draft tokens, verified and kept (absent without speculation)."""
+
+    def __init__(self, engine: Any):
+        self.engine = engine
+
+    def collect(self) -> Iterator[Any]:
+        if not getattr(self.engine, "speculate", 0):
+            return
+        drafted, kept = self.engine.drafts
+        yield CounterMetricFamily("mtj_spec_decode_draft_tokens", "Draft tokens verified", int(drafted))
+        yield CounterMetricFamily("mtj_spec_decode_accepted_tokens", "Draft tokens kept", int(kept))
 
 
 class _PrefixCacheCollector:

@@ -261,24 +261,44 @@ class StaticBatcher(Engine):
             job.events.put(("done", None))
 
 
+def engine_buckets(slots: int, speculate: int, prefill_buckets: list[int] | None, seq: int) -> list[int]:
+    """The prefill buckets of a SlotEngine's options (seq always the last), or ValueError naming a bad option."""
+    if slots < 1:
+        raise ValueError(f"the engine needs at least one slot, got {slots}")
+    if not 0 <= speculate <= 16:
+        raise ValueError(f"--speculate must be in [0, 16] (draft tokens per step; 0 = off), got {speculate}")
+    if prefill_buckets is None:
+        prefill_buckets = powers_of_two(16, seq)
+    if any(b < 1 for b in prefill_buckets):
+        raise ValueError(f"prefill buckets must be positive, got {prefill_buckets}")
+    return sorted({min(b, seq) for b in prefill_buckets} | {seq})
+
+
+def histories(active: list[Job | None], seq: int) -> np.ndarray:
+    """Each slot's tokens so far (prompt and output; zeros for a free slot), [slots, seq]: what prompt-lookup
+    drafts are looked up in."""
+    out = np.zeros((len(active), seq), np.int32)
+    for slot, job in enumerate(active):
+        if job is not None:
+            tokens = (job.ids + job.tokens)[:seq]
+            out[slot, :len(tokens)] = tokens
+    return out
+
+
 class SlotEngine(Engine):
     """Decodes queued requests in `slots` slots (continuous batching); `--engine continuous`. `lm` holds its
     weights in their decode layout from then on (`LM.use_decode_layout`): the devices hold them once."""
 
     def __init__(self, lm: LM, slots: int = 8, max_queue: int = 64, prefill_buckets: list[int] | None = None,
-                 prefix_cache_gb: float = 0.0):
+                 prefix_cache_gb: float = 0.0, speculate: int = 0):
         """`prefill_buckets`: the prompt lengths prefill compiles for (a prompt is padded to the next
         one; the context length is always the last); default: powers of two from 16. `prefix_cache_gb`: the
-        device memory (GiB per device) of the prefix cache's pool; 0: no prefix cache."""
+        device memory (GiB per device) of the prefix cache's pool; 0: no prefix cache. `speculate` k: every decode
+        step verifies a k-token prompt-lookup draft per slot (`mtj.decode.speculative`); 0: off."""
         super().__init__(lm, max_queue, "mtj-slot-engine")
         self.cfg, self.slots = lm.config, slots
-        if slots < 1:
-            raise ValueError(f"the engine needs at least one slot, got {slots}")
-        if prefill_buckets is None:
-            prefill_buckets = powers_of_two(16, self.cfg.seq)
-        if any(b < 1 for b in prefill_buckets):
-            raise ValueError(f"prefill buckets must be positive, got {prefill_buckets}")
-        self.prefill_buckets = sorted({min(b, self.cfg.seq) for b in prefill_buckets} | {self.cfg.seq})
+        self.prefill_buckets = engine_buckets(slots, speculate, prefill_buckets, self.cfg.seq)
+        self.speculate, self.drafts = speculate, np.zeros(2, np.int64)  # draft tokens verified, kept
         cfg, mesh = self.cfg, lm.mesh
         self.params = lm.use_decode_layout()
         with jax.set_mesh(mesh):
@@ -361,26 +381,31 @@ class SlotEngine(Engine):
             else cold(self.cache)
 
     def _step(self) -> None:
-        """Decode steps of every slot: one while a request waits for a free slot, else up to MAX_STEPS."""
+        """Decode steps of every slot: one while a request waits for a free slot, else up to MAX_STEPS (a
+        speculative step may give a slot several tokens)."""
         live = np.array([job is not None for job in self.active])
         self.most_rows = max(self.most_rows, int(live.sum()))
         steps = 1 if (not live.all() and self.queue) else MAX_STEPS
-        span = min(bucket(int(self.lengths[live].max()) + steps, SPAN_MIN), self.cfg.seq)
+        span = min(bucket(int(self.lengths[live].max()) + steps * (self.speculate + 1), SPAN_MIN), self.cfg.seq)
         began = time.perf_counter()
-        out, ran = self._decode_call(span, bool((self.temperature[live] == 0).all()), steps)
+        out, took, ran = self._decode_call(span, bool((self.temperature[live] == 0).all()), steps)
         each = (time.perf_counter() - began) / max(ran, 1)  # the call's steps are taken as evenly spaced
+        self.drafts += [self.speculate * int(live.sum()) * ran, int((took[:ran, live] - 1).sum())]
         for i in range(ran):
             for slot, job in enumerate(self.active):
-                if job is not None:  # (a slot freed earlier in this call ignores the rest)
+                for token in out[i, slot, :took[i, slot]].tolist() if job is not None else ():
+                    if self.active[slot] is not job:  # (a slot freed earlier in this call ignores the rest)
+                        break
                     self.lengths[slot] += 1
                     self.counts[slot] += 1
-                    self._deliver(slot, int(out[i, slot]), began + (i + 1) * each)
+                    self._deliver(slot, token, began + (i + 1) * each)
 
-    def _decode_call(self, span: int, greedy: bool, steps: int) -> tuple[np.ndarray, int]:
-        """Run the compiled decode of this span over every slot (free ones too: their rows are
-        overwritten when taken)."""
+    def _decode_call(self, span: int, greedy: bool, steps: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """Run the compiled decode of this span over every slot (free ones too: their rows are overwritten when
+        taken): tokens [MAX_STEPS, S, k + 1], how many of them each slot took [MAX_STEPS, S], steps run."""
         if (span, greedy) not in self._decoders:
-            self._decoders[span, greedy] = jax.jit(functools.partial(slots_verbs.decode, cfg=self.cfg, span=span, greedy=greedy),
+            verb = functools.partial(slots_verbs.decode_speculative, k=self.speculate) if self.speculate else slots_verbs.decode
+            self._decoders[span, greedy] = jax.jit(functools.partial(verb, cfg=self.cfg, span=span, greedy=greedy),
                                                    donate_argnums=1)
         live = np.array([job is not None for job in self.active])
         left = [job.max_new - len(job.tokens) if job else 0 for job in self.active]
@@ -388,9 +413,14 @@ class SlotEngine(Engine):
         slots = Slots(jnp.asarray(self.tokens), jnp.asarray(np.where(live, self.lengths, 0)), jnp.asarray(budget),
                       jnp.asarray(live), jnp.asarray(self.counts), jax.random.wrap_key_data(jnp.asarray(self.keys)),
                       SamplingParams(jnp.asarray(self.temperature), jnp.asarray(self.top_k), jnp.asarray(self.top_p)))
-        out, ran, self.cache = self._decoders[span, greedy](self.params, self.cache, slots, jnp.int32(steps),
-                                                            jnp.int32(self.eos))
-        return np.asarray(out), int(ran)
+        if not self.speculate:
+            out, ran, self.cache = self._decoders[span, greedy](self.params, self.cache, slots, jnp.int32(steps),
+                                                                jnp.int32(self.eos))
+            return np.asarray(out)[:, :, None], np.ones((MAX_STEPS, self.slots), np.int32), int(ran)
+        history = histories(self.active, self.cfg.seq)
+        out, took, ran, self.cache = self._decoders[span, greedy](self.params, self.cache, slots, jnp.asarray(history),
+                                                                  jnp.int32(steps), jnp.int32(self.eos))
+        return np.asarray(out), np.asarray(took), int(ran)
 
     def _deliver(self, slot: int, token: int, at: float) -> None:
         """A slot's new token, made at time `at`: deliver it, and free the slot when its request has ended."""

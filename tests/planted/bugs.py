@@ -326,4 +326,8 @@ BUGS = [
     Bug("a speculative step gives its draft tokens the last token's position",
         [("mtj/decode/generator.py", "state.pos[:, None] + jnp.arange(K + 1), key_valid,", "state.pos[:, None] + 0 * jnp.arange(K + 1), key_valid,")],
         ["tests/test_speculative.py", "-k", "greedy and neox"]),
+    Bug("the engine's speculative step gives a slot's draft tokens its last token's position",
+        [("mtj/decode/slots.py", "                              lengths[:, None] + j, valid, cache, lengths)",
+          "                              lengths[:, None] + 0 * j, valid, cache, lengths)")],
+        ["tests/test_speculative.py", "-k", "greedy and neox"]),
 ]
