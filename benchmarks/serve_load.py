@@ -9,7 +9,8 @@ in one run.
 lengths 8-200 tokens and max_tokens 8-256 drawn from a fixed seed; `--workload shared-prefix` (a
 5-shot evaluation): every prompt is one 1,024-token header and a 16-48-token question, max_tokens 8-32;
 each server then also answers a time-to-first-token probe: a request with a header it has not seen
-(cold) and one sharing that header (warm), 5 times. Reported per server: completed tokens/s (tokens
+(cold) and one sharing that header (warm), 5 times; `--workload grounded` (for --speculate): a 500-token
+passage, "rewritten:" and the passage's first 8 tokens, max_tokens 128-256. Reported per server: completed tokens/s (tokens
 of all completions over the time from the first arrival to the last answer), time to first token and
 request latency (p50, p99); then the ratios. Run it inside ../shared/bin/offline. The prefix cache:
 
@@ -65,6 +66,7 @@ def corpus_tokens() -> tuple:
 
 
 HEADER = 1024  # the shared-prefix workload's header, in tokens
+GROUNDED = 500  # the grounded workload's passage, in tokens
 
 
 def workload(n: int, rate: float, seed: int, kind: str) -> list[dict]:
@@ -76,11 +78,15 @@ def workload(n: int, rate: float, seed: int, kind: str) -> list[dict]:
     for i in range(n):
         if kind == "mixed":
             length, new, head = int(rng.integers(8, 201)), int(rng.integers(8, 257)), []
-        else:  # shared-prefix: the header is the corpus's first HEADER tokens
+        elif kind == "shared-prefix":  # the header is the corpus's first HEADER tokens
             length, new, head = int(rng.integers(16, 49)), int(rng.integers(8, 33)), corpus[:HEADER]
+        else:  # grounded: a passage to rewrite, and the rewrite's first tokens
+            length, new, head = GROUNDED, int(rng.integers(128, 257)), []
         start = int(rng.integers(0 if kind == "mixed" else HEADER, len(corpus) - length))
-        out.append({"at": float(arrivals[i] - arrivals[0]), "prompt": tok.decode(head + corpus[start:start + length]),
-                    "max_tokens": new})
+        passage = corpus[start:start + length]
+        if kind == "grounded":
+            passage = passage + tok.encode("\n\nThe passage above, rewritten:\n") + passage[:8]
+        out.append({"at": float(arrivals[i] - arrivals[0]), "prompt": tok.decode(head + passage), "max_tokens": new})
     return out
 
 
@@ -194,10 +200,10 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--d-model", type=int, default=256)
     ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--workload", choices=["mixed", "shared-prefix"], default="mixed")
+    ap.add_argument("--workload", choices=["mixed", "shared-prefix", "grounded"], default="mixed")
     ap.add_argument("--n-positions", type=int, default=None, help="the model's context (default: 512; shared-prefix 2048)")
     args = ap.parse_args()
-    args.n_positions = args.n_positions or (512 if args.workload == "mixed" else 2 * HEADER)
+    args.n_positions = args.n_positions or {"mixed": 512, "shared-prefix": 2 * HEADER, "grounded": 1024}[args.workload]
     requests = workload(args.requests, args.rate, args.seed, args.workload)
     probe = args.workload == "shared-prefix"
     with tempfile.TemporaryDirectory() as tmp:

@@ -2,7 +2,7 @@
 """Speculative decoding with prompt-lookup drafts against plain decoding, batch 1, greedy, on this machine.
 
 Input-grounded output needs a model that copies from its prompt, so the benchmark first trains one (mtj's
-Trainer, 1,000 steps, ~2 minutes on 2 cores): sequences of a random passage, a separator and the passage
+Trainer, 1,200 steps, ~4 minutes on 2 cores): sequences of a random passage, a separator and the passage
 again (an edit task reduced to its copying); its prompt is a new passage, the separator and the passage's
 first 4 tokens, and it writes the rest. Then, on a random model of a realistic size whose attention is
 sharp (init std 0.3; default 12 layers, d_model 768, GPT-2's vocabulary; fp32), a random prompt: its output
@@ -107,9 +107,9 @@ def main() -> None:
     ap.add_argument("--d-model", type=int, default=256)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=512)
-    ap.add_argument("--passage", type=int, default=48, help="tokens of a passage (the model's context: 4x)")
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--train-steps", type=int, default=1000)
+    ap.add_argument("--passage", type=int, default=128, help="tokens of a passage (the model's context: 4x)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--train-steps", type=int, default=1200)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--random-size", default="12,768,12", help="layers,d_model,heads of the random model")
     ap.add_argument("--speculate", default="4,8", help="draft lengths to measure")

@@ -63,9 +63,9 @@ def family_model(path, family: str):
     return path
 
 
-@pytest.mark.parametrize("family", ["gptj", "neo", "neox"])
-def test_outputs_are_the_same_with_the_cache_on_and_off(tmp_path, family):
-    lm = mtj.load(family_model(tmp_path / family, family), dtype="float32")
+@pytest.mark.parametrize("family,mp", [("gptj", 1), ("neo", 1), ("neox", 2)])  # mp 2: the pool's heads split too
+def test_outputs_are_the_same_with_the_cache_on_and_off(tmp_path, family, mp):
+    lm = mtj.load(family_model(tmp_path / family, family), dtype="float32", mp=mp)
     rng = np.random.RandomState(1)
     header, other = rng.randint(1, 300, 70).tolist(), rng.randint(1, 300, 40).tolist()
     prompts = [header + [5, 6, 7], header + rng.randint(1, 300, 35).tolist(),  # its bucket would pass the context
@@ -73,7 +73,7 @@ def test_outputs_are_the_same_with_the_cache_on_and_off(tmp_path, family):
     want = [lm.generate_tokens([p], 12, temperature=0)[0] for p in prompts]
     want.append(lm.generate_tokens([header + [8]], 12, temperature=0.8, seed=3)[0])
     # a pool of one context: later prompts evict earlier ones
-    engine = SlotEngine(lm, slots=2, prefix_cache_gb=128.5 * pool_bytes_per_token(lm.config) / 2 ** 30)
+    engine = SlotEngine(lm, slots=2, prefix_cache_gb=128.5 * pool_bytes_per_token(lm.config) / mp / 2 ** 30)
     try:
         reqs = [Request(p, 12) for p in prompts] + [Request(header + [8], 12, temperature=0.8, seed=3)]
         for r in reqs:  # one at a time: each finds what the ones before it cached
