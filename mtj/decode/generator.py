@@ -240,7 +240,7 @@ class Generator:
             self._screen_head = jax.jit(functools.partial(cpu_decode.screen_head, cfg=self.cfg))(self.params)
         return self._screen_head
 
-    def _fn(self, new_slots: int, streaming: bool, greedy: bool, speculate: int) -> Any:
+    def _fn(self, new_slots: int, streaming: bool, greedy: bool, speculate: int = 0) -> Any:
         key = (new_slots, streaming, greedy, speculate)
         if key not in self._compiled:
             self._compiled[key] = jax.jit(functools.partial(
