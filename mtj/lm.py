@@ -39,6 +39,14 @@ class LM:
         self.params = params
         self.generator.set_params(params)
 
+    def set_draft(self, draft: LM | None) -> None:
+        """Speculative decoding (`generate_tokens(..., speculate=k)`) drafts with `draft`, a smaller model of the same
+        vocabulary (GPT-Neo-125M for GPT-J-6B); None: prompt lookup."""
+        if draft is not None and draft.config.n_vocab != self.config.n_vocab:
+            raise ValueError(f"a draft model needs the target's vocabulary: {draft.config.n_vocab} tokens, not "
+                             f"{self.config.n_vocab}")
+        self.generator.set_draft(draft and draft.config, draft and draft.params)
+
     def use_decode_layout(self) -> Params:
         """Hold the weights in their decode layout (`decode_layout`, made once: what the continuous engine
         steps with; scoring and generate_tokens compute the same values from it), and return them. The

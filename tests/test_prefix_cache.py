@@ -83,3 +83,6 @@ def test_outputs_are_the_same_with_the_cache_on_and_off(tmp_path, family, mp):
         engine.stop()
     assert [r.tokens for r in reqs] == want
     assert engine.prefix_cache.tree.hits > 150 and engine.prefix_cache.tree.evicted > 0
+    for bad, message in ((float("nan"), "a positive number of GiB"), (1e-9, "less than one context")):
+        with pytest.raises(ValueError, match=message):
+            SlotEngine(lm, slots=1, prefix_cache_gb=bad)

@@ -209,7 +209,7 @@ def test_compiled_programs_are_those_of_the_buckets(ckpt, engine):
         else:  # one request at a time: batch 1, prompts padded to powers of two, new tokens likewise (up to
             # 16 here: the static engine compiles a program per prompt and new-token bucket, each slow to compile)
             programs = lm.generator._compiled
-            assert {n for n, _, _ in programs} == {16}
+            assert {key[0] for key in programs} == {16}  # (key: new tokens, streaming, greedy, speculation)
             assert all(fn._cache_size() <= len(powers_of_two(16, 128)) for fn in programs.values())
     finally:
         srv.stop()

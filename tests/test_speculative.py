@@ -91,8 +91,8 @@ def test_greedy_speculation_is_plain_greedy_decoding(tmp_path, family):
 
 def test_sampled_speculation_follows_the_plain_distribution(tmp_path):
     """The 6th new token of 300 seeded prompts, decoded alone (a batch speculates only as far as all its rows
-    agree), with and without speculation: one distribution (two-sample chi-square), on a model whose vocabulary
-    is small enough to count."""
+    agree), without speculation, with prompt lookup and with a draft model: one distribution (chi-square), on a
+    model whose vocabulary is small enough to count."""
     from conftest import SHARP, hf_gptj
 
     lm = mtj.load(hf_gptj(tmp_path / "small", vocab_size=8, n_positions=64, n_embd=32, n_head=4, rotary_dim=4,
@@ -103,6 +103,79 @@ def test_sampled_speculation_follows_the_plain_distribution(tmp_path):
     fast = np.array([lm.generate_tokens([prompt], 8, temperature=1.0, seed=s, speculate=3)[0]
                      for s in range(rows, 2 * rows)])
     assert (lm.generator.drafts - before)[1] > 60
-    table = np.array([np.bincount(plain[:, 5], minlength=8), np.bincount(fast[:, 5], minlength=8)])
+    lm.set_draft(mtj.load(hf_gptj(tmp_path / "draft", vocab_size=8, n_positions=64, n_embd=16, n_head=2, rotary_dim=4,
+                                  n_layer=1, seed=3, **SHARP), dtype="float32"))  # drafts from a model's own q
+    before = lm.generator.drafts.copy()
+    drafted = np.array([lm.generate_tokens([prompt], 8, temperature=1.0, seed=s, speculate=3)[0]
+                        for s in range(2 * rows, 3 * rows)])
+    assert (lm.generator.drafts - before)[1] > 60
+    table = np.array([np.bincount(t[:, 5], minlength=8) for t in (plain, fast, drafted)])
     table = table[:, table.sum(0) > 0]
     assert stats.chi2_contingency(table).pvalue > 1e-3
+
+
+def test_acceptance_with_a_draft_distribution_draws_from_the_target():
+    """Drafts drawn from a draft model's q: kept with probability min(1, p/q), replaced from max(0, p - q)."""
+    V, K, N = 10, 2, 40_000
+    rng = np.random.RandomState(3)
+    logits = jnp.asarray(rng.normal(0, 1.5, (1, K + 1, V)), jnp.float32)
+    q = jax.nn.softmax(jnp.asarray(rng.normal(0, 1.5, (1, K, V)), jnp.float32), axis=-1)
+    sampling = SamplingParams(jnp.array([1.0]), jnp.array([0]), jnp.array([1.0]))
+    keys = jax.random.split(jax.random.key(2), N)
+
+    def one(key):
+        drafts = jax.random.categorical(jax.random.fold_in(key, 7), jnp.log(q[0]))[None].astype(jnp.int32)  # [1, K]
+        return speculative.accept_sampled(logits, drafts, key[None], sampling, q)
+
+    tokens, count = jax.jit(jax.vmap(one))(keys)
+    tokens = np.asarray(tokens[:, 0])
+    p = np.asarray(jax.nn.softmax(logits[0], axis=-1))
+    assert chi_square_p(np.bincount(tokens[:, 0], minlength=V), p[0]) > 1e-3
+    assert 0.2 < float((np.asarray(count[:, 0]) > 1).mean()) < 0.95
+
+
+def test_a_draft_model_keeps_greedy_output(tmp_path):
+    from conftest import SHARP, hf_gptj
+
+    lm = mtj.load(family_model(tmp_path / "target", "gptj"), dtype="float32")
+    prompts = [[7, 8, 9] * 8, np.random.RandomState(4).randint(1, 300, 20).tolist()]
+    want = [lm.generate_tokens([p], 60, temperature=0)[0] for p in prompts]
+    lm.set_draft(mtj.load(family_model(tmp_path / "self", "gptj"), dtype="float32"))  # the same weights: q = p
+    before = lm.generator.drafts.copy()
+    assert [lm.generate_tokens([p], 60, temperature=0, speculate=4)[0] for p in prompts] == want
+    drafted, kept = lm.generator.drafts - before
+    assert kept >= 0.9 * drafted > 0  # its own drafts agree with it: the two caches stay in step
+    small = mtj.load(hf_gptj(tmp_path / "small", vocab_size=300, n_positions=128, n_embd=16, n_head=2, rotary_dim=4,
+                             n_layer=1, seed=5, **SHARP), dtype="float32")
+    lm.set_draft(small)
+    assert lm.generate_tokens(prompts, 60, temperature=0, speculate=3) == want  # (a batch)
+    sampled = lm.generate_tokens(prompts, 30, temperature=0.8, seed=[1, 2], speculate=3)
+    assert [len(s) for s in sampled] == [30, 30]
+    with pytest.raises(ValueError, match="the target's vocabulary"):
+        lm.set_draft(mtj.load(hf_gptj(tmp_path / "other", vocab_size=301, n_positions=128, n_embd=16, n_head=2,
+                                      rotary_dim=4, n_layer=1), dtype="float32"))
+
+
+def test_speculation_through_the_screened_head_and_scanned_layers(tmp_path, monkeypatch):
+    """Greedy speculation where the bf16 head screen decides plain steps (forced here as on CPUs with AMX), also
+    when it can decide none (every step falls back to the full head), and over scanned layers' stacked cache."""
+    from conftest import SHARP, hf_gptj
+    from mtj import platforms
+    from mtj.decode import cpu as cpu_decode
+
+    monkeypatch.setattr(cpu_decode, "has_amx", lambda: True)
+    prompts = [[5, 6, 7, 8] * 6, list(range(40, 60))]
+    lm = mtj.load(hf_gptj(tmp_path / "hf", vocab_size=1000, n_positions=128, n_embd=64, n_head=4, rotary_dim=8,
+                          **SHARP), dtype="float32")
+    want = [lm.generate_tokens([p], 70, temperature=0)[0] for p in prompts]
+    assert lm.generator._screen_head is not None  # (the screen is on)
+    assert [lm.generate_tokens([p], 70, temperature=0, speculate=4)[0] for p in prompts] == want
+    head = lm.generator._screen_head
+    lm.generator._screen_head = {**head, "w_norm": head["w_norm"] * 1e6}  # every step falls back to the full head
+    assert [lm.generate_tokens([p], 70, temperature=0, speculate=4)[0] for p in prompts] == want
+    deep = mtj.load(hf_gptj(tmp_path / "deep", vocab_size=1000, n_positions=128, n_embd=32, n_head=4, rotary_dim=4,
+                            n_layer=platforms.platform("cpu").unroll_layers + 1, **SHARP), dtype="float32")
+    want = [deep.generate_tokens([p], 70, temperature=0)[0] for p in prompts]
+    before = deep.generator.drafts.copy()
+    assert [deep.generate_tokens([p], 70, temperature=0, speculate=4)[0] for p in prompts] == want
+    assert (deep.generator.drafts - before)[1] > 0

@@ -22,6 +22,7 @@ from mtj.config import Config
 from mtj.decode import cpu as cpu_decode
 from mtj.decode import speculative
 from mtj.decode.cache import empty_cache
+from mtj.decode.draft import DraftModel
 from mtj.decode.sampling import SamplingParams, argmax, check_sampling, sample
 from mtj.model import Layout, Params, logits_of, run_layers, unstack_layers
 
@@ -51,6 +52,7 @@ class Decoding(NamedTuple):
     wait: jax.Array  # plain steps before drafts are tried again (2^misses - 1 after a miss)
     drafted: jax.Array  # draft tokens verified so far (per step, not per row)
     accepted: jax.Array  # ... of which kept
+    draft_cache: Any = None  # a draft model's KV cache (with one)
 
 
 def cache_lengths(prompt_slots: int, new_slots: int, phases: int) -> list[int]:
@@ -78,6 +80,7 @@ class _BatchLoop:
     greedy: bool
     prompt: jax.Array  # [B, P] (left-padded): with the output, what drafts are looked up in
     draft_len: int  # draft tokens a speculative step verifies (0: no speculation)
+    draft: DraftModel | None = None  # where drafts come from (None: prompt lookup)
 
     def pick(self, x: jax.Array, step: jax.Array) -> jax.Array:
         logits = logits_of(self.params, x, self.cfg)
@@ -109,8 +112,8 @@ class _BatchLoop:
 
     def plan(self, state: Decoding) -> Decoding:
         """Look up the next step's drafts (speculative decoding only)."""
-        if not self.draft_len:
-            return state
+        if not self.draft_len or self.draft is not None:  # (a draft model drafts at every step)
+            return state._replace(speculate=jnp.bool_(self.draft is not None))
         history = jnp.concatenate([self.prompt, state.out], axis=1)
         drafts, found = speculative.lookup(history, self.prompt.shape[1] + state.step, self.draft_len)
         return state._replace(drafts=drafts, speculate=jnp.any(found & ~state.done) & (state.wait == 0))
@@ -119,19 +122,25 @@ class _BatchLoop:
         """One speculative step: the last token and the drafts in one pass; every row takes as many tokens as
         the row that agreed least (rows stay aligned), at least one. A step that keeps no draft token backs off
         (2^misses - 1 plain steps before drafts are tried again)."""
-        K = self.draft_len
+        K, slot = self.draft_len, P + state.step - 1
+        step_keys = None if self.greedy else jax.vmap(jax.random.fold_in, in_axes=(0, None))(self.keys, state.step)
+        q = None
+        if self.draft is not None:
+            previous = jnp.concatenate([self.prompt, state.out], axis=1)[:, slot - 1]
+            drafts, q, draft_cache = self.draft.propose(state.draft_cache, previous, state.token, slot, K, step_keys,
+                                                        self.sampling)
+            state = state._replace(drafts=drafts, draft_cache=draft_cache)
         tokens = jnp.concatenate([state.token[:, None], state.drafts], axis=1)
         x, cache = run_layers(self.params, tokens, self.cfg, state.pos[:, None] + jnp.arange(K + 1), key_valid,
-                              state.cache, P + state.step - 1)
-        logits = logits_of(self.params, x, self.cfg)
+                              state.cache, slot)
+        logits = logits_of(self.params, x, self.cfg)[..., :self.cfg.n_vocab]
         if self.greedy:
             emitted, count = speculative.accept_greedy(logits, state.drafts)
         else:
-            step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(self.keys, state.step)
-            emitted, count = speculative.accept_sampled(logits, state.drafts, step_keys, self.sampling)
+            emitted, count = speculative.accept_sampled(logits, state.drafts, step_keys, self.sampling, q)
         m = jnp.minimum(jnp.min(jnp.where(state.done, K + 1, count)), self.max_new - state.step)
         state = jax.lax.fori_loop(0, m, lambda i, s: self.commit(s, emitted[:, i]), state._replace(cache=cache))
-        misses = jnp.where(m > 1, 0, jnp.minimum(state.misses + 1, 6))
+        misses = jnp.where((m > 1) | (self.draft is not None), 0, jnp.minimum(state.misses + 1, 6))  # (see plan)
         return self.plan(state._replace(misses=misses, wait=jnp.left_shift(1, misses) - 1,
                                         drafted=state.drafted + K, accepted=state.accepted + m - 1))
 
@@ -147,7 +156,8 @@ class _BatchLoop:
             # step t writes its key/value at slot P + t - 1
             return (state.step < self.max_new) & (state.step <= length - P) & ~jnp.all(state.done)
 
-        def speculating(state: Decoding) -> jax.Array:  # (a speculative step writes k more slots)
+        def speculating(state: Decoding) -> jax.Array:  # (a speculative step writes k more slots; `steps` returns
+            # with no screened step undecided)
             return running(state) & state.speculate & (state.step + self.draft_len <= length - P)
 
         plain = (lambda s: running(s) & ~speculating(s)) if self.draft_len else running
@@ -171,27 +181,40 @@ class _BatchLoop:
         return jax.lax.while_loop(speculating, lambda s: steps(self.verify(s, phase_valid, P)), steps(state))
 
 
+def _decode_weights(params: Params, cfg: Config, batch: int, length: int) -> tuple[Params, Any]:
+    """The weights as a decode loop reads them and their empty KV cache: per-layer caches (fastest decoding), or,
+    for deep models given stacked, scanned layers over one stacked cache (compile time stays flat)."""
+    if cfg.layers <= platforms.platform().unroll_layers or not Layout.of(params).stacked:
+        return unstack_layers(params, cfg), empty_cache(cfg, batch, length)  # (no-op for per-layer weights)
+    return params, empty_cache(cfg, batch, length, stacked=True)
+
+
 def _generate(params: Params, head: Params | None, tokens: jax.Array, valid: jax.Array, max_new: jax.Array,
-              sampling: SamplingParams, seeds: jax.Array, eos: jax.Array, *, cfg: Config, new_slots: int,
-              sink: Callable | None, greedy: bool, draft_len: int = 0) -> tuple[jax.Array, jax.Array, jax.Array]:
+              sampling: SamplingParams, seeds: jax.Array, eos: jax.Array, draft: Params | None = None, *,
+              cfg: Config, new_slots: int, sink: Callable | None, greedy: bool, draft_len: int = 0,
+              draft_cfg: Config | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """New tokens [B, new_slots], how many steps ran, and [draft tokens verified, kept]. `head`: a `screen_head`
-    for greedy batches (None: the full fp32 head decides); `draft_len`: speculative decoding's drafts."""
+    for greedy batches (None: the full fp32 head decides); `draft_len`: speculative decoding's drafts, from
+    `draft` (a draft model's weights, of `draft_cfg`) or prompt lookup."""
     B, P = tokens.shape
-    platform = platforms.platform()
-    lengths = cache_lengths(P, new_slots, platform.cache_phases)
-    if cfg.layers <= platform.unroll_layers or not Layout.of(params).stacked:  # per-layer caches: fastest decoding
-        cache = empty_cache(cfg, B, lengths[0])
-        params = unstack_layers(params, cfg)  # (no-op for weights given per layer, as a SlotEngine's)
-    else:  # deep models: scanned layers over a stacked cache keep compile time flat
-        cache = empty_cache(cfg, B, lengths[0], stacked=True)
+    # a draft model's cache follows the target's slots: one phase, no growing
+    lengths = [P + new_slots] if draft is not None else cache_lengths(P, new_slots, platforms.platform().cache_phases)
+    params, cache = _decode_weights(params, cfg, B, lengths[0])
     key_valid = jnp.concatenate([valid, jnp.ones((B, new_slots), bool)], axis=1)
     positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
+    drafter, draft_cache = None, None
+    if draft is not None:
+        draft, draft_cache = _decode_weights(draft, draft_cfg, B, P + new_slots)
+        slot_positions = jnp.concatenate([positions, positions[:, -1:] + 1 + jnp.arange(new_slots)], axis=1)
+        drafter = DraftModel(draft, draft_cfg, key_valid, slot_positions)
+        draft_cache = drafter.prefill(tokens, draft_cache)
     loop = _BatchLoop(params, head, cfg, key_valid, max_new, sampling, jax.vmap(jax.random.key)(seeds), eos, sink,
-                      greedy, tokens, draft_len)
+                      greedy, tokens, draft_len, drafter)
     x, cache = run_layers(params, tokens, cfg, positions, key_valid[:, :lengths[0]], cache, 0)  # prefill
     state = loop.take(Decoding(jnp.int32(0), tokens[:, -1], positions[:, -1], cache,
                                jnp.zeros((B, new_slots), jnp.int32), jnp.zeros(B, bool), x[:, -1], jnp.bool_(False),
-                               jnp.zeros((B, draft_len), jnp.int32), jnp.bool_(False), *[jnp.int32(0)] * 4))
+                               jnp.zeros((B, draft_len), jnp.int32), jnp.bool_(False), *[jnp.int32(0)] * 4,
+                               draft_cache))
     for length in lengths:
         state = loop.phase(state, length, P)
     return state.out, state.step, jnp.stack([state.drafted, state.accepted])
@@ -209,6 +232,13 @@ class Generator:
         self._rows = 0  # real (not filler) rows of the batch being decoded
         self._screen_head: Params | None = None
         self.drafts = np.zeros(2, np.int64)  # speculative decoding so far: draft tokens verified, kept
+        self.draft: tuple[Config, Params] | None = None  # a draft model for speculative decoding (set_draft)
+
+    def set_draft(self, cfg: Config | None, params: Params | None) -> None:
+        """Draft speculative decoding's tokens with this model (of the same vocabulary); None: prompt lookup."""
+        with self._lock:
+            self.draft = None if cfg is None else (cfg, params)
+            self._compiled = {key: fn for key, fn in self._compiled.items() if not key[-1]}  # (compiled with a draft)
 
     def set_params(self, params: Params) -> None:
         """New weights of the same model (stacked or per layer); what is compiled stays."""
@@ -241,11 +271,12 @@ class Generator:
         return self._screen_head
 
     def _fn(self, new_slots: int, streaming: bool, greedy: bool, speculate: int = 0) -> Any:
-        key = (new_slots, streaming, greedy, speculate)
+        draft_cfg = self.draft[0] if speculate and self.draft else None
+        key = (new_slots, streaming, greedy, speculate, draft_cfg is not None)
         if key not in self._compiled:
             self._compiled[key] = jax.jit(functools.partial(
                 _generate, cfg=self.cfg, new_slots=new_slots, sink=self._stream if streaming else None, greedy=greedy,
-                draft_len=speculate))
+                draft_len=speculate, draft_cfg=draft_cfg))
         return self._compiled[key]
 
     def generate_tokens(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32,
@@ -297,7 +328,7 @@ class Generator:
             try:
                 greedy = not (temps > 0).any()
                 fn = self._fn(N, on_tokens is not None, greedy, speculate)
-                out, steps, drafts = fn(self.params, self._head(greedy), *args)
+                out, steps, drafts = fn(self.params, self._head(greedy), *args, self.draft[1] if speculate and self.draft else None)
                 out, steps = np.asarray(out), int(steps)
                 self.drafts += np.asarray(drafts)
             finally:

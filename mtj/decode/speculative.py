@@ -49,23 +49,37 @@ def accept_greedy(logits: jax.Array, drafts: jax.Array) -> tuple[jax.Array, jax.
     return target, agreed.astype(jnp.int32) + 1
 
 
-def accept_sampled(logits: jax.Array, drafts: jax.Array, keys: jax.Array,
-                   sampling: SamplingParams) -> tuple[jax.Array, jax.Array]:
-    """As `accept_greedy`, by the acceptance rule for rows with a temperature (keys [B]: this step's RNG keys;
-    rows at temperature 0 as greedy)."""
+def distribution(logits: jax.Array, sampling: SamplingParams) -> jax.Array:
+    """What each row samples from at each position of logits [B, T, V]: its tempered, top-k/top-p filtered
+    logits (a temperature of 0 leaves them unscaled)."""
     B, T, V = logits.shape
     per_position = lambda a: jnp.repeat(a, T)  # noqa: E731
+    temperature = jnp.where(sampling.temperature > 0, sampling.temperature, 1.0)
+    scaled = logits.reshape(B * T, V) / per_position(temperature)[:, None]
+    return filter_logits(scaled, per_position(sampling.top_k), per_position(sampling.top_p)).reshape(B, T, V)
+
+
+def accept_sampled(logits: jax.Array, drafts: jax.Array, keys: jax.Array, sampling: SamplingParams,
+                   draft_probs: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """As `accept_greedy`, by the acceptance rule for rows with a temperature (keys [B]: this step's RNG keys;
+    rows at temperature 0 as greedy). `draft_probs` [B, k, V]: the distributions a draft model drew the drafts
+    from (q): a draft d is kept with probability min(1, p(d) / q(d)) and a rejected one replaced by a draw from
+    max(0, p - q), renormalized; None: the drafts were proposed with certainty."""
+    B, T, V = logits.shape
     temperature = sampling.temperature
-    scaled = logits.reshape(B * T, V) / per_position(jnp.where(temperature > 0, temperature, 1.0))[:, None]
-    filtered = filter_logits(scaled, per_position(sampling.top_k), per_position(sampling.top_p)).reshape(B, T, V)
+    filtered = distribution(logits, sampling)
     probs = jax.nn.softmax(filtered, axis=-1)
     position_keys = jax.vmap(lambda key: jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(T)))(keys)
     uniform = jax.vmap(jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, 0))))(position_keys)  # [B, T]
     gumbel = jax.vmap(jax.vmap(lambda key: jax.random.gumbel(jax.random.fold_in(key, 1), (V,))))(position_keys)
-    p_draft = jnp.take_along_axis(probs[:, :-1], drafts[..., None], axis=-1)[..., 0]  # [B, k]
-    agreed = jnp.cumprod(uniform[:, :-1] < p_draft, axis=1).sum(axis=1).astype(jnp.int32)
-    drafted = jax.nn.one_hot(jnp.pad(drafts, ((0, 0), (0, 1)), constant_values=-1), V, dtype=bool)  # none at k
-    residual = jnp.where(drafted, -jnp.inf, filtered)  # p without the rejected draft (a kept one is never drawn)
+    ratio = jnp.take_along_axis(probs[:, :-1], drafts[..., None], axis=-1)[..., 0]  # p(d) [B, k]
+    if draft_probs is None:
+        drafted = jax.nn.one_hot(jnp.pad(drafts, ((0, 0), (0, 1)), constant_values=-1), V, dtype=bool)  # none at k
+        residual = jnp.where(drafted, -jnp.inf, filtered)  # p without the rejected draft (a kept one is never drawn)
+    else:
+        ratio = ratio / jnp.take_along_axis(draft_probs, drafts[..., None], axis=-1)[..., 0]
+        residual = jnp.log(jnp.maximum(probs - jnp.pad(draft_probs, ((0, 0), (0, 1), (0, 0))), 0.0))  # at k: p
+    agreed = jnp.cumprod(uniform[:, :-1] < ratio, axis=1).sum(axis=1).astype(jnp.int32)
     drawn = argmax((residual + gumbel).reshape(B * T, V)).reshape(B, T)
     positions = jnp.arange(T)[None, :]
     tokens = jnp.where(positions < agreed[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), drawn)

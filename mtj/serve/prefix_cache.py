@@ -150,8 +150,8 @@ class PrefixPool:
     slot's cache row from them."""
 
     def __init__(self, cfg: Any, mesh: Any, gib: float, buckets: list[int]):
-        if gib <= 0:
-            raise ValueError(f"--prefix-cache-gb must be > 0, got {gib}")
+        if not 0 < gib < float("inf"):
+            raise ValueError(f"--prefix-cache-gb must be a positive number of GiB, got {gib}")
         mp = mesh.shape.get("mp", 1)
         per_device = slots_verbs.pool_bytes_per_token(cfg) / (mp if cfg.n_heads % mp == 0 else 1)
         size = int(gib * 2 ** 30 // per_device)

@@ -330,4 +330,11 @@ BUGS = [
         [("mtj/decode/slots.py", "                              lengths[:, None] + j, valid, cache, lengths)",
           "                              lengths[:, None] + 0 * j, valid, cache, lengths)")],
         ["tests/test_speculative.py", "-k", "greedy and neox"]),
+    Bug("a draft model reads only the last token (after a step that kept every draft, its cache misses one)",
+        [("mtj/decode/draft.py", "logits, cache = self._read(jnp.stack([previous, token], axis=1), slot - 1, cache)",
+          "logits, cache = self._read(token[:, None], slot, cache)")],
+        ["tests/test_speculative.py", "-k", "draft_model_keeps"]),
+    Bug("drafts of a draft model are accepted as if proposed with certainty (q ignored)",
+        [("mtj/decode/speculative.py", "    if draft_probs is None:\n", "    if True:\n")],
+        ["tests/test_speculative.py", "-k", "draft_distribution"]),
 ]
