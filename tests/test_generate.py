@@ -334,6 +334,10 @@ def test_sample_command_one_shot_and_interactive(sampler):
         done = sample("--prompt", "The king said", "--max-new-tokens", "12", "--temperature", "0", "--stop", stop, *mode)
         text = json.loads(done.stdout)["completion"] if mode else done.stdout[len("The king said"):-1]
         assert text == full[:full.index(stop)], (mode, done.stdout, done.stderr[-500:])
+    # speculative decoding, its drafts from a draft model (here the model itself), streamed: the same text
+    done = sample("--prompt", "The king said", "--max-new-tokens", "12", "--temperature", "0", "--speculate", "3",
+                  "--draft-ckpt", str(sample.path))
+    assert done.returncode == 0 and done.stdout == "The king said" + full + "\n", done.stderr[-2000:]
 
 
 def test_sample_command_fits_the_context_checks_values_and_reports_its_seed(sampler):
@@ -354,7 +358,8 @@ def test_sample_command_fits_the_context_checks_values_and_reports_its_seed(samp
     bad = [(["--top-p", "0"], "top_p"), (["--top-p", "1.5"], "top_p"), (["--top-k", "-3"], "top_k"),
            (["--temperature", "nan"], "temperature"), (["--temperature", "-1"], "temperature"),
            (["--num-samples", "0"], "--num-samples"), (["--max-new-tokens", "0"], "--max-new-tokens"),
-           (["--seed", "-1"], "--seed")]
+           (["--seed", "-1"], "--seed"), (["--speculate", "17"], "--speculate"),
+           (["--draft-ckpt", "x"], "--speculate")]
     with concurrent.futures.ThreadPoolExecutor(4) as pool:  # refused before the model loads: each takes an import
         refusals = list(pool.map(lambda args: sample("--prompt", "x", *args), [args for args, _ in bad]))
     for (args, named), refused in zip(bad, refusals):

@@ -46,7 +46,8 @@ def complete(lm: LM, prompt: str, args: argparse.Namespace, seed: int) -> None:
 
     if stream:
         print(prompt, end="", flush=True)
-    lm.generate_tokens([ids] * n, new, args.temperature, args.top_k, args.top_p, [seed + i for i in range(n)], on_tokens)
+    lm.generate_tokens([ids] * n, new, args.temperature, args.top_k, args.top_p, [seed + i for i in range(n)], on_tokens,
+                       args.speculate)
     for i, row in enumerate(rows):
         row.end()
         text, out = row.text, row.tokens
@@ -73,6 +74,12 @@ def arguments() -> argparse.ArgumentParser:
                     help="sampling seed (sample i uses seed + i); default: a random one, printed so a run can be repeated")
     ap.add_argument("--stop", action="append", default=[], help="end a sample before this text (repeatable)")
     ap.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
+    ap.add_argument("--speculate", type=int, default=0, metavar="K",
+                    help="speculative decoding: each step verifies K draft tokens, by default the tokens that followed "
+                         "the last 3 (or 2) tokens where they occurred before in the prompt and output; greedy output "
+                         "is unchanged, sampled output follows the same distribution")
+    ap.add_argument("--draft-ckpt", metavar="CKPT", help="with --speculate: a smaller model of the same tokenizer "
+                    "drafts (e.g. GPT-Neo-125M for GPT-J-6B)")
     ap.add_argument("--mp", type=int, default=1, help="tensor-parallel devices")
     add_load_options(ap, "compute dtype, e.g. float32 (default: the checkpoint's)")
     ap.add_argument("--json", action="store_true", help="one JSON object per sample and line")
@@ -91,6 +98,8 @@ def main() -> None:
         ap.error(f"--seed must be in [0, 2^32 - num_samples], got {args.seed}")
     if args.top_k < 0:
         ap.error(f"top_k must be at least 0 (0 = off), got {args.top_k}")
+    if not 0 <= args.speculate <= 16 or (args.draft_ckpt and not args.speculate):
+        ap.error(f"--speculate must be in [0, 16] (and above 0 with --draft-ckpt), got {args.speculate}")
     try:  # before the (slow) load what the model does not bound; after it top_k against the vocabulary
         check_sampling(args.temperature, 0, args.top_p, 0, 0)
     except ValueError as e:
@@ -99,6 +108,8 @@ def main() -> None:
     lm = mtj.load(args.ckpt, mp=args.mp, **load_overrides(args))
     try:
         check_sampling(args.temperature, args.top_k, args.top_p, 0, lm.config.n_vocab)
+        if args.draft_ckpt:
+            lm.set_draft(mtj.load(args.draft_ckpt, mp=args.mp, **load_overrides(args)))
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
 
