@@ -104,7 +104,8 @@ class _BatchLoop:
 
     def take(self, state: Decoding) -> Decoding:
         """The state after the token of state.x, or, where the screen cannot decide it, marked to retry."""
-        state = state._replace(wait=jnp.maximum(state.wait - 1, 0))
+        if self.draft_len:  # (plain decoding's program stays as it was)
+            state = state._replace(wait=jnp.maximum(state.wait - 1, 0))
         if self.head is None:
             return self.plan(self.commit(state, self.pick(state.x, state.step)))
         token, decided = cpu_decode.screened_argmax(state.x, self.head)

@@ -390,7 +390,8 @@ class SlotEngine(Engine):
         began = time.perf_counter()
         out, took, ran = self._decode_call(span, bool((self.temperature[live] == 0).all()), steps)
         each = (time.perf_counter() - began) / max(ran, 1)  # the call's steps are taken as evenly spaced
-        self.drafts += [self.speculate * int(live.sum()) * ran, int((took[:ran, live] - 1).sum())]
+        if self.speculate:
+            self.drafts += [self.speculate * int(live.sum()) * ran, int((took[:ran, live] - 1).sum())]
         for i in range(ran):
             for slot, job in enumerate(self.active):
                 for token in out[i, slot, :took[i, slot]].tolist() if job is not None else ():
