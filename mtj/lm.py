@@ -11,6 +11,7 @@ from jax.sharding import Mesh
 
 from mtj import cpu_matmul, checkpoint, convert, platforms
 from mtj.config import Config
+from mtj.decode.draft import check_draft
 from mtj.decode.generator import Generator, TokenSink
 from mtj.decode.layout import decode_layout
 from mtj.decode.stops import RowText
@@ -42,9 +43,8 @@ class LM:
     def set_draft(self, draft: LM | None) -> None:
         """Speculative decoding (`generate_tokens(..., speculate=k)`) drafts with `draft`, a smaller model of the same
         vocabulary (GPT-Neo-125M for GPT-J-6B); None: prompt lookup."""
-        if draft is not None and draft.config.n_vocab != self.config.n_vocab:
-            raise ValueError(f"a draft model needs the target's vocabulary: {draft.config.n_vocab} tokens, not "
-                             f"{self.config.n_vocab}")
+        if draft is not None:
+            check_draft(self.config, draft.config)
         self.generator.set_draft(draft and draft.config, draft and draft.params)
 
     def use_decode_layout(self) -> Params:

@@ -1,5 +1,11 @@
-"""Speculative decoding with prompt-lookup drafts: the drafts, greedy output equal to plain decoding for the
-three families, and sampled tokens that follow the target distribution (chi-square)."""
+"""Speculative decoding with prompt-lookup drafts and with draft models, in generate_tokens, the continuous engine
+and the server: the drafts, greedy output equal to plain decoding for the three families, and sampled tokens that
+follow the target distribution (chi-square)."""
+
+import json
+import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +17,8 @@ import mtj
 from mtj.decode import speculative
 from mtj.decode.sampling import SamplingParams, filter_logits
 from mtj.serve.scheduler import SlotEngine
+from mtj.tokenizer import load_tokenizer
+from conftest import REPO
 from test_engine import Request
 from test_prefix_cache import family_model
 
@@ -91,8 +99,8 @@ def test_greedy_speculation_is_plain_greedy_decoding(tmp_path, family):
 
 def test_sampled_speculation_follows_the_plain_distribution(tmp_path):
     """The 6th new token of 300 seeded prompts, decoded alone (a batch speculates only as far as all its rows
-    agree), without speculation, with prompt lookup and with a draft model: one distribution (chi-square), on a
-    model whose vocabulary is small enough to count."""
+    agree), without speculation, with prompt lookup and with a draft model, and by the engine with the draft model:
+    one distribution (chi-square), on a model whose vocabulary is small enough to count."""
     from conftest import SHARP, hf_gptj
 
     lm = mtj.load(hf_gptj(tmp_path / "small", vocab_size=8, n_positions=64, n_embd=32, n_head=4, rotary_dim=4,
@@ -103,13 +111,24 @@ def test_sampled_speculation_follows_the_plain_distribution(tmp_path):
     fast = np.array([lm.generate_tokens([prompt], 8, temperature=1.0, seed=s, speculate=3)[0]
                      for s in range(rows, 2 * rows)])
     assert (lm.generator.drafts - before)[1] > 60
-    lm.set_draft(mtj.load(hf_gptj(tmp_path / "draft", vocab_size=8, n_positions=64, n_embd=16, n_head=2, rotary_dim=4,
-                                  n_layer=1, seed=3, **SHARP), dtype="float32"))  # drafts from a model's own q
+    small = mtj.load(hf_gptj(tmp_path / "draft", vocab_size=8, n_positions=64, n_embd=16, n_head=2, rotary_dim=4,
+                             n_layer=1, seed=3, **SHARP), dtype="float32")
+    lm.set_draft(small)  # drafts from a model's own q
     before = lm.generator.drafts.copy()
     drafted = np.array([lm.generate_tokens([prompt], 8, temperature=1.0, seed=s, speculate=3)[0]
                         for s in range(2 * rows, 3 * rows)])
     assert (lm.generator.drafts - before)[1] > 60
-    table = np.array([np.bincount(t[:, 5], minlength=8) for t in (plain, fast, drafted)])
+    engine = SlotEngine(lm, slots=8, max_queue=rows, speculate=3, draft=small)  # every slot drafting on its own
+    served = [Request(prompt, 8, temperature=1.0, seed=s) for s in range(3 * rows, 4 * rows)]
+    try:
+        engine.submit(served)
+        for r in served:
+            r.wait()
+    finally:
+        engine.stop()
+    assert engine.drafts[1] > 60
+    engine_tokens = np.array([r.tokens for r in served])
+    table = np.array([np.bincount(t[:, 5], minlength=8) for t in (plain, fast, drafted, engine_tokens)])
     table = table[:, table.sum(0) > 0]
     assert stats.chi2_contingency(table).pvalue > 1e-3
 
@@ -154,6 +173,64 @@ def test_a_draft_model_keeps_greedy_output(tmp_path):
     with pytest.raises(ValueError, match="the target's vocabulary"):
         lm.set_draft(mtj.load(hf_gptj(tmp_path / "other", vocab_size=301, n_positions=128, n_embd=16, n_head=2,
                                       rotary_dim=4, n_layer=1), dtype="float32"))
+
+
+def test_a_draft_model_in_the_engine(tmp_path):
+    """The continuous engine drafting with the model itself (its drafts agree: the slots' draft caches stay in step)
+    and with a GPT-Neo of the same vocabulary beside a prefix cache: greedy requests keep plain greedy output, also
+    among sampled ones, through slot reuse and a one-token prompt."""
+    from conftest import SHARP
+    from test_neo_neox import hf_model
+
+    lm = mtj.load(family_model(tmp_path / "target", "gptj"), dtype="float32")
+    rng = np.random.RandomState(6)
+    prompts = [[7, 8, 9] * 8, rng.randint(1, 300, 20).tolist(), [5], rng.randint(1, 300, 37).tolist()]
+    want = [lm.generate_tokens([p], 40, temperature=0)[0] for p in prompts]
+    hf_model(tmp_path / "neo", "neo", 1, hidden_size=16, num_layers=1, num_heads=2, vocab_size=300, window_size=40,
+             max_position_embeddings=128, attention_types=[[["global"], 1]], **SHARP)
+    own, neo = (mtj.load(path, dtype="float32") for path in (family_model(tmp_path / "own", "gptj"), tmp_path / "neo"))
+    for draft, cache_gb in ((own, 0.0), (neo, 0.0005)):
+        engine = SlotEngine(lm, slots=2, speculate=4, draft=draft, prefix_cache_gb=cache_gb)
+        try:
+            greedy = [Request(p, 40) for p in prompts]
+            sampled = [Request(p, 30, temperature=0.8, seed=i) for i, p in enumerate(prompts)]
+            engine.submit([r for pair in zip(greedy, sampled) for r in pair])
+            for r in greedy + sampled:
+                r.wait()
+        finally:
+            engine.stop()
+        assert [r.tokens for r in greedy] == want and [len(r.tokens) for r in sampled] == [30] * 4
+        drafted, kept = engine.drafts
+        assert kept >= (0.9 * drafted if draft is own else 1) and drafted > 0
+    with pytest.raises(ValueError, match="give --speculate K too"):
+        SlotEngine(lm, slots=2, draft=own)
+
+
+def test_a_draft_model_through_the_server(tmp_path):
+    """`mtj-serve --speculate 3 --draft-ckpt CKPT`: greedy completions are generate_tokens' and /metrics counts the
+    draft model's tokens; --draft-ckpt without --speculate is refused before anything loads."""
+    from conftest import SHARP, hf_gptj
+    from test_serve import Running, request
+
+    paths = {}
+    for name, kw in (("target", dict(n_embd=32, n_head=4)), ("draft", dict(n_embd=16, n_head=2, n_layer=1))):
+        paths[name] = hf_gptj(tmp_path / name, seed=len(paths), vocab_size=50257, n_positions=128, rotary_dim=4,
+                              bos_token_id=50256, eos_token_id=50256, **kw, **SHARP)
+        load_tokenizer("gpt2").save_pretrained(paths[name])
+    lm = mtj.load(paths["target"], dtype="float32")
+    srv = Running(paths["target"], "--dtype", "float32", "--speculate", "3", "--draft-ckpt", str(paths["draft"]))
+    try:
+        for prompt in ["Once upon a time", "one two one two one two one"]:
+            want = lm.decode_new(lm.generate_tokens([lm.tokenizer.encode(prompt)], 24, temperature=0)[0])
+            status, body = request(srv.port, "/v1/completions", {"prompt": prompt, "max_tokens": 24, "temperature": 0})
+            assert status == 200 and json.loads(body)["choices"][0]["text"] == want
+        metrics = request(srv.port, "/metrics")[1]
+    finally:
+        assert srv.stop() == 0
+    assert float(re.search(r"^mtj_spec_decode_draft_tokens_total (\S+)", metrics, re.M).group(1)) > 0
+    refused = subprocess.run([sys.executable, "scripts/serve.py", "--ckpt", str(tmp_path / "nowhere"), "--draft-ckpt",
+                              str(paths["draft"])], capture_output=True, text=True, cwd=REPO)
+    assert refused.returncode == 2 and "give --speculate K too" in refused.stderr
 
 
 def test_speculation_through_the_screened_head_and_scanned_layers(tmp_path, monkeypatch):

@@ -40,6 +40,8 @@ def arguments() -> argparse.ArgumentParser:
                          "the tokens that followed the last 3 (or 2) tokens where they occurred before in its prompt "
                          "and output; greedy output is unchanged, sampled output follows the same distribution. Pays "
                          "where a step is memory-bound (accelerators, few requests) and output copies its input")
+    ap.add_argument("--draft-ckpt", metavar="CKPT", help="with --speculate: a smaller model of the same tokenizer drafts "
+                    "instead (e.g. GPT-Neo-125M for GPT-J-6B, a small Pythia for a large one)")
     ap.add_argument("--max-queue", type=int, default=64, help="queued rows (prompts x n) before answering 503")
     ap.add_argument("--max-tokens", type=int, default=None, help="largest max_tokens a request may ask for")
     ap.add_argument("--max-connections", type=int, default=256,
@@ -89,17 +91,20 @@ def main() -> None:
     for path in (args.ssl_keyfile, args.ssl_certfile):
         if path and not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no such file (TLS)")
+    if args.draft_ckpt and not args.speculate:
+        ap.error("--draft-ckpt drafts for speculative decoding: give --speculate K too")
     if warning:
         print(warning, file=sys.stderr, flush=True)
     if not args.no_request_log:
         request_log(sys.stdout)
     distributed.initialize(args)
     lm = mtj.load(args.ckpt, mp=args.mp, **load_overrides(args))
+    draft = mtj.load(args.draft_ckpt, mp=args.mp, **load_overrides(args)) if args.draft_ckpt else None
     server = Server(lm, args.host, args.port, args.max_batch, args.max_queue, args.max_tokens,
                     model_name=args.served_model_name or user_path(args.ckpt).name, max_body_bytes=args.max_body_bytes,
                     max_connections=args.max_connections, body_timeout_s=args.body_timeout,
                     engine=args.engine, prefill_buckets=args.prefill_buckets, prefix_cache_gb=args.prefix_cache_gb, speculate=args.speculate,
-                    head_timeout_s=args.head_timeout,
+                    draft=draft, head_timeout_s=args.head_timeout,
                     max_connections_per_client=args.max_connections_per_client, api_keys=keys,
                     max_queue_per_key=args.max_queue_per_key, allowed_origins=args.allowed_origins,
                     ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile)

@@ -5,7 +5,7 @@ mtj.serve.scheduler decides what runs when):
 - `init_cache`: every slot's empty cache row;
 - `prefill`: one prompt's keys and values; `insert`: them into a slot's row;
 - `decode`: up to MAX_STEPS tokens for every slot, each at its own position with its own sampling values
-  (`decode_speculative`: up to MAX_STEPS speculative steps);
+  (`decode_speculative`: up to MAX_STEPS speculative steps, drafts looked up or from a draft model);
 - with a prefix cache: `init_pool`, `save` (a row's positions into the pool), `extend` (a prefill that starts
   from positions in the pool).
 """
@@ -20,6 +20,7 @@ import numpy as np
 
 from mtj.decode import speculative
 from mtj.decode.cache import cache_dtype, empty_cache
+from mtj.decode.draft import propose_rows
 from mtj.decode.generator import bucket
 from mtj.decode.sampling import SamplingParams, argmax, sample
 from mtj.model import Params, logits_of, run_layers
@@ -54,9 +55,9 @@ def insert(cache: list, prompt_cache: list, slot: jax.Array) -> list:
     return [(put(k, pk), put(v, pv)) for (k, v), (pk, pv) in zip(cache, prompt_cache)]
 
 
-def init_cache(cfg: Any, slots: int) -> list:
-    """Every slot's empty cache row, made on the devices: per layer (k, v) [slots, H, seq, Dh]."""
-    return jax.jit(lambda: empty_cache(cfg, slots, cfg.seq))()
+def init_cache(cfg: Any, slots: int, length: int | None = None) -> list:
+    """Every slot's empty cache row, made on the devices: per layer (k, v) [slots, H, length (default seq), Dh]."""
+    return jax.jit(lambda: empty_cache(cfg, slots, length or cfg.seq))()
 
 
 class Slots(NamedTuple):
@@ -100,12 +101,14 @@ def decode(params: Params, cache: list, slots: Slots, steps: jax.Array, eos: jax
 
 
 def decode_speculative(params: Params, cache: list, slots: Slots, history: jax.Array, steps: jax.Array,
-                       eos: jax.Array, *, cfg: Any, span: int, greedy: bool,
-                       k: int) -> tuple[jax.Array, jax.Array, jax.Array, list]:
-    """As `decode`, each step verifying a k-token prompt-lookup draft per slot (`mtj.decode.speculative`):
-    [MAX_STEPS, S, k + 1] tokens, how many of them each slot took [MAX_STEPS, S], how many steps ran, and the
-    cache. `history` [S, seq]: each slot's tokens so far, its last one included. Every slot's tokens stay within
-    the cache's first `span` positions."""
+                       eos: jax.Array, draft_params: Params | None = None, draft_cache: list | None = None, *,
+                       cfg: Any, span: int, greedy: bool, k: int,
+                       draft_cfg: Any = None) -> tuple[jax.Array, jax.Array, jax.Array, list, list | None]:
+    """As `decode`, each step verifying a k-token draft per slot (`mtj.decode.speculative`), looked up in the slot's
+    own tokens or, with `draft_params` (of `draft_cfg`), drawn from a draft model whose cache `draft_cache` has a row
+    per slot (`mtj.decode.draft.propose_rows`): [MAX_STEPS, S, k + 1] tokens, how many of them each slot took
+    [MAX_STEPS, S], how many steps ran, the cache and the draft cache. `history` [S, seq]: each slot's tokens so far,
+    its last one included. Every slot's tokens stay within the cache's first `span` positions."""
     S, T = slots.tokens.shape[0], k + 1
     j = jnp.arange(T)
 
@@ -113,31 +116,35 @@ def decode_speculative(params: Params, cache: list, slots: Slots, history: jax.A
         return (carry[0] < steps) & ~jnp.any(carry[-1])
 
     def step(carry: tuple) -> tuple:
-        i, tokens, lengths, made, history, cache, out, took, _ = carry
-        drafts, _ = speculative.lookup(history, lengths + 1, k)
+        i, tokens, lengths, made, history, cache, draft_cache, out, took, _ = carry
+        keys = None if greedy else jax.vmap(jax.random.fold_in)(slots.keys, slots.counts + made)
+        if draft_params is None:
+            (drafts, _), q = speculative.lookup(history, lengths + 1, k), None
+        else:
+            drafts, q, draft_cache = propose_rows(draft_params, draft_cfg, draft_cache, history, lengths, k, keys,
+                                                  slots.sampling, span)
         valid = jnp.arange(span)[None, :] <= (lengths + k)[:, None]
         x, cache = run_layers(params, jnp.concatenate([tokens[:, None], drafts], axis=1), cfg,
                               lengths[:, None] + j, valid, cache, lengths)
-        logits = logits_of(params, x, cfg)
+        logits = logits_of(params, x, cfg)[..., :cfg.n_vocab]  # (a draft model's q spans the vocabulary only)
         if greedy:
             emitted, count = speculative.accept_greedy(logits, drafts)
         else:
-            keys = jax.vmap(jax.random.fold_in)(slots.keys, slots.counts + made)
-            emitted, count = speculative.accept_sampled(logits, drafts, keys, slots.sampling)
+            emitted, count = speculative.accept_sampled(logits, drafts, keys, slots.sampling, q)
         first_eos = jnp.min(jnp.where(emitted == eos, j, T), axis=1)
         count = jnp.minimum(jnp.minimum(count, first_eos + 1), jnp.maximum(slots.budget - made, 1))
         ended = slots.live & ((first_eos < count) | (made + count >= slots.budget))
         at = jnp.where(j < count[:, None], lengths[:, None] + 1 + j, history.shape[1])  # past the end: dropped
         history = history.at[jnp.arange(S)[:, None], at].set(emitted, mode="drop")
         last = jnp.take_along_axis(emitted, count[:, None] - 1, axis=1)[:, 0]
-        return (i + 1, last, lengths + count, made + count, history, cache, out.at[i].set(emitted),
+        return (i + 1, last, lengths + count, made + count, history, cache, draft_cache, out.at[i].set(emitted),
                 took.at[i].set(count), ended)
 
     zeros = jnp.zeros(S, jnp.int32)
-    start = (jnp.int32(0), slots.tokens, slots.lengths, zeros, history, cache, jnp.zeros((MAX_STEPS, S, T), jnp.int32),
-             jnp.zeros((MAX_STEPS, S), jnp.int32), jnp.zeros(S, bool))
-    ran, _, _, _, _, cache, out, took, _ = jax.lax.while_loop(running, step, start)
-    return out, took, ran, cache
+    start = (jnp.int32(0), slots.tokens, slots.lengths, zeros, history, cache, draft_cache,
+             jnp.zeros((MAX_STEPS, S, T), jnp.int32), jnp.zeros((MAX_STEPS, S), jnp.int32), jnp.zeros(S, bool))
+    ran, _, _, _, _, cache, draft_cache, out, took, _ = jax.lax.while_loop(running, step, start)
+    return out, took, ran, cache, draft_cache
 
 
 # --- the prefix cache's pool (token rows of keys and values; `mtj.serve.prefix_cache` decides which are which) ---

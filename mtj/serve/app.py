@@ -64,14 +64,14 @@ def request_log(stream: Any, maxsize: int = 10_000) -> logging.handlers.QueueLis
 
 
 def make_engine(lm: LM, engine: str, max_batch: int, max_queue: int, prefill_buckets: list[int] | None,
-                prefix_cache_gb: float, speculate: int) -> SlotEngine | StaticBatcher:
+                prefix_cache_gb: float, speculate: int, draft: LM | None = None) -> SlotEngine | StaticBatcher:
     if engine not in ("static", "continuous"):
         raise ValueError(f"--engine must be 'static' or 'continuous', got '{engine}'")
     if engine == "static":
-        if prefix_cache_gb or speculate:
-            raise ValueError("--prefix-cache-gb and --speculate need the continuous engine")
+        if prefix_cache_gb or speculate or draft:
+            raise ValueError("--prefix-cache-gb, --speculate and --draft-ckpt need the continuous engine")
         return StaticBatcher(lm, max_batch, max_queue)
-    return SlotEngine(lm, max_batch, max_queue, prefill_buckets, prefix_cache_gb, speculate)
+    return SlotEngine(lm, max_batch, max_queue, prefill_buckets, prefix_cache_gb, speculate, draft)
 
 
 class Server:
@@ -81,7 +81,7 @@ class Server:
                  max_tokens: int | None = None, model_name: str = "mtj", max_body_bytes: int = 4 << 20,
                  max_connections: int = 256, body_timeout_s: float = 30.0, engine: str = "continuous",
                  prefill_buckets: list[int] | None = None, prefix_cache_gb: float = 0.0, speculate: int = 0,
-                 head_timeout_s: float = 10.0,
+                 draft: LM | None = None, head_timeout_s: float = 10.0,
                  max_connections_per_client: int = 64, api_keys: list[str] | None = None,
                  max_queue_per_key: int | None = None, allowed_origins: list[str] | None = None,
                  ssl_keyfile: str | None = None, ssl_certfile: str | None = None):
@@ -89,7 +89,7 @@ class Server:
             raise ValueError("serving needs a tokenizer: this checkpoint has none")
         self.model_name = model_name
         self.max_body, self.body_timeout = max_body_bytes, body_timeout_s
-        self.engine = make_engine(lm, engine, max_batch, max_queue, prefill_buckets, prefix_cache_gb, speculate)
+        self.engine = make_engine(lm, engine, max_batch, max_queue, prefill_buckets, prefix_cache_gb, speculate, draft)
         shares = Shares(max_queue_per_key) if max_queue_per_key is not None else None
         self.endpoints = Completions(Admission(lm, self.engine, max_tokens or lm.config.seq, shares), model_name,
                                      getattr(self.engine, "prefill_buckets", None) or powers_of_two(16, lm.config.seq))

@@ -35,6 +35,7 @@ from mtj.decode.sampling import SamplingParams, check_sampling
 from mtj.decode.slots import MAX_STEPS, SPAN_MIN, Slots, powers_of_two, right_padded
 from mtj.decode.stops import RowText
 from mtj.lm import LM
+from mtj.serve.drafting import DraftSlots
 from mtj.serve.metrics import Metrics
 from mtj.serve.prefix_cache import PrefixPool
 
@@ -261,12 +262,15 @@ class StaticBatcher(Engine):
             job.events.put(("done", None))
 
 
-def engine_buckets(slots: int, speculate: int, prefill_buckets: list[int] | None, seq: int) -> list[int]:
+def engine_buckets(slots: int, speculate: int, prefill_buckets: list[int] | None, seq: int,
+                   draft: LM | None = None) -> list[int]:
     """The prefill buckets of a SlotEngine's options (seq always the last), or ValueError naming a bad option."""
     if slots < 1:
         raise ValueError(f"the engine needs at least one slot, got {slots}")
     if not 0 <= speculate <= 16:
         raise ValueError(f"--speculate must be in [0, 16] (draft tokens per step; 0 = off), got {speculate}")
+    if draft and not speculate:
+        raise ValueError("a draft model (--draft-ckpt) drafts for speculative decoding: give --speculate K too")
     if prefill_buckets is None:
         prefill_buckets = powers_of_two(16, seq)
     if any(b < 1 for b in prefill_buckets):
@@ -285,41 +289,45 @@ def histories(active: list[Job | None], seq: int) -> np.ndarray:
     return out
 
 
+def compile_decoder(cfg: Any, span: int, greedy: bool, speculate: int, draft: DraftSlots | None) -> Any:
+    """The continuous engine's decode call for a span, the cache (and a draft model's) donated."""
+    if not speculate:
+        return jax.jit(functools.partial(slots_verbs.decode, cfg=cfg, span=span, greedy=greedy), donate_argnums=1)
+    return jax.jit(functools.partial(slots_verbs.decode_speculative, cfg=cfg, span=span, greedy=greedy, k=speculate,
+                                     draft_cfg=draft and draft.cfg), donate_argnums=(1, 7))
+
+
 class SlotEngine(Engine):
     """Decodes queued requests in `slots` slots (continuous batching); `--engine continuous`. `lm` holds its
     weights in their decode layout from then on (`LM.use_decode_layout`): the devices hold them once."""
 
     def __init__(self, lm: LM, slots: int = 8, max_queue: int = 64, prefill_buckets: list[int] | None = None,
-                 prefix_cache_gb: float = 0.0, speculate: int = 0):
+                 prefix_cache_gb: float = 0.0, speculate: int = 0, draft: LM | None = None):
         """`prefill_buckets`: the prompt lengths prefill compiles for (a prompt is padded to the next
         one; the context length is always the last); default: powers of two from 16. `prefix_cache_gb`: the
         device memory (GiB per device) of the prefix cache's pool; 0: no prefix cache. `speculate` k: every decode
-        step verifies a k-token prompt-lookup draft per slot (`mtj.decode.speculative`); 0: off."""
+        step verifies a k-token draft per slot (`mtj.decode.speculative`), from prompt lookup or `draft`, a
+        smaller model of the same vocabulary; 0: off."""
         super().__init__(lm, max_queue, "mtj-slot-engine")
         self.cfg, self.slots = lm.config, slots
-        self.prefill_buckets = engine_buckets(slots, speculate, prefill_buckets, self.cfg.seq)
+        self.prefill_buckets = engine_buckets(slots, speculate, prefill_buckets, self.cfg.seq, draft)
+        self.draft = DraftSlots(draft, lm, slots) if draft else None
         self.speculate, self.drafts = speculate, np.zeros(2, np.int64)  # draft tokens verified, kept
-        cfg, mesh = self.cfg, lm.mesh
         self.params = lm.use_decode_layout()
-        with jax.set_mesh(mesh):
-            self.cache = slots_verbs.init_cache(cfg, slots)
-        self._prefill = jax.jit(functools.partial(slots_verbs.prefill, cfg=cfg))
+        with jax.set_mesh(lm.mesh):
+            self.cache = slots_verbs.init_cache(self.cfg, slots)
+        self._prefill = jax.jit(functools.partial(slots_verbs.prefill, cfg=self.cfg))
         self._insert = jax.jit(slots_verbs.insert, donate_argnums=0)
         self._decoders: dict[tuple[int, bool], Any] = {}
-        self.prefix_cache = PrefixPool(cfg, mesh, prefix_cache_gb, self.prefill_buckets) if prefix_cache_gb else None
+        self.prefix_cache = PrefixPool(self.cfg, lm.mesh, prefix_cache_gb, self.prefill_buckets) if prefix_cache_gb \
+            else None
         self.active: list[Job | None] = [None] * slots
         self.tokens = np.zeros(slots, np.int32)  # each slot's last token, decoded next
         self.lengths = np.zeros(slots, np.int32)  # tokens in each slot's cache
         self.counts = np.zeros(slots, np.int32)  # tokens each slot has generated
-        self.temperature = np.zeros(slots, np.float32)
-        self.top_k = np.zeros(slots, np.int32)
-        self.top_p = np.ones(slots, np.float32)
+        self.temperature, self.top_k, self.top_p = np.zeros(slots, np.float32), np.zeros(slots, np.int32), np.ones(slots)
         self.keys = np.zeros((slots, 2), np.uint32)  # each slot's RNG key (raw threefry data)
         self.thread.start()
-
-    def spans(self) -> list[int]:
-        """The cache prefixes a decode call may attend to: powers of two from SPAN_MIN, and seq."""
-        return powers_of_two(SPAN_MIN, self.cfg.seq)
 
     def warm(self) -> None:
         """Compile every prefill bucket and decode span before traffic arrives (call before submitting)."""
@@ -329,7 +337,9 @@ class SlotEngine(Engine):
                 self.cache = self._insert(self.cache, prompt_cache, jnp.int32(0))
             if self.prefix_cache:
                 self.cache = self.prefix_cache.warm(self.params, self.cache)
-            for span in self.spans():
+            if self.draft:
+                self.draft.warm(self.prefill_buckets)
+            for span in powers_of_two(SPAN_MIN, self.cfg.seq):  # every cache prefix a decode call may attend to
                 for greedy in (True, False):
                     self._decode_call(span, greedy, 1)
 
@@ -372,9 +382,11 @@ class SlotEngine(Engine):
         if n == 1:
             return
         prompt = job.ids[:-1]
+        tokens = right_padded(prompt, next(b for b in self.prefill_buckets if b >= n - 1))
+        if self.draft:
+            self.draft.start(slot, tokens)
 
         def cold(cache: list) -> list:
-            tokens = right_padded(prompt, next(b for b in self.prefill_buckets if b >= n - 1))
             return self._insert(cache, self._prefill(self.params, tokens), jnp.int32(slot))
 
         self.cache = self.prefix_cache.prefill(self.params, self.cache, slot, prompt, cold) if self.prefix_cache \
@@ -405,9 +417,7 @@ class SlotEngine(Engine):
         """Run the compiled decode of this span over every slot (free ones too: their rows are overwritten when
         taken): tokens [MAX_STEPS, S, k + 1], how many of them each slot took [MAX_STEPS, S], steps run."""
         if (span, greedy) not in self._decoders:
-            verb = functools.partial(slots_verbs.decode_speculative, k=self.speculate) if self.speculate else slots_verbs.decode
-            self._decoders[span, greedy] = jax.jit(functools.partial(verb, cfg=self.cfg, span=span, greedy=greedy),
-                                                   donate_argnums=1)
+            self._decoders[span, greedy] = compile_decoder(self.cfg, span, greedy, self.speculate, self.draft)
         live = np.array([job is not None for job in self.active])
         left = [job.max_new - len(job.tokens) if job else 0 for job in self.active]
         budget = np.where(live, np.minimum(left, self.cfg.seq - self.lengths), 1 << 30).astype(np.int32)
@@ -418,9 +428,12 @@ class SlotEngine(Engine):
             out, ran, self.cache = self._decoders[span, greedy](self.params, self.cache, slots, jnp.int32(steps),
                                                                 jnp.int32(self.eos))
             return np.asarray(out)[:, :, None], np.ones((MAX_STEPS, self.slots), np.int32), int(ran)
-        history = histories(self.active, self.cfg.seq)
-        out, took, ran, self.cache = self._decoders[span, greedy](self.params, self.cache, slots, jnp.asarray(history),
-                                                                  jnp.int32(steps), jnp.int32(self.eos))
+        history = jnp.asarray(histories(self.active, self.cfg.seq))
+        draft = (self.draft.params, self.draft.cache) if self.draft else (None, None)
+        out, took, ran, self.cache, draft_cache = self._decoders[span, greedy](
+            self.params, self.cache, slots, history, jnp.int32(steps), jnp.int32(self.eos), *draft)
+        if self.draft:
+            self.draft.cache = draft_cache
         return np.asarray(out), np.asarray(took), int(ran)
 
     def _deliver(self, slot: int, token: int, at: float) -> None:
