@@ -8,18 +8,20 @@ import jax
 import jax.numpy as jnp
 
 import mtj
-from conftest import SHARP, hf_gptj
+from conftest import MISSING_CPU_FEATURE, SHARP, hf_gptj
 from mtj import cpu_matmul, platforms
 from mtj.quantize import matmul as quantized_matmul, quantize_array
 
 HAS_INSTRUCTIONS = all(f in platforms.cpu_flags() for f in cpu_matmul.FLAGS)
 
 
-def test_it_is_built_where_the_cpu_can_run_it():
+def test_it_is_built_and_used_where_the_cpu_can_run_it(tmp_path):
     assert (cpu_matmul._library() is not None) == HAS_INSTRUCTIONS
+    hf = hf_gptj(tmp_path / "hf", n_layer=1, n_embd=64, n_head=4, rotary_dim=8, vocab_size=300)
+    assert cpu_matmul.is_packed(mtj.load(hf, dtype="bfloat16").params["lm_head"]["kernel"]) == HAS_INSTRUCTIONS
 
 
-needs_kernel = pytest.mark.skipif(not HAS_INSTRUCTIONS, reason="this CPU lacks AVX-512 VNNI/BF16")
+needs_kernel = pytest.mark.skipif(not HAS_INSTRUCTIONS, reason=f"{MISSING_CPU_FEATURE}AVX-512 VNNI/BF16")
 
 
 @needs_kernel
