@@ -11,7 +11,8 @@ def main() -> None:
     ap = parser("mtj-slim", __doc__)
     ap.add_argument("--ckpt", required=True, help="a model_dir (latest step) or one step_N directory")
     ap.add_argument("--out", required=True, help="output checkpoint directory (must not exist or be empty)")
-    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"], help="dtype of the slimmed weights")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
+                    help="dtype of the slimmed weights (fp32 with --quantize: the rest as mtj.load(quantize=...) holds it)")
     ap.add_argument("--quantize", default="none", choices=QUANTIZE,
                     help="store the matmul kernels and the embedding table as int8 (a scale per output channel) or "
                          "int4 (per group of 128 input rows); the rest in --dtype")
