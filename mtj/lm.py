@@ -89,14 +89,15 @@ class LM:
     def generate_tokens(self, token_lists: Sequence[Sequence[int]], max_new_tokens: int = 32,
                         temperature: float | Sequence[float] = 1.0, top_k: int | Sequence[int] = 0,
                         top_p: float | Sequence[float] = 1.0, seed: int | Sequence[int] = 0,
-                        on_tokens: TokenSink | None = None, speculate: int = 0) -> list[list[int]]:
+                        on_tokens: TokenSink | None = None, speculate: int = 0, **adjust: Any) -> list[list[int]]:
         """New tokens for each prompt; sampling parameters are scalars or one per prompt; `speculate` k: speculative
-        decoding with prompt-lookup drafts of k tokens (`Generator.generate_tokens`)."""
+        decoding with prompt-lookup drafts of k tokens; `adjust`: repetition_penalty, presence_penalty,
+        frequency_penalty and logit_bias ({token: bias}), each one or one per prompt (`Generator.generate_tokens`)."""
         for tokens in token_lists:
             if any(t < 0 or t >= self.config.n_vocab for t in tokens):
                 raise ValueError(f"token ids must be in [0, {self.config.n_vocab})")
         return self.generator.generate_tokens(token_lists, max_new_tokens, temperature, top_k, top_p, seed, on_tokens,
-                                              speculate)
+                                              speculate, **adjust)
 
     def generate(self, prompts: str | Sequence[str], max_new_tokens: int = 32, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop: str | Sequence[str] | None = None) -> list[str]:

@@ -11,6 +11,7 @@ import numpy as np
 import mtj
 from mtj import distributed
 from mtj.cli import add_load_options, load_overrides, parser, run
+from mtj.decode.penalties import check_penalties
 from mtj.decode.sampling import SEED_LIMIT, check_sampling
 from mtj.decode.stops import RowText
 from mtj.lm import LM
@@ -47,7 +48,9 @@ def complete(lm: LM, prompt: str, args: argparse.Namespace, seed: int) -> None:
     if stream:
         print(prompt, end="", flush=True)
     lm.generate_tokens([ids] * n, new, args.temperature, args.top_k, args.top_p, [seed + i for i in range(n)], on_tokens,
-                       args.speculate)
+                       args.speculate, repetition_penalty=args.repetition_penalty,
+                       presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                       logit_bias=args.logit_bias)
     for i, row in enumerate(rows):
         row.end()
         text, out = row.text, row.tokens
@@ -58,6 +61,14 @@ def complete(lm: LM, prompt: str, args: argparse.Namespace, seed: int) -> None:
             print(text[shown[0]:], flush=True)
         else:
             print(f"--- sample {i}\n{prompt}{text}", flush=True)
+
+
+def logit_biases(text: str) -> dict[int, float]:
+    try:
+        return {int(token): float(bias) for token, bias in (pair.split(":") for pair in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ID:BIAS pairs separated by commas, e.g. 50256:-100, got '{text}'") \
+            from None
 
 
 def arguments() -> argparse.ArgumentParser:
@@ -80,6 +91,15 @@ def arguments() -> argparse.ArgumentParser:
                          "is unchanged, sampled output follows the same distribution")
     ap.add_argument("--draft-ckpt", metavar="CKPT", help="with --speculate: a smaller model of the same tokenizer "
                     "drafts (e.g. GPT-Neo-125M for GPT-J-6B)")
+    ap.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
+                    help="divide a positive logit (multiply a negative one) of a token already in the prompt or "
+                         "output by R (transformers' definition; 1 = off)")
+    ap.add_argument("--presence-penalty", type=float, default=0.0, help="subtract this from the logit of a token "
+                    "the output holds (OpenAI's definition; 0 = off)")
+    ap.add_argument("--frequency-penalty", type=float, default=0.0, help="subtract this once per time the output "
+                    "holds a token (OpenAI's definition; 0 = off)")
+    ap.add_argument("--logit-bias", type=logit_biases, default=None, metavar="ID:BIAS,...",
+                    help="add BIAS to token ID's logit (-100 bans it)")
     ap.add_argument("--mp", type=int, default=1, help="tensor-parallel devices")
     add_load_options(ap, "compute dtype, e.g. float32 (default: the checkpoint's)")
     ap.add_argument("--json", action="store_true", help="one JSON object per sample and line")
@@ -100,14 +120,17 @@ def main() -> None:
         ap.error(f"top_k must be at least 0 (0 = off), got {args.top_k}")
     if not 0 <= args.speculate <= 16 or (args.draft_ckpt and not args.speculate):
         ap.error(f"--speculate must be in [0, 16] (and above 0 with --draft-ckpt), got {args.speculate}")
-    try:  # before the (slow) load what the model does not bound; after it top_k against the vocabulary
+    try:  # before the (slow) load what the model does not bound; after it top_k and token ids against the vocabulary
         check_sampling(args.temperature, 0, args.top_p, 0, 0)
+        check_penalties(args.repetition_penalty, args.presence_penalty, args.frequency_penalty, {}, 0)
     except ValueError as e:
         ap.error(str(e))
     distributed.initialize(args)
     lm = mtj.load(args.ckpt, mp=args.mp, **load_overrides(args))
     try:
         check_sampling(args.temperature, args.top_k, args.top_p, 0, lm.config.n_vocab)
+        check_penalties(args.repetition_penalty, args.presence_penalty, args.frequency_penalty, args.logit_bias or {},
+                        lm.config.n_vocab)
         if args.draft_ckpt:
             lm.set_draft(mtj.load(args.draft_ckpt, mp=args.mp, **load_overrides(args)))
     except ValueError as e:

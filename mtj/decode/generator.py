@@ -20,7 +20,7 @@ from jax.experimental import io_callback
 from mtj import platforms
 from mtj.config import Config
 from mtj.decode import cpu as cpu_decode
-from mtj.decode import speculative
+from mtj.decode import penalties, speculative
 from mtj.decode.cache import empty_cache
 from mtj.decode.draft import DraftModel
 from mtj.decode.sampling import SamplingParams, argmax, check_sampling, sample
@@ -53,6 +53,7 @@ class Decoding(NamedTuple):
     drafted: jax.Array  # draft tokens verified so far (per step, not per row)
     accepted: jax.Array  # ... of which kept
     draft_cache: Any = None  # a draft model's KV cache (with one)
+    seen: penalties.Seen | None = None  # what the penalties read (with any)
 
 
 def cache_lengths(prompt_slots: int, new_slots: int, phases: int) -> list[int]:
@@ -81,9 +82,12 @@ class _BatchLoop:
     prompt: jax.Array  # [B, P] (left-padded): with the output, what drafts are looked up in
     draft_len: int  # draft tokens a speculative step verifies (0: no speculation)
     draft: DraftModel | None = None  # where drafts come from (None: prompt lookup)
+    adjust: penalties.Penalties | None = None  # logit_bias and penalties (None: none)
 
-    def pick(self, x: jax.Array, step: jax.Array) -> jax.Array:
+    def pick(self, x: jax.Array, step: jax.Array, seen: penalties.Seen | None) -> jax.Array:
         logits = logits_of(self.params, x, self.cfg)
+        if self.adjust is not None:
+            logits = penalties.apply(logits[:, :self.cfg.n_vocab], self.adjust, seen)
         if self.greedy:  # known on the host: no branch, and the head's bias add fuses into the argmax
             return argmax(logits)
         step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(self.keys, step)
@@ -97,6 +101,8 @@ class _BatchLoop:
             ended |= io_callback(self.sink, jax.ShapeDtypeStruct(token.shape, jnp.bool_), state.step, token, taken,
                                  ordered=True)
         keep = lambda new, old: jnp.where(taken, new, old)  # noqa: E731
+        if state.seen is not None:
+            state = state._replace(seen=penalties.add(state.seen, token, taken))
         return state._replace(step=keep(state.step + 1, state.step), token=keep(token, state.token),
                               pos=keep(state.pos + 1, state.pos),
                               out=state.out.at[:, state.step].set(keep(token, state.out[:, state.step])),
@@ -107,7 +113,7 @@ class _BatchLoop:
         if self.draft_len:  # (plain decoding's program stays as it was)
             state = state._replace(wait=jnp.maximum(state.wait - 1, 0))
         if self.head is None:
-            return self.plan(self.commit(state, self.pick(state.x, state.step)))
+            return self.plan(self.commit(state, self.pick(state.x, state.step, state.seen)))
         token, decided = cpu_decode.screened_argmax(state.x, self.head)
         return self.plan(self.commit(state, token, decided)._replace(retry=~decided))
 
@@ -135,6 +141,8 @@ class _BatchLoop:
         x, cache = run_layers(self.params, tokens, self.cfg, state.pos[:, None] + jnp.arange(K + 1), key_valid,
                               state.cache, slot)
         logits = logits_of(self.params, x, self.cfg)[..., :self.cfg.n_vocab]
+        if self.adjust is not None:
+            logits = penalties.apply_along(logits, self.adjust, state.seen, state.drafts)
         if self.greedy:
             emitted, count = speculative.accept_greedy(logits, state.drafts)
         else:
@@ -191,12 +199,12 @@ def _decode_weights(params: Params, cfg: Config, batch: int, length: int) -> tup
 
 
 def _generate(params: Params, head: Params | None, tokens: jax.Array, valid: jax.Array, max_new: jax.Array,
-              sampling: SamplingParams, seeds: jax.Array, eos: jax.Array, draft: Params | None = None, *,
-              cfg: Config, new_slots: int, sink: Callable | None, greedy: bool, draft_len: int = 0,
-              draft_cfg: Config | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+              sampling: SamplingParams, seeds: jax.Array, eos: jax.Array, draft: Params | None = None,
+              adjust: penalties.Penalties | None = None, *, cfg: Config, new_slots: int, sink: Callable | None,
+              greedy: bool, draft_len: int = 0, draft_cfg: Config | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """New tokens [B, new_slots], how many steps ran, and [draft tokens verified, kept]. `head`: a `screen_head`
     for greedy batches (None: the full fp32 head decides); `draft_len`: speculative decoding's drafts, from
-    `draft` (a draft model's weights, of `draft_cfg`) or prompt lookup."""
+    `draft` (a draft model's weights, of `draft_cfg`) or prompt lookup; `adjust`: logit_bias and penalties."""
     B, P = tokens.shape
     # a draft model's cache follows the target's slots: one phase, no growing
     lengths = [P + new_slots] if draft is not None else cache_lengths(P, new_slots, platforms.platform().cache_phases)
@@ -210,15 +218,42 @@ def _generate(params: Params, head: Params | None, tokens: jax.Array, valid: jax
         drafter = DraftModel(draft, draft_cfg, key_valid, slot_positions)
         draft_cache = drafter.prefill(tokens, draft_cache)
     loop = _BatchLoop(params, head, cfg, key_valid, max_new, sampling, jax.vmap(jax.random.key)(seeds), eos, sink,
-                      greedy, tokens, draft_len, drafter)
+                      greedy, tokens, draft_len, drafter, adjust)
     x, cache = run_layers(params, tokens, cfg, positions, key_valid[:, :lengths[0]], cache, 0)  # prefill
     state = loop.take(Decoding(jnp.int32(0), tokens[:, -1], positions[:, -1], cache,
                                jnp.zeros((B, new_slots), jnp.int32), jnp.zeros(B, bool), x[:, -1], jnp.bool_(False),
                                jnp.zeros((B, draft_len), jnp.int32), jnp.bool_(False), *[jnp.int32(0)] * 4,
-                               draft_cache))
+                               draft_cache, None if adjust is None else penalties.seen_prompt(tokens, valid, cfg.n_vocab)))
     for length in lengths:
         state = loop.phase(state, length, P)
     return state.out, state.step, jnp.stack([state.drafted, state.accepted])
+
+
+def row_values(n: int, B: int, n_vocab: int, **values: Any) -> tuple[SamplingParams, jax.Array, penalties.Penalties | None]:
+    """Each of `values` (temperature, top_k, top_p, seed, repetition, presence, frequency, bias: one for every prompt
+    or one per prompt) over a batch of B rows (filler rows copy the first), checked before any cast could wrap it:
+    the sampling values, the seeds, and the logit adjustments (None where every row's are neutral)."""
+    rows = {}
+    for name, value in values.items():
+        rows[name] = list(value) if np.ndim(value) or isinstance(value, (list, tuple)) else [value] * n
+        if len(rows[name]) != n:
+            raise ValueError(f"per-prompt sampling parameters need {n} values, got {len(rows[name])} for {name}")
+    for t, k, p, s in zip(rows["temperature"], rows["top_k"], rows["top_p"], rows["seed"]):
+        check_sampling(float(t), int(k), float(p), int(s), n_vocab)
+    adjustments = list(zip(*(rows[k] for k in ("repetition", "presence", "frequency", "bias"))))
+    for r, p, f, b in adjustments:
+        penalties.check_penalties(float(r), float(p), float(f), b or {}, n_vocab)
+
+    def per_row(name: str, dtype: Any) -> jax.Array:
+        arr = np.asarray(rows[name], dtype)
+        return jnp.asarray(np.concatenate([arr, np.repeat(arr[:1], B - n, axis=0)]))
+
+    sampling = SamplingParams(per_row("temperature", np.float32), per_row("top_k", np.int32), per_row("top_p", np.float32))
+    adjust = None
+    if not all(penalties.neutral(*a) for a in adjustments):
+        rows["bias"] = [penalties.bias_row(b, n_vocab) for b in rows["bias"]]
+        adjust = penalties.Penalties(*(per_row(k, np.float32) for k in ("bias", "repetition", "presence", "frequency")))
+    return sampling, per_row("seed", np.uint32), adjust
 
 
 class Generator:
@@ -271,9 +306,10 @@ class Generator:
             self._screen_head = jax.jit(functools.partial(cpu_decode.screen_head, cfg=self.cfg))(self.params)
         return self._screen_head
 
-    def _fn(self, new_slots: int, streaming: bool, greedy: bool, speculate: int = 0) -> Any:
+    def _fn(self, new_slots: int, streaming: bool, greedy: bool, speculate: int = 0, adjusted: bool = False) -> Any:
+        """The compiled `_generate` (`adjusted`: called with logit_bias and penalties)."""
         draft_cfg = self.draft[0] if speculate and self.draft else None
-        key = (new_slots, streaming, greedy, speculate, draft_cfg is not None)
+        key = (new_slots, streaming, greedy, speculate, adjusted, draft_cfg is not None)
         if key not in self._compiled:
             self._compiled[key] = jax.jit(functools.partial(
                 _generate, cfg=self.cfg, new_slots=new_slots, sink=self._stream if streaming else None, greedy=greedy,
@@ -283,9 +319,14 @@ class Generator:
     def generate_tokens(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32,
                         temperature: float | Sequence[float] = 1.0, top_k: int | Sequence[int] = 0,
                         top_p: float | Sequence[float] = 1.0, seed: int | Sequence[int] = 0,
-                        on_tokens: TokenSink | None = None, speculate: int = 0) -> list[list[int]]:
+                        on_tokens: TokenSink | None = None, speculate: int = 0, *,
+                        repetition_penalty: float | Sequence[float] = 1.0, presence_penalty: float | Sequence[float] = 0.0,
+                        frequency_penalty: float | Sequence[float] = 0.0,
+                        logit_bias: dict[int, float] | Sequence[dict[int, float]] | None = None) -> list[list[int]]:
         """New tokens per prompt (ending at EOS, included, or after max_new_tokens). `speculate` k: prompt-lookup
-        drafts of k tokens (`mtj.decode.speculative`: the same greedy output; sampled, the same distribution)."""
+        drafts of k tokens (`mtj.decode.speculative`: the same greedy output; sampled, the same distribution).
+        Sampling values, penalties and logit_bias ({token: bias}; `mtj.decode.penalties`) are one for every prompt
+        or one per prompt."""
         n = len(prompts)
         if not 0 <= speculate <= 16:
             raise ValueError(f"speculate must be in [0, 16] (draft tokens per step; 0 = off), got {speculate}")
@@ -307,29 +348,18 @@ class Generator:
             valid[i, P - len(p):] = True
         valid[n:, -1] = True  # filler rows: one real token each
 
-        rows = {}  # each sampling parameter per prompt, checked before any cast could wrap it
-        for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("seed", seed)):
-            rows[name] = list(value) if np.ndim(value) else [value] * n
-            if len(rows[name]) != n:
-                raise ValueError(f"per-prompt sampling parameters need {n} values, got {len(rows[name])} for {name}")
-        for t, k, p, s in zip(rows["temperature"], rows["top_k"], rows["top_p"], rows["seed"]):
-            check_sampling(float(t), int(k), float(p), int(s), self.cfg.n_vocab)
-
-        def per_row(name: str, dtype: Any) -> np.ndarray:
-            arr = np.asarray(rows[name], dtype)
-            return np.concatenate([arr, np.repeat(arr[:1], B - n)])
-
-        temps = per_row("temperature", np.float32)
-        sampling = SamplingParams(jnp.asarray(temps), jnp.asarray(per_row("top_k", np.int32)),
-                                  jnp.asarray(per_row("top_p", np.float32)))
-        args = (jnp.asarray(tokens), jnp.asarray(valid), jnp.int32(max_new_tokens), sampling,
-                jnp.asarray(per_row("seed", np.uint32)), jnp.int32(self.eos_id))
+        sampling, seeds, adjust = row_values(n, B, self.cfg.n_vocab, temperature=temperature, top_k=top_k, top_p=top_p,
+                                             seed=seed, repetition=repetition_penalty, presence=presence_penalty,
+                                             frequency=frequency_penalty, bias=logit_bias)
+        args = (jnp.asarray(tokens), jnp.asarray(valid), jnp.int32(max_new_tokens), sampling, seeds,
+                jnp.int32(self.eos_id))
         with self._lock, jax.set_mesh(self.mesh):
             self._sink, self._rows = on_tokens, n
             try:
-                greedy = not (temps > 0).any()
-                fn = self._fn(N, on_tokens is not None, greedy, speculate)
-                out, steps, drafts = fn(self.params, self._head(greedy), *args, self.draft[1] if speculate and self.draft else None)
+                greedy = not (np.asarray(sampling.temperature) > 0).any()
+                fn = self._fn(N, on_tokens is not None, greedy, speculate, adjust is not None)
+                out, steps, drafts = fn(self.params, None if adjust is not None else self._head(greedy), *args,
+                                        self.draft[1] if speculate and self.draft else None, adjust)
                 out, steps = np.asarray(out), int(steps)
                 self.drafts += np.asarray(drafts)
             finally:
