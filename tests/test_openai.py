@@ -1,6 +1,7 @@
 """serve.py (its continuous-batching engine) judged by real clients: the `openai` Python client, and lm-eval's
 `local-completions` model."""
 
+import json
 import math
 
 import numpy as np
@@ -131,6 +132,27 @@ def test_client_errors_name_the_problem(served):
                                      frequency_penalty=0, best_of=1, logit_bias={}).choices[0].text == plain
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.completions.create(model="tiny", prompt="x", max_tokens=1, temperature=2.5)
+
+
+def test_tokenize_and_detokenize_round_trip(served):
+    """vLLM's /tokenize and /detokenize: the ids a completion of the prompt reads (its usage counts them), their
+    BPE strings, and the text back; mistakes are 4xx naming them."""
+    client, lm = served
+    text = "Hello there, general Kenobi"
+    ids = lm.tokenizer.encode(text)
+    status, body = request(client.port, "/tokenize", {"model": "tiny", "prompt": text, "return_token_strs": True})
+    assert status == 200 and json.loads(body) == {"count": len(ids), "max_model_len": 128, "tokens": ids,
+                                                  "token_strs": [lm.tokenizer.backend.id_to_token(t) for t in ids]}
+    assert client.completions.create(model="tiny", prompt=text, max_tokens=1).usage.prompt_tokens == len(ids)
+    assert json.loads(request(client.port, "/tokenize", {"prompt": text})[1])["token_strs"] is None
+    status, body = request(client.port, "/detokenize", {"tokens": ids})
+    assert status == 200 and json.loads(body) == {"prompt": text}
+    for path, body, status, message in (("/tokenize", {"model": "other", "prompt": "x"}, 404, "serves 'tiny'"),
+                                        ("/tokenize", {"prompt": 5}, 400, "'prompt'"),
+                                        ("/detokenize", {"tokens": [1, 50257]}, 400, "token ids must be in [0, 50257)"),
+                                        ("/detokenize", {"tokens": [1], "x": 1}, 400, "'x' is not implemented")):
+        got = request(client.port, path, body)
+        assert got[0] == status and message in json.loads(got[1])["error"]["message"], got
 
 
 def test_lm_eval_local_completions_equals_its_hf_model(served, tmp_path):

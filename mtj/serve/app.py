@@ -107,6 +107,8 @@ class Server:
             Route("/metrics", self.metrics, methods=["GET"]),
             Route("/complete", self.complete, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/tokenize", self.tokenize, methods=["POST"]),
+            Route("/detokenize", self.detokenize, methods=["POST"]),
         ], exception_handlers={404: self._not_found, 405: self._not_found})
         limits = ConnectionLimits(max_connections, max_connections_per_client, head_timeout_s)
         self.uvicorn = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
@@ -224,3 +226,9 @@ class Server:
 
     async def completions(self, request: Request) -> Response:
         return await self.answer(request, self.endpoints.completions)
+
+    async def tokenize(self, request: Request) -> Response:
+        return await self.answer(request, self.endpoints.tokenize)
+
+    async def detokenize(self, request: Request) -> Response:
+        return await self.answer(request, self.endpoints.detokenize)

@@ -78,6 +78,22 @@ class CompletionRequest(Strict):
         return self
 
 
+class TokenizeRequest(Strict):
+    """vLLM's /tokenize for a prompt."""
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True  # (the GPT-J/Neo/NeoX tokenizers add none: the ids of a completion's prompt)
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(Strict):
+    """vLLM's /detokenize."""
+
+    model: str | None = None
+    tokens: list[int]
+
+
 class CompleteRequest(Strict):
     """The original mtj /complete request."""
 
