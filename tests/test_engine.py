@@ -30,6 +30,10 @@ class Request:
     ended: bool = False
     events: queue.Queue = dataclasses.field(default_factory=queue.Queue)
     times: list = dataclasses.field(default_factory=list)  # when each event arrived
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict | None = None
     queued_at: float = 0.0  # (the engine's timing, for /metrics)
     last_at: float = 0.0
 

@@ -120,10 +120,12 @@ def test_client_errors_name_the_problem(served):
     client, _ = served
     with pytest.raises(openai.NotFoundError, match="serves 'tiny'"):
         client.completions.create(model="other", prompt="x", max_tokens=1)
-    with pytest.raises(openai.BadRequestError, match="'frequency_penalty' other than 0 is not implemented"):
-        client.completions.create(model="tiny", prompt="x", max_tokens=1, frequency_penalty=0.5)
-    with pytest.raises(openai.BadRequestError, match="'logit_bias' is not implemented"):
-        client.completions.create(model="tiny", prompt="x", max_tokens=1, logit_bias={"50256": -100})
+    with pytest.raises(openai.BadRequestError, match=r"frequency_penalty must be in \[-2, 2\]"):
+        client.completions.create(model="tiny", prompt="x", max_tokens=1, frequency_penalty=2.5)
+    with pytest.raises(openai.BadRequestError, match="outside the vocabulary"):
+        client.completions.create(model="tiny", prompt="x", max_tokens=1, logit_bias={"50257": -100})
+    with pytest.raises(openai.BadRequestError, match="'logit_bias' keys must be token ids"):
+        client.completions.create(model="tiny", prompt="x", max_tokens=1, logit_bias={"x": -100})
     with pytest.raises(openai.BadRequestError, match="'best_of' other than n"):
         client.completions.create(model="tiny", prompt="x", max_tokens=1, best_of=3)
     # what client libraries send by default: the neutral values change nothing
@@ -132,6 +134,21 @@ def test_client_errors_name_the_problem(served):
                                      frequency_penalty=0, best_of=1, logit_bias={}).choices[0].text == plain
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.completions.create(model="tiny", prompt="x", max_tokens=1, temperature=2.5)
+
+
+def test_penalties_and_logit_bias_equal_generate_tokens(served):
+    """OpenAI's presence_penalty, frequency_penalty and logit_bias and vLLM's repetition_penalty through the
+    continuous engine (with its prefix cache and speculation): generate_tokens' tokens."""
+    client, lm = served
+    ids = lm.tokenizer.encode(PROMPTS[2])
+    for kw in (dict(presence_penalty=1.5), dict(frequency_penalty=1.0, logit_bias={"11": -100, "262": 5}),
+               dict(repetition_penalty=1.8)):
+        bias = {int(t): b for t, b in kw.get("logit_bias", {}).items()}
+        want = lm.generate_tokens([ids], 12, temperature=0, **{**kw, "logit_bias": bias})[0]
+        openai_kw = {k: v for k, v in kw.items() if k != "repetition_penalty"}
+        got = client.completions.create(model="tiny", prompt=ids, max_tokens=12, temperature=0, **openai_kw,
+                                        extra_body={"repetition_penalty": kw.get("repetition_penalty", 1.0)})
+        assert got.choices[0].text == lm.decode_new(want)
 
 
 def test_tokenize_and_detokenize_round_trip(served):

@@ -160,3 +160,33 @@ def test_the_sample_command_takes_them(tmp_path):
     assert refused.returncode == 2 and "presence_penalty must be in [-2, 2]" in refused.stderr
     refused = sample("--logit-bias", "60000:1")
     assert refused.returncode == 1 and "outside the vocabulary" in refused.stderr
+
+
+def test_both_engines_take_them_per_row(tmp_path):
+    """The static batcher and the continuous engine (plain and speculative) decode requests with and without
+    adjustments, side by side and one after another in a slot (a bias does not outlive its request), as
+    generate_tokens does each alone."""
+    import mtj
+    from conftest import SHARP, hf_gptj
+    from mtj.serve.scheduler import SlotEngine, StaticBatcher
+    from test_engine import Request
+
+    lm = mtj.load(hf_gptj(tmp_path / "hf", vocab_size=300, n_positions=128, n_embd=32, n_head=4, rotary_dim=4, **SHARP),
+                  dtype="float32")
+    prompts = [[5, 9, 5, 9, 5, 17, 23, 5, 9], [40, 41, 42, 40, 41]]
+    settings = [dict(logit_bias={9: 4.0, 23: -100.0, 44: 6.0}), {}, dict(repetition_penalty=1.8),
+                dict(presence_penalty=1.5, frequency_penalty=0.8), {}]
+    cases = [(p, kw) for p in prompts for kw in settings]
+    want = [lm.generate_tokens([p], 30, temperature=0, **kw)[0] for p, kw in cases]
+    assert len({tuple(w) for w in want}) > len(prompts) + 1  # (they change the output)
+    for make in (lambda: StaticBatcher(lm, max_batch=4), lambda: SlotEngine(lm, slots=1),  # (one slot: in turn)
+                 lambda: SlotEngine(lm, slots=3, speculate=3)):
+        engine = make()
+        reqs = [Request(p, 30, **kw) for p, kw in cases]
+        try:
+            engine.submit(reqs)
+            for r in reqs:
+                r.wait()
+        finally:
+            engine.stop()
+        assert [r.tokens for r in reqs] == want, type(engine).__name__

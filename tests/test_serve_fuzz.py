@@ -51,7 +51,11 @@ FIELDS = {  # name: (valid values, invalid values)
     "stream_options": ([{"include_usage": True}], [{"include_usage": "no"}, {"x": 1}]),
     "model": (["fuzz", None], ["other", "", 5]),
     "user": (["someone"], [5]),
-    "frequency_penalty": ([], [0.5]),
+    "frequency_penalty": ([0, 0.5, -2, 2], [2.5, "x", None]),
+    "presence_penalty": ([0, 1.5, -0.5], [-3, [1]]),
+    "repetition_penalty": ([1, 1.3, 0.7], [0, -1, 1e309]),
+    "logit_bias": ([{}, {"50256": -100}, {"5": 2.5, "17": -1}, None], [{"x": 1}, {"50257": 1}, {"5": 101}, {"5": "a"}, [1]]),
+    "best_of": ([], [3]),
 }
 COMPLETE_FIELDS = {
     "length": ([1, 8, 64, None], [128, 0, -1, 2**40]), "temp": ([0, 0.5, 1, 2], [3, -1]),

@@ -87,7 +87,7 @@ class _BatchLoop:
     def pick(self, x: jax.Array, step: jax.Array, seen: penalties.Seen | None) -> jax.Array:
         logits = logits_of(self.params, x, self.cfg)
         if self.adjust is not None:
-            logits = penalties.apply(logits[:, :self.cfg.n_vocab], self.adjust, seen)
+            logits = penalties.apply(logits, self.adjust, seen)
         if self.greedy:  # known on the host: no branch, and the head's bias add fuses into the argmax
             return argmax(logits)
         step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(self.keys, step)
@@ -140,9 +140,10 @@ class _BatchLoop:
         tokens = jnp.concatenate([state.token[:, None], state.drafts], axis=1)
         x, cache = run_layers(self.params, tokens, self.cfg, state.pos[:, None] + jnp.arange(K + 1), key_valid,
                               state.cache, slot)
-        logits = logits_of(self.params, x, self.cfg)[..., :self.cfg.n_vocab]
+        logits = logits_of(self.params, x, self.cfg)
         if self.adjust is not None:
             logits = penalties.apply_along(logits, self.adjust, state.seen, state.drafts)
+        logits = logits[..., :self.cfg.n_vocab]  # (a draft model's q spans the vocabulary only)
         if self.greedy:
             emitted, count = speculative.accept_greedy(logits, state.drafts)
         else:
@@ -223,17 +224,17 @@ def _generate(params: Params, head: Params | None, tokens: jax.Array, valid: jax
     state = loop.take(Decoding(jnp.int32(0), tokens[:, -1], positions[:, -1], cache,
                                jnp.zeros((B, new_slots), jnp.int32), jnp.zeros(B, bool), x[:, -1], jnp.bool_(False),
                                jnp.zeros((B, draft_len), jnp.int32), jnp.bool_(False), *[jnp.int32(0)] * 4,
-                               draft_cache, None if adjust is None else penalties.seen_prompt(tokens, valid, cfg.n_vocab)))
+                               draft_cache, None if adjust is None else penalties.seen_prompt(tokens, valid, cfg.padded_vocab)))
     for length in lengths:
         state = loop.phase(state, length, P)
     return state.out, state.step, jnp.stack([state.drafted, state.accepted])
 
 
-def row_values(n: int, B: int, n_vocab: int, **values: Any) -> tuple[SamplingParams, jax.Array, penalties.Penalties | None]:
+def row_values(n: int, B: int, cfg: Config, **values: Any) -> tuple[SamplingParams, jax.Array, penalties.Penalties | None]:
     """Each of `values` (temperature, top_k, top_p, seed, repetition, presence, frequency, bias: one for every prompt
     or one per prompt) over a batch of B rows (filler rows copy the first), checked before any cast could wrap it:
     the sampling values, the seeds, and the logit adjustments (None where every row's are neutral)."""
-    rows = {}
+    rows, n_vocab = {}, cfg.n_vocab
     for name, value in values.items():
         rows[name] = list(value) if np.ndim(value) or isinstance(value, (list, tuple)) else [value] * n
         if len(rows[name]) != n:
@@ -251,7 +252,7 @@ def row_values(n: int, B: int, n_vocab: int, **values: Any) -> tuple[SamplingPar
     sampling = SamplingParams(per_row("temperature", np.float32), per_row("top_k", np.int32), per_row("top_p", np.float32))
     adjust = None
     if not all(penalties.neutral(*a) for a in adjustments):
-        rows["bias"] = [penalties.bias_row(b, n_vocab) for b in rows["bias"]]
+        rows["bias"] = [penalties.bias_row(b, cfg.padded_vocab) for b in rows["bias"]]
         adjust = penalties.Penalties(*(per_row(k, np.float32) for k in ("bias", "repetition", "presence", "frequency")))
     return sampling, per_row("seed", np.uint32), adjust
 
@@ -348,7 +349,7 @@ class Generator:
             valid[i, P - len(p):] = True
         valid[n:, -1] = True  # filler rows: one real token each
 
-        sampling, seeds, adjust = row_values(n, B, self.cfg.n_vocab, temperature=temperature, top_k=top_k, top_p=top_p,
+        sampling, seeds, adjust = row_values(n, B, self.cfg, temperature=temperature, top_k=top_k, top_p=top_p,
                                              seed=seed, repetition=repetition_penalty, presence=presence_penalty,
                                              frequency=frequency_penalty, bias=logit_bias)
         args = (jnp.asarray(tokens), jnp.asarray(valid), jnp.int32(max_new_tokens), sampling, seeds,

@@ -8,8 +8,9 @@ order:
 - `presence_penalty` and `frequency_penalty` (OpenAI's definition): subtracted once from the logit of a token the
   output holds, and once per time it holds it (0: off). Only generated tokens count, as in vLLM.
 
-A row's `Seen` is what the penalties read: how often it generated each token, and which tokens its prompt holds.
-Arrays are as wide as the logits (the padded vocabulary).
+A row's `Seen` is what the penalties read: how often it generated each token, and which tokens its prompt holds;
+the continuous engine keeps each slot's bias and `Seen` on the devices (`Rows`). Arrays are as wide as the logits
+(the padded vocabulary: sampling draws the same noise with and without adjustments).
 """
 
 from __future__ import annotations
@@ -95,3 +96,25 @@ def apply_along(logits: jax.Array, penalties: Penalties, seen: Seen, drafts: jax
     per_position = lambda a: jnp.repeat(a, T, axis=0)  # noqa: E731
     flat = Seen(counts.reshape(B * T, V), per_position(seen.prompt))
     return apply(logits.reshape(B * T, V), Penalties(*map(per_position, penalties)), flat).reshape(B, T, V)
+
+
+class Rows(NamedTuple):
+    """The continuous engine's adjustments on the devices: each slot's logit_bias [S, V] and `Seen`."""
+    bias: jax.Array
+    seen: Seen
+
+
+def empty_rows(slots: int, width: int) -> Rows:
+    return Rows(jnp.zeros((slots, width), jnp.float32), Seen(jnp.zeros((slots, width), jnp.int32),
+                                                             jnp.zeros((slots, width), bool)))
+
+
+def start_row(rows: Rows, slot: jax.Array, bias: jax.Array, tokens: jax.Array, valid: jax.Array) -> Rows:
+    """`rows` with the slot's bias [V] and the state of its prompt tokens [1, P] (where valid)."""
+    prompt = seen_prompt(tokens, valid, rows.bias.shape[1]).prompt[0]
+    return Rows(rows.bias.at[slot].set(bias), Seen(rows.seen.counts.at[slot].set(0), rows.seen.prompt.at[slot].set(prompt)))
+
+
+def of_rows(rows: Rows, values: jax.Array) -> Penalties:
+    """The slots' penalties: their bias rows and `values` [S, 3] (repetition, presence, frequency)."""
+    return Penalties(rows.bias, values[:, 0], values[:, 1], values[:, 2])

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtj.decode import speculative
+from mtj.decode import penalties, speculative
 from mtj.decode.cache import cache_dtype, empty_cache
 from mtj.decode.draft import propose_rows
 from mtj.decode.generator import bucket
@@ -69,54 +69,59 @@ class Slots(NamedTuple):
     counts: jax.Array  # [S] tokens the slot has generated: its next RNG stream
     keys: jax.Array  # [S] RNG keys
     sampling: SamplingParams
+    penalties: jax.Array  # [S, 3] repetition, presence and frequency penalties (with `penalties.Rows`: neutral or not)
 
 
-def decode(params: Params, cache: list, slots: Slots, steps: jax.Array, eos: jax.Array, *, cfg: Any,
-            span: int, greedy: bool) -> tuple[jax.Array, jax.Array, list]:
-    """Up to `steps` (<= MAX_STEPS) tokens for every slot, [MAX_STEPS, S], how many steps ran, and the
-    cache. The loop stops early after a step in which a live slot ended (EOS or its budget), so its
-    slot is free at once. Every slot's tokens stay within the cache's first `span` positions."""
+def decode(params: Params, cache: list, slots: Slots, steps: jax.Array, eos: jax.Array, rows: penalties.Rows, *,
+           cfg: Any, span: int, greedy: bool) -> tuple[jax.Array, jax.Array, list, penalties.Rows]:
+    """Up to `steps` (<= MAX_STEPS) tokens for every slot, [MAX_STEPS, S], how many steps ran, the cache and the
+    slots' logit adjustments (`rows`: neutral ones leave the logits as they are). The loop stops early after a step
+    in which a live slot ended (EOS or its budget), so its slot is free at once. Every slot's tokens stay within
+    the cache's first `span` positions."""
     S = slots.tokens.shape[0]
 
     def running(carry: tuple) -> jax.Array:
-        i, _, _, _, _, ended = carry
-        return (i < steps) & ~jnp.any(ended)
+        return (carry[0] < steps) & ~jnp.any(carry[-1])
 
     def step(carry: tuple) -> tuple:
-        i, tokens, lengths, cache, out, ended = carry
+        i, tokens, lengths, cache, seen, out, ended = carry
         valid = jnp.arange(span)[None, :] <= lengths[:, None]
         x, cache = run_layers(params, tokens[:, None], cfg, lengths[:, None], valid, cache, lengths)
-        logits = logits_of(params, x[:, 0], cfg)
+        logits = penalties.apply(logits_of(params, x[:, 0], cfg), penalties.of_rows(rows, slots.penalties), seen)
         if greedy:  # known on the host: no sampling at all
             tokens = argmax(logits)
         else:
             keys = jax.vmap(jax.random.fold_in)(slots.keys, slots.counts + i)
             tokens = sample(logits, keys, slots.sampling)
         ended = slots.live & ((tokens == eos) | (i + 1 >= slots.budget))
-        return i + 1, tokens, lengths + 1, cache, out.at[i].set(tokens), ended
+        return i + 1, tokens, lengths + 1, cache, penalties.add(seen, tokens), out.at[i].set(tokens), ended
 
-    start = (jnp.int32(0), slots.tokens, slots.lengths, cache, jnp.zeros((MAX_STEPS, S), jnp.int32), jnp.zeros(S, bool))
-    ran, _, _, cache, out, _ = jax.lax.while_loop(running, step, start)
-    return out, ran, cache
+    start = (jnp.int32(0), slots.tokens, slots.lengths, cache, rows.seen, jnp.zeros((MAX_STEPS, S), jnp.int32),
+             jnp.zeros(S, bool))
+    ran, _, _, cache, seen, out, _ = jax.lax.while_loop(running, step, start)
+    return out, ran, cache, rows._replace(seen=seen)
 
 
 def decode_speculative(params: Params, cache: list, slots: Slots, history: jax.Array, steps: jax.Array,
-                       eos: jax.Array, draft_params: Params | None = None, draft_cache: list | None = None, *,
-                       cfg: Any, span: int, greedy: bool, k: int,
-                       draft_cfg: Any = None) -> tuple[jax.Array, jax.Array, jax.Array, list, list | None]:
+                       eos: jax.Array, rows: penalties.Rows, draft_params: Params | None = None,
+                       draft_cache: list | None = None, *, cfg: Any, span: int, greedy: bool, k: int,
+                       draft_cfg: Any = None) -> tuple[jax.Array, jax.Array, jax.Array, list, list | None, penalties.Rows]:
     """As `decode`, each step verifying a k-token draft per slot (`mtj.decode.speculative`), looked up in the slot's
     own tokens or, with `draft_params` (of `draft_cfg`), drawn from a draft model whose cache `draft_cache` has a row
     per slot (`mtj.decode.draft.propose_rows`): [MAX_STEPS, S, k + 1] tokens, how many of them each slot took
-    [MAX_STEPS, S], how many steps ran, the cache and the draft cache. `history` [S, seq]: each slot's tokens so far,
-    its last one included. Every slot's tokens stay within the cache's first `span` positions."""
+    [MAX_STEPS, S], how many steps ran, the cache, the draft cache and the adjustments (each draft position sees the
+    drafts before it as generated). `history` [S, seq]: each slot's tokens so far, its last one included. Every
+    slot's tokens stay within the cache's first `span` positions."""
     S, T = slots.tokens.shape[0], k + 1
     j = jnp.arange(T)
 
     def running(carry: tuple) -> jax.Array:
         return (carry[0] < steps) & ~jnp.any(carry[-1])
 
+    adjust = penalties.of_rows(rows, slots.penalties)
+
     def step(carry: tuple) -> tuple:
-        i, tokens, lengths, made, history, cache, draft_cache, out, took, _ = carry
+        i, tokens, lengths, made, history, cache, draft_cache, seen, out, took, _ = carry
         keys = None if greedy else jax.vmap(jax.random.fold_in)(slots.keys, slots.counts + made)
         if draft_params is None:
             (drafts, _), q = speculative.lookup(history, lengths + 1, k), None
@@ -126,7 +131,8 @@ def decode_speculative(params: Params, cache: list, slots: Slots, history: jax.A
         valid = jnp.arange(span)[None, :] <= (lengths + k)[:, None]
         x, cache = run_layers(params, jnp.concatenate([tokens[:, None], drafts], axis=1), cfg,
                               lengths[:, None] + j, valid, cache, lengths)
-        logits = logits_of(params, x, cfg)[..., :cfg.n_vocab]  # (a draft model's q spans the vocabulary only)
+        logits = penalties.apply_along(logits_of(params, x, cfg), adjust, seen, drafts)
+        logits = logits[..., :cfg.n_vocab]  # (a draft model's q spans the vocabulary only)
         if greedy:
             emitted, count = speculative.accept_greedy(logits, drafts)
         else:
@@ -137,14 +143,16 @@ def decode_speculative(params: Params, cache: list, slots: Slots, history: jax.A
         at = jnp.where(j < count[:, None], lengths[:, None] + 1 + j, history.shape[1])  # past the end: dropped
         history = history.at[jnp.arange(S)[:, None], at].set(emitted, mode="drop")
         last = jnp.take_along_axis(emitted, count[:, None] - 1, axis=1)[:, 0]
-        return (i + 1, last, lengths + count, made + count, history, cache, draft_cache, out.at[i].set(emitted),
+        for position in range(T):
+            seen = penalties.add(seen, emitted[:, position], position < count)
+        return (i + 1, last, lengths + count, made + count, history, cache, draft_cache, seen, out.at[i].set(emitted),
                 took.at[i].set(count), ended)
 
     zeros = jnp.zeros(S, jnp.int32)
-    start = (jnp.int32(0), slots.tokens, slots.lengths, zeros, history, cache, draft_cache,
+    start = (jnp.int32(0), slots.tokens, slots.lengths, zeros, history, cache, draft_cache, rows.seen,
              jnp.zeros((MAX_STEPS, S, T), jnp.int32), jnp.zeros((MAX_STEPS, S), jnp.int32), jnp.zeros(S, bool))
-    ran, _, _, _, _, cache, draft_cache, out, took, _ = jax.lax.while_loop(running, step, start)
-    return out, took, ran, cache, draft_cache
+    ran, _, _, _, _, cache, draft_cache, seen, out, took, _ = jax.lax.while_loop(running, step, start)
+    return out, took, ran, cache, draft_cache, rows._replace(seen=seen)
 
 
 # --- the prefix cache's pool (token rows of keys and values; `mtj.serve.prefix_cache` decides which are which) ---

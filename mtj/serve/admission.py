@@ -8,7 +8,7 @@ import asyncio
 import dataclasses
 import functools
 import queue
-from typing import Callable
+from typing import Any, Callable
 
 from starlette.requests import ClientDisconnect
 
@@ -103,13 +103,14 @@ class Admission:
         return ids
 
     def jobs_for(self, ids: list[int], max_new: int | None, temperature: float, top_k: int, top_p: float,
-                 seed: int, n: int = 1, stream: bool = False, stop: list[str] | None = None) -> list[Job]:
-        """Jobs for one tokenized prompt; max_new None: up to 256 tokens, as many as fit the context. Their
-        values are checked against the model when submitted (`check_job`: context, top_k, ...)."""
+                 seed: int, n: int = 1, stream: bool = False, stop: list[str] | None = None, **adjust: Any) -> list[Job]:
+        """Jobs for one tokenized prompt; max_new None: up to 256 tokens, as many as fit the context; `adjust`: the
+        logit adjustments (Job's repetition_penalty, ..., logit_bias). Their values are checked against the model
+        when submitted (`check_job`: context, top_k, ...)."""
         if max_new is None:
             max_new = max(1, min(256, self.max_tokens, self.lm.config.seq - len(ids)))
-        return [Job(ids, max_new, temperature, max(top_k, 0), top_p, seed + i, Events(), stream, list(stop or []))
-                for i in range(n)]
+        return [Job(ids, max_new, temperature, max(top_k, 0), top_p, seed + i, Events(), stream, list(stop or []),
+                    **adjust) for i in range(n)]
 
     def submit(self, jobs: list[Job], call: Call) -> None:
         """Queue jobs within the caller's share (TooMany past it), listed in the call first so that they are

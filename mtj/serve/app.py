@@ -36,6 +36,7 @@ from mtj.serve.admission import Admission, Call
 from mtj.serve.completions import Completions
 from mtj.serve.requests import BadRequest
 from mtj.serve.scheduler import EngineStopped, SlotEngine, StaticBatcher
+from mtj.serve.tokenization import Tokenization
 
 log = logging.getLogger("mtj.serve")  # a line per request (mtj-serve prints them; --no-request-log)
 DRAIN_BYTES = 64 << 20  # the most of an oversized body read (and dropped) so that its client reads the 413
@@ -61,6 +62,14 @@ def request_log(stream: Any, maxsize: int = 10_000) -> logging.handlers.QueueLis
     log.setLevel(logging.INFO)
     log.propagate = False  # not also through a handler some library put on the root logger (it would block)
     return listener
+
+
+def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """An OpenAI-shaped error response."""
+    kind = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error",
+            408: "timeout", 429: "rate_limit_exceeded", 503: "overloaded"}.get(status, "server_error")
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": None}}, status,
+                        headers=headers)
 
 
 def make_engine(lm: LM, engine: str, max_batch: int, max_queue: int, prefill_buckets: list[int] | None,
@@ -93,6 +102,7 @@ class Server:
         shares = Shares(max_queue_per_key) if max_queue_per_key is not None else None
         self.endpoints = Completions(Admission(lm, self.engine, max_tokens or lm.config.seq, shares), model_name,
                                      getattr(self.engine, "prefill_buckets", None) or powers_of_two(16, lm.config.seq))
+        tokens = Tokenization(lm, model_name)
         self.created = int(time.time())
         self.keyed = bool(api_keys)
         if bool(ssl_keyfile) != bool(ssl_certfile):
@@ -105,10 +115,9 @@ class Server:
             Route("/health", self.health, methods=["GET"]),
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/metrics", self.metrics, methods=["GET"]),
-            Route("/complete", self.complete, methods=["POST"]),
-            Route("/v1/completions", self.completions, methods=["POST"]),
-            Route("/tokenize", self.tokenize, methods=["POST"]),
-            Route("/detokenize", self.detokenize, methods=["POST"]),
+            *(Route(path, self.endpoint(handle), methods=["POST"]) for path, handle in (
+                ("/complete", self.endpoints.complete), ("/v1/completions", self.endpoints.completions),
+                ("/tokenize", tokens.tokenize), ("/detokenize", tokens.detokenize))),
         ], exception_handlers={404: self._not_found, 405: self._not_found})
         limits = ConnectionLimits(max_connections, max_connections_per_client, head_timeout_s)
         self.uvicorn = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
@@ -126,15 +135,8 @@ class Server:
         self.engine.stop()
 
     # --- plumbing -------------------------------------------------------------------
-    @staticmethod
-    def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-        kind = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error",
-                408: "timeout", 429: "rate_limit_exceeded", 503: "overloaded"}.get(status, "server_error")
-        return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": None}}, status,
-                            headers=headers)
-
     async def _not_found(self, request: Request, exc: Exception) -> JSONResponse:
-        return self.error(404, f"no route {request.method} {request.url.path}")
+        return error(404, f"no route {request.method} {request.url.path}")
 
     async def body(self, request: Request) -> bytes:
         """The request body, refused beyond max_body bytes (413) or when it does not arrive in time (408).
@@ -180,14 +182,14 @@ class Server:
         except ClientDisconnect:
             response = Response(status_code=499)  # nobody to answer: the connection is gone
         except BadRequest as e:
-            response = self.error(e.status, str(e), {"Connection": "close"} if e.status == 413 else None)
+            response = error(e.status, str(e), {"Connection": "close"} if e.status == 413 else None)
         except TooMany as e:
-            response = self.error(429, str(e), {"Retry-After": "1"})
+            response = error(429, str(e), {"Retry-After": "1"})
         except (queue.Full, EngineStopped) as e:
             busy = "too many queued requests, retry later" if isinstance(e, queue.Full) else str(e)
-            response = self.error(503, f"the server cannot take this request: {busy}")
+            response = error(503, f"the server cannot take this request: {busy}")
         except Exception as e:  # noqa: BLE001 -- a server fault answers 500; the server keeps serving
-            response = self.error(500, f"{type(e).__name__}: {str(e)[:300]}")
+            response = error(500, f"{type(e).__name__}: {str(e)[:300]}")
         finally:
             if watcher is not None:  # (a streaming response listens for the disconnect itself)
                 watcher.cancel()
@@ -221,14 +223,9 @@ class Server:
     async def metrics(self, request: Request) -> Response:
         return Response(self.engine.metrics.text(), media_type=CONTENT_TYPE_LATEST)
 
-    async def complete(self, request: Request) -> Response:
-        return await self.answer(request, self.endpoints.complete)
+    def endpoint(self, handle: Callable[[bytes, Call], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+        """A POST route's endpoint: `answer` with the handler."""
+        async def answered(request: Request) -> Response:
+            return await self.answer(request, handle)
 
-    async def completions(self, request: Request) -> Response:
-        return await self.answer(request, self.endpoints.completions)
-
-    async def tokenize(self, request: Request) -> Response:
-        return await self.answer(request, self.endpoints.tokenize)
-
-    async def detokenize(self, request: Request) -> Response:
-        return await self.answer(request, self.endpoints.detokenize)
+        return answered

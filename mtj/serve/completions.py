@@ -1,6 +1,5 @@
-"""The completion endpoints (SPEC §6): OpenAI's /v1/completions (choices, echo, logprobs, usage, and the
-server-sent events of a stream) and the original /complete, over the rows Admission queued; and vLLM's
-/tokenize and /detokenize."""
+"""The two completion endpoints (SPEC §6): OpenAI's /v1/completions (choices, echo, logprobs, usage, and the
+server-sent events of a stream) and the original /complete, over the rows Admission queued."""
 
 from __future__ import annotations
 
@@ -16,8 +15,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from mtj.decode.sampling import SEED_LIMIT
 from mtj.lm import LM
 from mtj.serve.admission import Admission, Call
-from mtj.serve.requests import (BadRequest, CompleteRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, parse,
-                                shown)
+from mtj.serve.requests import BadRequest, CompleteRequest, CompletionRequest, check_model, parse
 from mtj.serve.scheduler import Job
 
 
@@ -45,28 +43,6 @@ class Completions:
         # scoring (echo, logprobs) pads to the prefill lengths: the compiled shapes stay few whatever clients send
         self.score_widths = score_widths
 
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
-            raise BadRequest(f"the model '{shown(model)}' is not served here; this server serves '{self.model_name}'", 404)
-
-    async def tokenize(self, body: bytes, call: Call) -> Response:
-        """vLLM's /tokenize: a prompt's token ids (those a completion of it reads) and their count."""
-        req = parse(TokenizeRequest, body)
-        self.check_model(req.model)
-        tok = self.lm.tokenizer
-        ids = await asyncio.to_thread(lambda: tok.backend.encode(req.prompt, add_special_tokens=req.add_special_tokens).ids)
-        strs = [tok.backend.id_to_token(t) for t in ids] if req.return_token_strs else None
-        return JSONResponse({"count": len(ids), "max_model_len": self.lm.config.seq, "tokens": ids, "token_strs": strs})
-
-    async def detokenize(self, body: bytes, call: Call) -> Response:
-        """vLLM's /detokenize: the text of token ids."""
-        req = parse(DetokenizeRequest, body)
-        self.check_model(req.model)
-        vocab = self.lm.config.n_vocab
-        if any(not 0 <= t < vocab for t in req.tokens):
-            raise BadRequest(f"token ids must be in [0, {vocab})")
-        return JSONResponse({"prompt": await asyncio.to_thread(self.lm.tokenizer.decode, req.tokens)})
-
     async def complete(self, body: bytes, call: Call) -> Response:
         """The original mtj /complete: one prompt, one completion's text."""
         req = parse(CompleteRequest, body)
@@ -81,7 +57,7 @@ class Completions:
     async def completions(self, body: bytes, call: Call) -> Response:
         """OpenAI's /v1/completions: prompts x n rows, echo, logprobs, stop strings, streamed or not."""
         req = parse(CompletionRequest, body)
-        self.check_model(req.model)
+        check_model(req.model, self.model_name)
         if req.seed is not None and req.seed + req.n > SEED_LIMIT:
             raise BadRequest("'seed' + n must be below 2^32")
         if req.logprobs is not None and req.stream:
@@ -111,7 +87,7 @@ class Completions:
                 jobs.append(None)
             else:
                 jobs += self.admission.jobs_for(p, req.max_tokens, req.temperature, req.top_k, req.top_p, seed + k % req.n,
-                                      stream=req.stream, stop=stop)
+                                                stream=req.stream, stop=stop, **req.adjustments())
         self.admission.submit([j for j in jobs if j is not None], call)
         meta = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
                 "model": self.model_name}

@@ -48,11 +48,12 @@ class CompletionRequest(Strict):
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     user: str | None = None  # accepted as OpenAI accepts it: an end-user id, no effect on the output
-    # Client libraries send these with their neutral values on every request: those are accepted, others refused.
+    # logit adjustments (mtj.decode.penalties; the values' ranges are checked with the job's)
     presence_penalty: FiniteFloat = 0.0
     frequency_penalty: FiniteFloat = 0.0
-    best_of: int | None = None
-    logit_bias: dict[str, FiniteFloat] | None = None
+    repetition_penalty: FiniteFloat = 1.0  # vLLM's extension (transformers' definition)
+    logit_bias: dict[str, FiniteFloat] | None = Field(None, max_length=1024)  # token id (as a string): bias
+    best_of: int | None = None  # accepted equal to n (clients send it so), refused otherwise
 
     @field_validator("prompt", mode="wrap")
     @classmethod
@@ -67,15 +68,18 @@ class CompletionRequest(Strict):
         return union(value)
 
     @model_validator(mode="after")
-    def _neutral_only(self) -> "CompletionRequest":
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) != 0:
-                raise ValueError(f"'{name}' other than 0 is not implemented by mtj")
+    def _known_values(self) -> "CompletionRequest":
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("'best_of' other than n is not implemented by mtj")
-        if self.logit_bias:
-            raise ValueError("a non-empty 'logit_bias' is not implemented by mtj")
+        if any(not re.fullmatch(r"\d{1,9}", token) for token in self.logit_bias or {}):
+            raise ValueError("'logit_bias' keys must be token ids (whole numbers as strings)")
         return self
+
+    def adjustments(self) -> dict[str, Any]:
+        """The jobs' logit adjustments (Admission.jobs_for's keywords)."""
+        return dict(repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+                    frequency_penalty=self.frequency_penalty,
+                    logit_bias={int(t): b for t, b in self.logit_bias.items()} if self.logit_bias else None)
 
 
 class TokenizeRequest(Strict):
@@ -103,6 +107,12 @@ class CompleteRequest(Strict):
     length: int | None = Field(None, ge=1)
     top_k: int = Field(0, ge=0)
     seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)  # None: a random one, as /v1/completions
+
+
+def check_model(model: str | None, served: str) -> None:
+    """404 for a request naming a model other than the one served."""
+    if model is not None and model != served:
+        raise BadRequest(f"the model '{shown(model)}' is not served here; this server serves '{served}'", 404)
 
 
 def _describe(error: ValidationError) -> str:

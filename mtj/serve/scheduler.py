@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtj.decode import penalties
 from mtj.decode import slots as slots_verbs
 from mtj.decode.generator import bucket
 from mtj.decode.sampling import SamplingParams, check_sampling
@@ -59,6 +60,10 @@ class Job:
     text: RowText | None = None
     cancelled: bool = False  # the client went away: its row ends at the next step
     ended: bool = False
+    repetition_penalty: float = 1.0  # logit adjustments (mtj.decode.penalties)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
     queued_at: float = 0.0  # time.perf_counter() when submitted
     last_at: float = 0.0  # ... when its last token was made
 
@@ -75,6 +80,11 @@ def check_job(job: Job, cfg: Any) -> None:
         raise ValueError(f"the prompt has {n} tokens; with {job.max_new} new tokens that exceeds the context of "
                          f"{cfg.seq} tokens")
     check_sampling(job.temperature, job.top_k, job.top_p, job.seed, cfg.n_vocab)
+    penalties.check_penalties(job.repetition_penalty, job.presence_penalty, job.frequency_penalty, job.logit_bias or {},
+                              cfg.n_vocab)
+
+
+ADJUSTMENTS = ("repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias")  # Job's, generate_tokens'
 
 
 class EngineStopped(RuntimeError):
@@ -248,7 +258,8 @@ class StaticBatcher(Engine):
         try:
             self.lm.generate_tokens([j.ids for j in batch], max(j.max_new for j in batch),
                                     [j.temperature for j in batch], [j.top_k for j in batch],
-                                    [j.top_p for j in batch], [j.seed for j in batch], on_tokens)
+                                    [j.top_p for j in batch], [j.seed for j in batch], on_tokens,
+                                    **{name: [getattr(j, name) for j in batch] for name in ADJUSTMENTS})
         except Exception as e:  # noqa: BLE001 -- the server keeps serving
             if len(batch) > 1 and not any(job.tokens for job in batch):  # nothing sent yet: find the job at fault
                 for job in batch:
@@ -289,12 +300,64 @@ def histories(active: list[Job | None], seq: int) -> np.ndarray:
     return out
 
 
+class SlotValues:
+    """What each slot decodes with, on the host; `record` is a decode call's `Slots`."""
+
+    def __init__(self, slots: int):
+        self.tokens = np.zeros(slots, np.int32)  # each slot's last token, decoded next
+        self.lengths = np.zeros(slots, np.int32)  # tokens in each slot's cache
+        self.counts = np.zeros(slots, np.int32)  # tokens each slot has generated
+        self.keys = np.zeros((slots, 2), np.uint32)  # each slot's RNG key (raw threefry data)
+        self.temperature, self.top_k = np.zeros(slots, np.float32), np.zeros(slots, np.int32)
+        self.top_p = np.ones(slots, np.float32)
+        self.penalties = np.zeros((slots, 3), np.float32)  # repetition (1: off), presence, frequency
+
+    def start(self, slot: int, job: Job) -> None:
+        self.tokens[slot], self.lengths[slot], self.counts[slot] = job.ids[-1], len(job.ids) - 1, 0
+        self.keys[slot] = np.array(jax.random.key_data(jax.random.key(np.uint32(job.seed))))
+        self.temperature[slot], self.top_k[slot], self.top_p[slot] = job.temperature, job.top_k, job.top_p
+        self.penalties[slot] = job.repetition_penalty, job.presence_penalty, job.frequency_penalty
+
+    def record(self, active: list[Job | None], seq: int) -> Slots:
+        live = np.array([job is not None for job in active])
+        left = [job.max_new - len(job.tokens) if job else 0 for job in active]
+        budget = np.where(live, np.minimum(left, seq - self.lengths), 1 << 30).astype(np.int32)
+        return Slots(jnp.asarray(self.tokens), jnp.asarray(np.where(live, self.lengths, 0)), jnp.asarray(budget),
+                     jnp.asarray(live), jnp.asarray(self.counts), jax.random.wrap_key_data(jnp.asarray(self.keys)),
+                     SamplingParams(jnp.asarray(self.temperature), jnp.asarray(self.top_k), jnp.asarray(self.top_p)),
+                     jnp.asarray(self.penalties))
+
+
+class SlotAdjustments:
+    """Each slot's logit_bias and the tokens its penalties read, on the devices (`penalties.Rows`). A neutral
+    slot leaves the logits as they are, so only a request with adjustments, or one after a bias, sets its row."""
+
+    def __init__(self, slots: int, width: int, buckets: list[int]):
+        self.width, self.buckets, self.biased = width, buckets, np.zeros(slots, bool)
+        self.rows = jax.jit(lambda: penalties.empty_rows(slots, width))()
+        self._start = jax.jit(penalties.start_row, donate_argnums=0)
+
+    def start(self, slot: int, job: Job, force: bool = False) -> None:
+        """The slot's row for the job: its bias, its prompt's tokens, nothing generated."""
+        if not (force or self.biased[slot] or not penalties.neutral(job.repetition_penalty, job.presence_penalty,
+                                                                    job.frequency_penalty, job.logit_bias)):
+            return
+        padded = right_padded(job.ids, next(b for b in self.buckets if b >= len(job.ids)))
+        self.rows = self._start(self.rows, jnp.int32(slot), penalties.bias_row(job.logit_bias, self.width), padded,
+                                jnp.arange(padded.shape[1])[None] < len(job.ids))
+        self.biased[slot] = bool(job.logit_bias)
+
+    def warm(self) -> None:
+        for size in self.buckets:
+            self.start(0, Job([0] * size, 1, 0.0, 0, 1.0, 0, None), force=True)
+
+
 def compile_decoder(cfg: Any, span: int, greedy: bool, speculate: int, draft: DraftSlots | None) -> Any:
     """The continuous engine's decode call for a span, the cache (and a draft model's) donated."""
     if not speculate:
-        return jax.jit(functools.partial(slots_verbs.decode, cfg=cfg, span=span, greedy=greedy), donate_argnums=1)
+        return jax.jit(functools.partial(slots_verbs.decode, cfg=cfg, span=span, greedy=greedy), donate_argnums=(1, 5))
     return jax.jit(functools.partial(slots_verbs.decode_speculative, cfg=cfg, span=span, greedy=greedy, k=speculate,
-                                     draft_cfg=draft and draft.cfg), donate_argnums=(1, 7))
+                                     draft_cfg=draft and draft.cfg), donate_argnums=(1, 6, 8))
 
 
 class SlotEngine(Engine):
@@ -316,17 +379,14 @@ class SlotEngine(Engine):
         self.params = lm.use_decode_layout()
         with jax.set_mesh(lm.mesh):
             self.cache = slots_verbs.init_cache(self.cfg, slots)
+            self.adjustments = SlotAdjustments(slots, self.cfg.padded_vocab, self.prefill_buckets)
         self._prefill = jax.jit(functools.partial(slots_verbs.prefill, cfg=self.cfg))
         self._insert = jax.jit(slots_verbs.insert, donate_argnums=0)
         self._decoders: dict[tuple[int, bool], Any] = {}
         self.prefix_cache = PrefixPool(self.cfg, lm.mesh, prefix_cache_gb, self.prefill_buckets) if prefix_cache_gb \
             else None
         self.active: list[Job | None] = [None] * slots
-        self.tokens = np.zeros(slots, np.int32)  # each slot's last token, decoded next
-        self.lengths = np.zeros(slots, np.int32)  # tokens in each slot's cache
-        self.counts = np.zeros(slots, np.int32)  # tokens each slot has generated
-        self.temperature, self.top_k, self.top_p = np.zeros(slots, np.float32), np.zeros(slots, np.int32), np.ones(slots)
-        self.keys = np.zeros((slots, 2), np.uint32)  # each slot's RNG key (raw threefry data)
+        self.values = SlotValues(slots)
         self.thread.start()
 
     def warm(self) -> None:
@@ -339,6 +399,7 @@ class SlotEngine(Engine):
                 self.cache = self.prefix_cache.warm(self.params, self.cache)
             if self.draft:
                 self.draft.warm(self.prefill_buckets)
+            self.adjustments.warm()
             for span in powers_of_two(SPAN_MIN, self.cfg.seq):  # every cache prefix a decode call may attend to
                 for greedy in (True, False):
                     self._decode_call(span, greedy, 1)
@@ -376,9 +437,8 @@ class SlotEngine(Engine):
         """Write the job's values into the slot's host arrays (where values that do not fit raise before
         anything on the device changed), then prefill its prompt into the slot's cache row."""
         n = len(job.ids)
-        self.tokens[slot], self.lengths[slot], self.counts[slot] = job.ids[-1], n - 1, 0
-        self.keys[slot] = np.array(jax.random.key_data(jax.random.key(np.uint32(job.seed))))
-        self.temperature[slot], self.top_k[slot], self.top_p[slot] = job.temperature, job.top_k, job.top_p
+        self.values.start(slot, job)
+        self.adjustments.start(slot, job)
         if n == 1:
             return
         prompt = job.ids[:-1]
@@ -398,9 +458,9 @@ class SlotEngine(Engine):
         live = np.array([job is not None for job in self.active])
         self.most_rows = max(self.most_rows, int(live.sum()))
         steps = 1 if (not live.all() and self.queue) else MAX_STEPS
-        span = min(bucket(int(self.lengths[live].max()) + steps * (self.speculate + 1), SPAN_MIN), self.cfg.seq)
+        span = min(bucket(int(self.values.lengths[live].max()) + steps * (self.speculate + 1), SPAN_MIN), self.cfg.seq)
         began = time.perf_counter()
-        out, took, ran = self._decode_call(span, bool((self.temperature[live] == 0).all()), steps)
+        out, took, ran = self._decode_call(span, bool((self.values.temperature[live] == 0).all()), steps)
         each = (time.perf_counter() - began) / max(ran, 1)  # the call's steps are taken as evenly spaced
         if self.speculate:
             self.drafts += [self.speculate * int(live.sum()) * ran, int((took[:ran, live] - 1).sum())]
@@ -409,8 +469,8 @@ class SlotEngine(Engine):
                 for token in out[i, slot, :took[i, slot]].tolist() if job is not None else ():
                     if self.active[slot] is not job:  # (a slot freed earlier in this call ignores the rest)
                         break
-                    self.lengths[slot] += 1
-                    self.counts[slot] += 1
+                    self.values.lengths[slot] += 1
+                    self.values.counts[slot] += 1
                     self._deliver(slot, token, began + (i + 1) * each)
 
     def _decode_call(self, span: int, greedy: bool, steps: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -418,20 +478,15 @@ class SlotEngine(Engine):
         taken): tokens [MAX_STEPS, S, k + 1], how many of them each slot took [MAX_STEPS, S], steps run."""
         if (span, greedy) not in self._decoders:
             self._decoders[span, greedy] = compile_decoder(self.cfg, span, greedy, self.speculate, self.draft)
-        live = np.array([job is not None for job in self.active])
-        left = [job.max_new - len(job.tokens) if job else 0 for job in self.active]
-        budget = np.where(live, np.minimum(left, self.cfg.seq - self.lengths), 1 << 30).astype(np.int32)
-        slots = Slots(jnp.asarray(self.tokens), jnp.asarray(np.where(live, self.lengths, 0)), jnp.asarray(budget),
-                      jnp.asarray(live), jnp.asarray(self.counts), jax.random.wrap_key_data(jnp.asarray(self.keys)),
-                      SamplingParams(jnp.asarray(self.temperature), jnp.asarray(self.top_k), jnp.asarray(self.top_p)))
+        slots, fn = self.values.record(self.active, self.cfg.seq), self._decoders[span, greedy]
         if not self.speculate:
-            out, ran, self.cache = self._decoders[span, greedy](self.params, self.cache, slots, jnp.int32(steps),
-                                                                jnp.int32(self.eos))
+            out, ran, self.cache, self.adjustments.rows = fn(self.params, self.cache, slots, jnp.int32(steps),
+                                                             jnp.int32(self.eos), self.adjustments.rows)
             return np.asarray(out)[:, :, None], np.ones((MAX_STEPS, self.slots), np.int32), int(ran)
         history = jnp.asarray(histories(self.active, self.cfg.seq))
         draft = (self.draft.params, self.draft.cache) if self.draft else (None, None)
-        out, took, ran, self.cache, draft_cache = self._decoders[span, greedy](
-            self.params, self.cache, slots, history, jnp.int32(steps), jnp.int32(self.eos), *draft)
+        out, took, ran, self.cache, draft_cache, self.adjustments.rows = fn(
+            self.params, self.cache, slots, history, jnp.int32(steps), jnp.int32(self.eos), self.adjustments.rows, *draft)
         if self.draft:
             self.draft.cache = draft_cache
         return np.asarray(out), np.asarray(took), int(ran)
@@ -439,11 +494,11 @@ class SlotEngine(Engine):
     def _deliver(self, slot: int, token: int, at: float) -> None:
         """A slot's new token, made at time `at`: deliver it, and free the slot when its request has ended."""
         job = self.active[slot]
-        ended = job.cancelled or self.took(job, token, at) or self.lengths[slot] >= self.cfg.seq
+        ended = job.cancelled or self.took(job, token, at) or self.values.lengths[slot] >= self.cfg.seq
         if ended:
             job.text.end()
             job.ended = True
             self.active[slot] = None
             job.events.put(("done", None))
         else:
-            self.tokens[slot] = token
+            self.values.tokens[slot] = token
