@@ -117,7 +117,7 @@ def save_args(params: Params, cfg: Config, tokenizer: Tokenizer | None, opt_stat
         "meta": ocp.args.JsonSave(meta or {}),
     }
     if tokenizer is not None:
-        items["tokenizer"] = ocp.args.JsonSave({"tokenizer_json": tokenizer.to_json()})
+        items["tokenizer"] = ocp.args.JsonSave(tokenizer.to_item())
     if opt_state is not None:
         items["opt_state"] = ocp.args.StandardSave(opt_state)
     return ocp.args.Composite(**items)
@@ -328,7 +328,7 @@ def read_tokenizer(step_dir: PathLike) -> Tokenizer | None:
     step_dir = latest(step_dir)
     if not (step_dir / "tokenizer").is_dir():
         return None
-    return Tokenizer.from_json(restore_items(step_dir, tokenizer=ocp.args.JsonRestore())["tokenizer"]["tokenizer_json"])
+    return Tokenizer.from_item(restore_items(step_dir, tokenizer=ocp.args.JsonRestore())["tokenizer"])
 
 
 def stored_quantization(step_dir: PathLike) -> str:

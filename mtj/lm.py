@@ -146,7 +146,7 @@ def load(path: PathLike, mp: int = 1, **overrides: Any) -> LM:
             params = place(convert.hf_to_params(convert.HFTensors(local, cfg), cfg), param_shardings(cfg, mesh),
                            cfg.param_dtype)
             tok = find_tokenizer_files(local)
-        return _ready(LM(cfg, params, mesh, Tokenizer(tok) if tok else None))
+        return _ready(LM(cfg, params, mesh, tok))
     if checkpoint.is_checkpoint(path):
         model = checkpoint.restore_model(path, mesh, lambda cfg: inference_config(cfg, overrides), **overrides)
         return _ready(LM(model.cfg, model.params, mesh, model.tokenizer))

@@ -1,4 +1,5 @@
-"""Tokenizer loading: tokenizer.json files, GPT-2 style vocab.json+merges.txt, or a known name."""
+"""Tokenizer loading: tokenizer.json files, GPT-2 style vocab.json+merges.txt, or a known name; and a model's
+chat template with the special tokens it may name (tokenizer_config.json, chat_template.jinja)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import tokenizers
 from etils import epath
 from tokenizers import decoders, models, pre_tokenizers, processors
 
+from mtj.chat import ChatTemplate
 from mtj.families import FAMILIES
 from mtj.paths import PathLike, local_copy, user_path
 
@@ -16,15 +18,27 @@ EOS = "<|endoftext|>"
 # Known names resolve inside $MTJ_ASSETS (offline copies of the hub files).
 KNOWN = {"gpt2": "gpt2", "gpt-neox-20b": "neox/20B_tokenizer.json"}  # name -> its place under $MTJ_ASSETS
 HUB = {"gpt2": "openai-community/gpt2", "gpt-neox-20b": "EleutherAI/gpt-neox-20b"}  # ... or on the Hugging Face hub
+# tokenizer_config.json's special tokens: a chat template may use them (transformers passes them to it)
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
 
 
 class Tokenizer:
-    """Thin wrapper over `tokenizers.Tokenizer`: encode/decode and the EOS id."""
+    """Thin wrapper over `tokenizers.Tokenizer`: encode/decode and the EOS id; the model's chat template (its
+Jinja source, or None) and the special tokens' strings."""
 
-    def __init__(self, tok: tokenizers.Tokenizer):
+    def __init__(self, tok: tokenizers.Tokenizer, chat_template: str | None = None,
+                 special_tokens: dict[str, str] | None = None):
         self.backend = tok
         eos = tok.token_to_id(EOS)
         self.eos_id: int | None = eos
+        self.chat_template = chat_template
+        self.special_tokens = special_tokens if special_tokens is not None else \
+            {"bos_token": EOS, "eos_token": EOS, "unk_token": EOS} if eos is not None else {}
+
+    def chat(self, template: str | None = None) -> ChatTemplate | None:
+        """The chat template (`template`, else the tokenizer's own) compiled, or None when there is none."""
+        source = template if template is not None else self.chat_template
+        return ChatTemplate(source, self.special_tokens) if source is not None else None
 
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids
@@ -39,21 +53,25 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
-    def to_json(self) -> str:
-        return self.backend.to_str()
+    def to_item(self) -> dict:
+        """What a checkpoint stores (its "tokenizer" item)."""
+        return {"tokenizer_json": self.backend.to_str(), "chat_template": self.chat_template,
+                "special_tokens": self.special_tokens}
 
     @classmethod
-    def from_json(cls, text: str) -> "Tokenizer":
-        return cls(tokenizers.Tokenizer.from_str(text))
+    def from_item(cls, item: dict) -> "Tokenizer":
+        return cls(tokenizers.Tokenizer.from_str(item["tokenizer_json"]), item.get("chat_template"),
+                   item.get("special_tokens"))  # (checkpoints before chat templates have neither)
 
     def save_pretrained(self, out: PathLike, model_max_length: int = 2048) -> None:
         """Files that `transformers.AutoTokenizer.from_pretrained` reads (into a local directory);
         `model_max_length`: the context of the model it is saved with."""
         out = user_path(out)
         self.backend.save(str(out / "tokenizer.json"))
-        special = {"bos_token": EOS, "eos_token": EOS, "unk_token": EOS} if self.eos_id is not None else {}
+        template = {"chat_template": self.chat_template} if self.chat_template is not None else {}
         (out / "tokenizer_config.json").write_text(json.dumps(
-            {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length, **special}, indent=2))
+            {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length, **self.special_tokens,
+             **template}, indent=2))
 
 
 def assets_dir() -> epath.Path | None:
@@ -71,14 +89,33 @@ def _gpt2_bpe(vocab: epath.Path, merges: epath.Path) -> tokenizers.Tokenizer:
     return tok
 
 
-def find_tokenizer_files(path: epath.Path) -> tokenizers.Tokenizer | None:
-    """A tokenizer from a file or a directory, or None if the directory has none."""
+def _chat_files(path: epath.Path) -> tuple[str | None, dict[str, str] | None]:
+    """A Hugging Face tokenizer directory's chat template (chat_template.jinja, or tokenizer_config.json's
+    `chat_template`: a string, or named templates of which "default" is the one) and special tokens."""
+    config = json.loads((path / "tokenizer_config.json").read_text()) if (path / "tokenizer_config.json").is_file() else {}
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    if (path / "chat_template.jinja").is_file():
+        template = (path / "chat_template.jinja").read_text()
+    special = {}
+    for key in SPECIAL_TOKENS:
+        value = config.get(key)
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str):
+            special[key] = value
+    return template, special or None
+
+
+def find_tokenizer_files(path: epath.Path) -> Tokenizer | None:
+    """A tokenizer from a file or a directory (with the directory's chat template), or None if the directory
+    has none."""
     if path.is_file():
-        return tokenizers.Tokenizer.from_file(str(path))
+        return Tokenizer(tokenizers.Tokenizer.from_file(str(path)))
     if (path / "tokenizer.json").is_file():
-        return tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+        return Tokenizer(tokenizers.Tokenizer.from_file(str(path / "tokenizer.json")), *_chat_files(path))
     if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-        return _gpt2_bpe(path / "vocab.json", path / "merges.txt")
+        return Tokenizer(_gpt2_bpe(path / "vocab.json", path / "merges.txt"), *_chat_files(path))
     return None
 
 
@@ -104,4 +141,4 @@ def load_tokenizer(spec: str | None, model_type: str = "gptj") -> Tokenizer:
         tok = find_tokenizer_files(local)
     if tok is None:
         raise FileNotFoundError(f"no tokenizer.json or vocab.json+merges.txt in {path}")
-    return Tokenizer(tok)
+    return tok

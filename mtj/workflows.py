@@ -23,7 +23,7 @@ from mtj.mtj_v1 import V1Shards, v1_to_params
 from mtj.paths import PathLike, local_copy, published_dir, refuse_overwrite, user_path
 from mtj.quantize import is_quantized, is_weight, quantize_weights
 from mtj.sharding import make_mesh, place
-from mtj.tokenizer import Tokenizer, find_tokenizer_files, load_tokenizer
+from mtj.tokenizer import find_tokenizer_files, load_tokenizer
 
 
 def import_hf(hf_dir: PathLike, out: PathLike, allow_pickle: bool = False, **overrides: Any) -> epath.Path:
@@ -36,7 +36,7 @@ def import_hf(hf_dir: PathLike, out: PathLike, allow_pickle: bool = False, **ove
         tensors = HFTensors(local, cfg, allow_pickle=allow_pickle)
         params = place(hf_to_params(tensors, cfg), param_shardings(cfg, make_mesh(mp=1, dp=1)), cfg.param_dtype)
         tok = find_tokenizer_files(local)
-    step_dir = checkpoint.save(out, 0, params, cfg, Tokenizer(tok) if tok else None)
+    step_dir = checkpoint.save(out, 0, params, cfg, tok)
     cfg.save(user_path(out) / "config.json")
     return step_dir
 

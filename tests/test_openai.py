@@ -134,6 +134,8 @@ def test_client_errors_name_the_problem(served):
                                      frequency_penalty=0, best_of=1, logit_bias={}).choices[0].text == plain
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.completions.create(model="tiny", prompt="x", max_tokens=1, temperature=2.5)
+    with pytest.raises(openai.BadRequestError, match="this model has no chat template.*--chat-template FILE"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}])
 
 
 def test_penalties_and_logit_bias_equal_generate_tokens(served):

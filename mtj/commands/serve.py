@@ -1,5 +1,5 @@
-"""Serve a checkpoint over HTTP: POST /complete, the OpenAI completions API (POST /v1/completions with SSE
-streaming, GET /v1/models), GET /health."""
+"""Serve a checkpoint over HTTP: POST /complete, the OpenAI API (POST /v1/completions and /v1/chat/completions
+with SSE streaming, GET /v1/models), POST /tokenize and /detokenize, GET /health and /metrics."""
 
 import argparse
 import os
@@ -7,6 +7,7 @@ import sys
 
 import mtj
 from mtj import access, distributed
+from mtj.chat import ChatTemplate
 from mtj.paths import user_path
 from mtj.serve import Server, request_log
 from mtj.cli import add_load_options, load_overrides, parser, run
@@ -53,6 +54,8 @@ def arguments() -> argparse.ArgumentParser:
                     help="seconds a connection may take to send a request head (after opening, or after a response)")
     ap.add_argument("--max-body-bytes", type=int, default=4 << 20, help="larger request bodies get 413")
     ap.add_argument("--body-timeout", type=float, default=30.0, help="seconds a request body may take to arrive (408)")
+    ap.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template (as in tokenizer_config.json) for "
+                    "/v1/chat/completions; default: the model's own, if its tokenizer has one")
     ap.add_argument("--served-model-name", default=None, help="the model name of the OpenAI API (default: the checkpoint's)")
     ap.add_argument("--mp", type=int, default=1, help="tensor-parallel devices")
     add_load_options(ap, "compute dtype, e.g. float32 (default: the checkpoint's)")
@@ -93,6 +96,11 @@ def main() -> None:
             raise FileNotFoundError(f"{path}: no such file (TLS)")
     if args.draft_ckpt and not args.speculate:
         ap.error("--draft-ckpt drafts for speculative decoding: give --speculate K too")
+    template = user_path(args.chat_template).read_text() if args.chat_template else None
+    try:
+        ChatTemplate(template) if template is not None else None  # said before the model loads
+    except ValueError as e:
+        sys.exit(f"error: --chat-template {args.chat_template}: {e}")
     if warning:
         print(warning, file=sys.stderr, flush=True)
     if not args.no_request_log:
@@ -107,7 +115,7 @@ def main() -> None:
                     draft=draft, head_timeout_s=args.head_timeout,
                     max_connections_per_client=args.max_connections_per_client, api_keys=keys,
                     max_queue_per_key=args.max_queue_per_key, allowed_origins=args.allowed_origins,
-                    ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile)
+                    ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile, chat_template=template)
     server.engine.warm()  # compile the prefill buckets and the decode step before taking traffic
     scheme = "https" if args.ssl_certfile else "http"
     guarded = f", {len(keys)} API key{'s' * (len(keys) > 1)}" if keys else ""

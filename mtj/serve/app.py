@@ -1,5 +1,5 @@
-"""HTTP serving (SPEC §6): the original /complete, OpenAI completions (/v1/completions, /v1/models), /health,
-Prometheus metrics (/metrics).
+"""HTTP serving (SPEC §6): the original /complete, OpenAI completions (/v1/completions, /v1/chat/completions,
+/v1/models), vLLM's /tokenize and /detokenize, /health, Prometheus metrics (/metrics).
 
 The HTTP front is uvicorn + Starlette: framing, keep-alive, timeouts and the connection limit are
 theirs; this module adds the body limits, the errors' shape, the per-request log line and the cancelling
@@ -33,6 +33,7 @@ from mtj.connections import ConnectionLimits
 from mtj.decode.slots import powers_of_two
 from mtj.lm import LM
 from mtj.serve.admission import Admission, Call
+from mtj.serve.chat import ChatCompletions
 from mtj.serve.completions import Completions
 from mtj.serve.requests import BadRequest
 from mtj.serve.scheduler import EngineStopped, SlotEngine, StaticBatcher
@@ -93,16 +94,18 @@ class Server:
                  draft: LM | None = None, head_timeout_s: float = 10.0,
                  max_connections_per_client: int = 64, api_keys: list[str] | None = None,
                  max_queue_per_key: int | None = None, allowed_origins: list[str] | None = None,
-                 ssl_keyfile: str | None = None, ssl_certfile: str | None = None):
+                 ssl_keyfile: str | None = None, ssl_certfile: str | None = None, chat_template: str | None = None):
         if lm.tokenizer is None:
             raise ValueError("serving needs a tokenizer: this checkpoint has none")
+        template = lm.tokenizer.chat(chat_template)  # chat_template: a template's source, else the tokenizer's
         self.model_name = model_name
         self.max_body, self.body_timeout = max_body_bytes, body_timeout_s
         self.engine = make_engine(lm, engine, max_batch, max_queue, prefill_buckets, prefix_cache_gb, speculate, draft)
         shares = Shares(max_queue_per_key) if max_queue_per_key is not None else None
         self.endpoints = Completions(Admission(lm, self.engine, max_tokens or lm.config.seq, shares), model_name,
                                      getattr(self.engine, "prefill_buckets", None) or powers_of_two(16, lm.config.seq))
-        tokens = Tokenization(lm, model_name)
+        chat = ChatCompletions(self.endpoints, template)
+        tokens = Tokenization(lm, model_name, template)
         self.created = int(time.time())
         self.keyed = bool(api_keys)
         if bool(ssl_keyfile) != bool(ssl_certfile):
@@ -117,6 +120,7 @@ class Server:
             Route("/metrics", self.metrics, methods=["GET"]),
             *(Route(path, self.endpoint(handle), methods=["POST"]) for path, handle in (
                 ("/complete", self.endpoints.complete), ("/v1/completions", self.endpoints.completions),
+                ("/v1/chat/completions", chat.chat),
                 ("/tokenize", tokens.tokenize), ("/detokenize", tokens.detokenize))),
         ], exception_handlers={404: self._not_found, 405: self._not_found})
         limits = ConnectionLimits(max_connections, max_connections_per_client, head_timeout_s)

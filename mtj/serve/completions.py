@@ -35,6 +35,40 @@ def token_logprobs(lm: LM, ids: list[int], top: int, width: int) -> tuple[list[f
     return chosen, tops
 
 
+class RowFailed(RuntimeError):
+    """The engine failed while a streamed row decoded."""
+
+
+def sse(payload: Any) -> bytes:
+    """One server-sent event."""
+    return b"data: " + (payload if isinstance(payload, bytes) else json.dumps(payload).encode()) + b"\n\n"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+async def row_texts(jobs: list[Job]) -> AsyncIterator[tuple[int, str, str | None]]:
+    """A stream's pieces, row after row (rows decode together; their pieces are sent in order): (index, new text,
+    None) as the row's text grows, then (index, "", finish_reason) when it ends. RowFailed if the engine fails."""
+    for index, job in enumerate(jobs):
+        sent = 0
+        while True:
+            kind, value = await job.events.get()
+            if kind == "done" and value is not None:
+                raise RowFailed(str(value))
+            # whole characters that cannot begin a stop string, and the rest once the row has ended (the
+            # engine's thread appends to job.text; what ready() returns is always a prefix of the end text)
+            new = (job.text.text if kind == "done" else job.text.ready())[sent:]
+            if new:
+                yield index, new, None
+                sent += len(new)
+            if kind == "done":
+                break
+        yield index, "", job.text.finish_reason or "length"
+
+
 class Completions:
     """The endpoints' handlers: each takes a request's body and its Call, and returns the response."""
 
@@ -58,16 +92,13 @@ class Completions:
         """OpenAI's /v1/completions: prompts x n rows, echo, logprobs, stop strings, streamed or not."""
         req = parse(CompletionRequest, body)
         check_model(req.model, self.model_name)
-        if req.seed is not None and req.seed + req.n > SEED_LIMIT:
-            raise BadRequest("'seed' + n must be below 2^32")
+        req.check()
         if req.logprobs is not None and req.stream:
             raise BadRequest("'logprobs' with 'stream' is not implemented by mtj")
         if req.max_tokens == 0 and not req.echo:
             raise BadRequest("'max_tokens': 0 needs 'echo': true (there is nothing else to return)")
         if req.stream and req.max_tokens == 0:
             raise BadRequest("'stream' with 'max_tokens': 0 has nothing to stream")
-        if req.stream_options is not None and not req.stream:
-            raise BadRequest("'stream_options' needs 'stream': true")
         prompts = [req.prompt] if isinstance(req.prompt, str) or (req.prompt and isinstance(req.prompt[0], int)) \
             else list(req.prompt)
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -76,7 +107,7 @@ class Completions:
         self.admission.check_shape(len(prompts) * (req.n if generating else 1), generating,
                          [p for p in prompts if isinstance(p, str)], self.admission.least_new(req.max_tokens))
         ids = await asyncio.to_thread(self.admission.tokenize, prompts)
-        stop = [s for s in ([req.stop] if isinstance(req.stop, str) else req.stop or []) if s]  # "" stops nothing
+        stop = req.stops()
         seed = req.seed if req.seed is not None else secrets.randbelow(SEED_LIMIT - 16)
         rows = [(i, p) for i, p in enumerate(ids) for _ in range(req.n)]  # choice index order: prompt-major
         jobs: list[Job | None] = []
@@ -102,8 +133,12 @@ class Completions:
         choices = await asyncio.to_thread(self._choices, rows, jobs, req)
         completion = sum(c.pop("_generated") for c in choices)
         prompt_tokens = sum(len(p) for p in ids)
-        return JSONResponse({**meta, "choices": choices, "usage": {
-            "prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}})
+        return JSONResponse({**meta, "choices": choices, "usage": usage(prompt_tokens, completion)})
+
+    def scored(self, tokens: list[int], top: int) -> tuple[list[float | None], list[dict[str, float] | None]]:
+        """token_logprobs of `tokens`, padded to a prefill length."""
+        return token_logprobs(self.lm, tokens, top, next(w for w in self.score_widths if w >= len(tokens) - 1))
+
     def _choices(self, rows: list, jobs: list[Job | None], req: CompletionRequest) -> list[dict]:
         """Every row's choice; a prompt only scored (max_tokens 0) is scored once for its n rows."""
         choices, scored = [], {}
@@ -124,9 +159,7 @@ class Completions:
         if req.logprobs is not None:
             ids = (prompt if req.echo else []) + generated
             start = 0 if req.echo else len(prompt)
-            scored = prompt + generated
-            width = next(w for w in self.score_widths if w >= len(scored) - 1)
-            chosen, tops = token_logprobs(self.lm, scored, req.logprobs, width)
+            chosen, tops = self.scored(prompt + generated, req.logprobs)
             pieces = [self.lm.tokenizer.decode([t]) for t in ids]
             offsets, at = [], 0
             for piece in pieces:
@@ -139,35 +172,16 @@ class Completions:
 
     async def _stream(self, jobs: list[Job | None], meta: dict, rows: list, req: CompletionRequest
                       ) -> AsyncIterator[bytes]:
-        def event(payload: Any) -> bytes:
-            return b"data: " + (payload if isinstance(payload, bytes) else json.dumps(payload).encode()) + b"\n\n"
-
         completion = 0
         try:
-            for index, job in enumerate(jobs):  # rows decode together; their events are sent in order
-                sent = 0
-                while True:
-                    kind, value = await job.events.get()
-                    if kind == "done" and value is not None:
-                        yield event({"error": {"message": str(value)[:500], "type": "server_error"}})
-                        yield event(b"[DONE]")
-                        return
-                    # whole characters that cannot begin a stop string, and the rest once the row has ended (the
-                    # engine's thread appends to job.text; what ready() returns is always a prefix of the end text)
-                    new = (job.text.text if kind == "done" else job.text.ready())[sent:]
-                    if new:
-                        yield event({**meta, "choices": [{"text": new, "index": index, "logprobs": None,
-                                                          "finish_reason": None}]})
-                        sent += len(new)
-                    if kind == "done":
-                        break
-                completion += len(job.text.kept_tokens())
-                yield event({**meta, "choices": [{"text": "", "index": index, "logprobs": None,
-                                                  "finish_reason": job.text.finish_reason or "length"}]})
+            async for index, text, finish in row_texts(jobs):
+                yield sse({**meta, "choices": [{"text": text, "index": index, "logprobs": None, "finish_reason": finish}]})
+                completion += len(jobs[index].text.kept_tokens()) if finish else 0
             if req.stream_options is not None and req.stream_options.include_usage:
                 prompt_tokens = sum(len(p) for i, (_, p) in enumerate(rows) if i % req.n == 0)
-                yield event({**meta, "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                                                              "total_tokens": prompt_tokens + completion}})
-            yield event(b"[DONE]")
+                yield sse({**meta, "choices": [], "usage": usage(prompt_tokens, completion)})
+        except RowFailed as e:
+            yield sse({"error": {"message": str(e)[:500], "type": "server_error"}})
         finally:  # also when the client went away (the response task is cancelled)
             self.admission.engine.cancel([job for job in jobs if job is not None])
+        yield sse(b"[DONE]")

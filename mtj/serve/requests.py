@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError, field_validator, model_validator
 
+from mtj.chat import ROLES
 from mtj.decode.sampling import SEED_LIMIT
 from mtj.evaluate import TOP_LOGPROBS
 
@@ -31,11 +32,10 @@ class StreamOptions(Strict):
     include_usage: bool = False
 
 
-class CompletionRequest(Strict):
-    """The OpenAI completions fields mtj implements (SPEC §6); any other field is refused."""
+class Sampling(Strict):
+    """The fields both OpenAI endpoints share (SPEC §6); any other field is refused."""
 
     model: str | None = None
-    prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = Field(16, ge=0)
     temperature: FiniteFloat = Field(1.0, ge=0, le=2)
     top_p: FiniteFloat = Field(1.0, gt=0, le=1)
@@ -45,14 +45,42 @@ class CompletionRequest(Strict):
     seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     user: str | None = None  # accepted as OpenAI accepts it: an end-user id, no effect on the output
     # logit adjustments (mtj.decode.penalties; the values' ranges are checked with the job's)
     presence_penalty: FiniteFloat = 0.0
     frequency_penalty: FiniteFloat = 0.0
     repetition_penalty: FiniteFloat = 1.0  # vLLM's extension (transformers' definition)
     logit_bias: dict[str, FiniteFloat] | None = Field(None, max_length=1024)  # token id (as a string): bias
+
+    @model_validator(mode="after")
+    def _token_ids(self) -> "Sampling":
+        if any(not re.fullmatch(r"\d{1,9}", token) for token in self.logit_bias or {}):
+            raise ValueError("'logit_bias' keys must be token ids (whole numbers as strings)")
+        return self
+
+    def adjustments(self) -> dict[str, Any]:
+        """The jobs' logit adjustments (Admission.jobs_for's keywords)."""
+        return dict(repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+                    frequency_penalty=self.frequency_penalty,
+                    logit_bias={int(t): b for t, b in self.logit_bias.items()} if self.logit_bias else None)
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])  # ("" stops nothing: RowText)
+
+    def check(self) -> None:
+        """The checks across fields."""
+        if self.seed is not None and self.seed + self.n > SEED_LIMIT:
+            raise BadRequest("'seed' + n must be below 2^32")
+        if self.stream_options is not None and not self.stream:
+            raise BadRequest("'stream_options' needs 'stream': true")
+
+
+class CompletionRequest(Sampling):
+    """OpenAI's /v1/completions."""
+
+    prompt: str | list[int] | list[str] | list[list[int]]
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = None  # accepted equal to n (clients send it so), refused otherwise
 
     @field_validator("prompt", mode="wrap")
@@ -68,18 +96,51 @@ class CompletionRequest(Strict):
         return union(value)
 
     @model_validator(mode="after")
-    def _known_values(self) -> "CompletionRequest":
+    def _best_of(self) -> "CompletionRequest":
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("'best_of' other than n is not implemented by mtj")
-        if any(not re.fullmatch(r"\d{1,9}", token) for token in self.logit_bias or {}):
-            raise ValueError("'logit_bias' keys must be token ids (whole numbers as strings)")
         return self
 
-    def adjustments(self) -> dict[str, Any]:
-        """The jobs' logit adjustments (Admission.jobs_for's keywords)."""
-        return dict(repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
-                    frequency_penalty=self.frequency_penalty,
-                    logit_bias={int(t): b for t, b in self.logit_bias.items()} if self.logit_bias else None)
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(Strict):
+    """A message as chat templates read it: role and text (a list of text parts is joined by newlines)."""
+
+    role: Literal[ROLES]  # type: ignore[valid-type]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def for_template(self) -> dict[str, Any]:
+        content = "\n".join(p.text for p in self.content) if isinstance(self.content, list) else self.content
+        return {"role": self.role, "content": content, **({"name": self.name} if self.name is not None else {})}
+
+
+class Chat(Strict):
+    """A conversation to render: vLLM's fields beside OpenAI's messages."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    add_generation_prompt: bool = True  # vLLM's extension: end with the assistant's turn opening
+
+    def for_template(self) -> list[dict[str, Any]]:
+        return [m.for_template() for m in self.messages]
+
+
+class ChatRequest(Sampling, Chat):
+    """OpenAI's /v1/chat/completions. max_tokens None: up to 256 tokens, as many as fit the context."""
+
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    def new_tokens(self) -> int | None:
+        if self.max_tokens is not None and self.max_completion_tokens is not None:
+            raise BadRequest("give 'max_tokens' or 'max_completion_tokens', not both")
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
 class TokenizeRequest(Strict):
@@ -88,6 +149,14 @@ class TokenizeRequest(Strict):
     model: str | None = None
     prompt: str
     add_special_tokens: bool = True  # (the GPT-J/Neo/NeoX tokenizers add none: the ids of a completion's prompt)
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(Chat):
+    """vLLM's /tokenize for messages: the ids of the prompt a chat completion of them reads."""
+
+    model: str | None = None
+    add_special_tokens: bool = False  # vLLM's default for messages: the template writes them
     return_token_strs: bool = False
 
 
@@ -167,7 +236,9 @@ def _text_object(pairs: list[tuple[str, Any]]) -> dict:
 SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
-def parse(model: type[BaseModel], body: bytes) -> Any:
+def parse(model: type[BaseModel] | Callable[[dict], type[BaseModel]], body: bytes) -> Any:
+    """The request model of a body (`model`, or the one `model(data)` picks for the decoded JSON object); 400 for
+    anything that is not one."""
     try:
         data = json.loads(body, parse_constant=_not_a_number,
                           object_pairs_hook=_text_object if SURROGATE_ESCAPE.search(body) else _unique_keys)
@@ -177,6 +248,8 @@ def parse(model: type[BaseModel], body: bytes) -> Any:
         raise BadRequest("the body is nested too deeply") from None
     if not isinstance(data, dict):
         raise BadRequest("the body must be a JSON object")
+    if not isinstance(model, type):
+        model = model(data)
     try:
         return model.model_validate(data)
     except ValidationError as e:

@@ -1,4 +1,5 @@
-"""vLLM's /tokenize and /detokenize: a prompt's token ids as a completion of it reads them, and text back."""
+"""vLLM's /tokenize and /detokenize: a prompt's token ids as a completion of it reads them (or the ids of the
+prompt a chat completion of some messages reads), and text back."""
 
 from __future__ import annotations
 
@@ -6,21 +7,29 @@ import asyncio
 
 from starlette.responses import JSONResponse, Response
 
+from mtj.chat import ChatTemplate
 from mtj.lm import LM
 from mtj.serve.admission import Call
-from mtj.serve.requests import BadRequest, DetokenizeRequest, TokenizeRequest, check_model, parse
+from mtj.serve.chat import render
+from mtj.serve.requests import (BadRequest, DetokenizeRequest, TokenizeChatRequest, TokenizeRequest, check_model,
+                                parse)
 
 
 class Tokenization:
-    def __init__(self, lm: LM, model_name: str):
-        self.lm, self.model_name = lm, model_name
+    def __init__(self, lm: LM, model_name: str, template: ChatTemplate | None):
+        self.lm, self.model_name, self.template = lm, model_name, template
 
     async def tokenize(self, body: bytes, call: Call) -> Response:
-        """{count, max_model_len, tokens, token_strs (BPE strings, when asked for)}."""
-        req = parse(TokenizeRequest, body)
+        """{count, max_model_len, tokens, token_strs (BPE strings, when asked for)} of a prompt or of messages."""
+        req = parse(lambda data: TokenizeChatRequest if "messages" in data else TokenizeRequest, body)
         check_model(req.model, self.model_name)
         tok = self.lm.tokenizer
-        ids = await asyncio.to_thread(lambda: tok.backend.encode(req.prompt, add_special_tokens=req.add_special_tokens).ids)
+
+        def encode() -> list[int]:
+            text = render(self.template, req) if isinstance(req, TokenizeChatRequest) else req.prompt
+            return tok.backend.encode(text, add_special_tokens=req.add_special_tokens).ids
+
+        ids = await asyncio.to_thread(encode)
         strs = [tok.backend.id_to_token(t) for t in ids] if req.return_token_strs else None
         return JSONResponse({"count": len(ids), "max_model_len": self.lm.config.seq, "tokens": ids, "token_strs": strs})
 
