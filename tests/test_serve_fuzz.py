@@ -1,6 +1,6 @@
 """A seeded fuzz of the real server on each engine: 500 requests (100 on the static batcher, whose every new
-batch shape compiles) mixing valid and invalid values of every
-field, mangled JSON, streaming and not, some clients hanging up midway, 8 at a time. Every answer is a
+batch shape compiles) to /v1/completions, /v1/chat/completions and /complete, mixing valid and invalid values of
+every field, mangled JSON, streaming and not, some clients hanging up midway, 8 at a time. Every answer is a
 clean 2xx/4xx/503 (no 500, no error inside a stream), and afterwards the server is healthy and a greedy
 request returns the tokens it returned before."""
 
@@ -57,6 +57,32 @@ FIELDS = {  # name: (valid values, invalid values)
     "logit_bias": ([{}, {"50256": -100}, {"5": 2.5, "17": -1}, None], [{"x": 1}, {"50257": 1}, {"5": 101}, {"5": "a"}, [1]]),
     "best_of": ([], [3]),
 }
+CHAT_FIELDS = {
+    **{name: values for name, values in FIELDS.items() if name not in ("max_tokens", "logprobs", "echo", "best_of")},
+    "max_tokens": ([1, 5, 16, 40, None], [0, 129, -1, "5"]),
+    "max_completion_tokens": ([1, 8, None], [0, 10**9]),
+    "logprobs": ([True, False], [1, "yes"]),
+    "top_logprobs": ([0, 2, 20, None], [21, -1]),
+    "add_generation_prompt": ([True, False], ["x"]),
+    "echo": ([], [True]),
+}
+# a template that refuses a role, as real ones do
+CHAT_TEMPLATE = ("{% for m in messages %}{% if m.role == 'tool' %}{{ raise_exception('no tools here') }}{% endif %}"
+                 "{{ m.role }}: {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def messages(rng: np.random.Generator):
+    said = lambda role="user": {"role": role, "content": text(rng)}  # noqa: E731
+    valid = [lambda: [said()], lambda: [said("system"), said(), said("assistant"), said()],
+             lambda: [{"role": "user", "content": [{"type": "text", "text": text(rng)}] * 2, "name": "x"}],
+             lambda: [said("developer"), {"role": "assistant", "content": None}]]
+    invalid = [lambda: [], lambda: "hello", lambda: [said("wizard")], lambda: [{"content": "x"}], lambda: [said("tool")],
+               lambda: [{"role": "user", "content": 5}], lambda: [{"role": "user", "content": [{"type": "image_url"}]}],
+               lambda: [{"role": "user", "content": "x" * 3000}], lambda: [{**said(), "tool_calls": []}], lambda: [None]]
+    pick = invalid if rng.random() < 0.2 else valid
+    return pick[int(rng.integers(0, len(pick)))]()
+
+
 COMPLETE_FIELDS = {
     "length": ([1, 8, 64, None], [128, 0, -1, 2**40]), "temp": ([0, 0.5, 1, 2], [3, -1]),
     "top_p": ([0.1, 0.9, 1], [0, 2]), "top_k": ([0, 5, 50257], [2**31, 2**64, -1]), "seed": ([0, 5], [2**32, -1]),
@@ -66,9 +92,12 @@ COMPLETE_FIELDS = {
 
 def draw(rng: np.random.Generator) -> tuple[str, bytes]:
     """A request: its path and body, now and then mangled past valid JSON."""
-    if rng.random() < 0.15:
+    kind = rng.random()
+    if kind < 0.15:
         path, body = "/complete", {"context": text(rng) if rng.random() < 0.9 else prompt(rng)}
         fields = COMPLETE_FIELDS
+    elif kind < 0.35:
+        path, body, fields = "/v1/chat/completions", {"messages": messages(rng)}, CHAT_FIELDS
     else:
         path, body = "/v1/completions", {"prompt": prompt(rng)} if rng.random() < 0.95 else {}
         fields = FIELDS
@@ -79,8 +108,11 @@ def draw(rng: np.random.Generator) -> tuple[str, bytes]:
     if rng.random() < 0.8:  # mostly consistent combinations, some not
         if "stream_options" in body:
             body["stream"] = True
+        if body.get("top_logprobs") is not None:
+            body["logprobs"] = True
         if body.get("stream") is True:
             body.pop("logprobs", None)
+            body.pop("top_logprobs", None)
         if body.get("max_tokens") == 0:
             body.update(echo=True, stream=False)
             body.pop("stream_options", None)
@@ -126,23 +158,26 @@ def exchange(port: int, path: str, raw: bytes, leave: str) -> tuple[int, bytes]:
 
 
 @pytest.mark.parametrize("engine", ["continuous", "static"])
-def test_fuzz(ckpt, engine):  # noqa: F811
-    srv = Running(ckpt, "--engine", engine, "--served-model-name", "fuzz")
+def test_fuzz(ckpt, engine, tmp_path):  # noqa: F811
+    (tmp_path / "chat.jinja").write_text(CHAT_TEMPLATE)
+    srv = Running(ckpt, "--engine", engine, "--served-model-name", "fuzz", "--chat-template", str(tmp_path / "chat.jinja"))
     try:
         before = request(srv.port, "/v1/completions", GREEDY)
         rng = np.random.default_rng(0 if engine == "continuous" else 1)
         cases = [(*draw(rng), str(rng.choice(["read"] * 8 + ["now", "midway"]))) for _ in range(REQUESTS[engine])]
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             answers = list(pool.map(lambda case: exchange(srv.port, *case), cases))
-        statuses, refusals = collections.Counter(), collections.Counter()
+        statuses, refusals, chats = collections.Counter(), collections.Counter(), collections.Counter()
         for (path, raw, leave), (status, out) in zip(cases, answers):
             if leave != "read":
                 continue
             statuses[status] += 1
+            chats[status] += path == "/v1/chat/completions"
             assert status in ALLOWED, (path, raw[:300], out[-600:])
             assert b'"server_error"' not in out, (path, raw[:300], out[-600:])  # (also inside a stream)
             if status == 400:
                 refusals[json.loads(out.partition(b"\r\n\r\n")[2])["error"]["message"][:40]] += 1
+        assert chats[200] and chats[400], chats
         read = sum(statuses.values())  # both kinds were exercised
         assert statuses[200] > read / 5 and statuses[400] > read / 5, (statuses, refusals.most_common(12))
         assert request(srv.port, "/health")[0] == 200
