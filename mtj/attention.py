@@ -1,6 +1,7 @@
 """Fused causal attention kernels for full sequences (training, evaluation): cuDNN flash attention on GPU
 through `jax.nn.dot_product_attention`, Pallas splash attention on TPU. Neither materialises the [B, H, T, T]
-scores. The model's own einsum attention (`mtj.model.Attention`) stays the path for CPUs, for decoding with a
+scores. Packed sequences (several documents per row) attend within their document: splash takes their
+segment ids, cuDNN a [B, T, T] mask of them. The model's own einsum attention (`mtj.model.Attention`) stays the path for CPUs, for decoding with a
 KV cache and for left-padded batches.
 
 Off their platform the kernels run as references: `jax.nn.dot_product_attention`'s XLA implementation for
@@ -10,6 +11,7 @@ Off their platform the kernels run as references: `jax.nn.dot_product_attention`
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -64,37 +66,51 @@ def _splash_block(seq: int) -> int:
     return block if block % 128 == 0 else 0
 
 
-def fused(q: jax.Array, k: jax.Array, v: jax.Array, kernel: str, scale: float, window: int | None) -> jax.Array:
+class Segments(NamedTuple):
+    """A packed batch's document of each token, [B, T] (tokens attend to earlier tokens of their own document)."""
+
+    ids: jax.Array
+
+
+def fused(q: jax.Array, k: jax.Array, v: jax.Array, kernel: str, scale: float, window: int | None,
+          segments: Segments | None = None) -> jax.Array:
     """Causal attention of q, k, v [B, T, H, Dh] -> [B, T, H, Dh]; `window`: keys within window-1 positions
-    before the query only (GPT-Neo's local layers)."""
+    before the query only (GPT-Neo's local layers); `segments`: within each token's document only."""
     interpret = platforms.platform().fused_attention != kernel  # off its platform: the reference
     if kernel == "cudnn":
+        same = None if segments is None else (segments.ids[:, :, None] == segments.ids[:, None, :])[:, None]
         return jax.nn.dot_product_attention(
-            q, k, v, scale=scale, is_causal=True, local_window_size=None if window is None else (window - 1, 0),
-            implementation="xla" if interpret else "cudnn")
-    return _splash(q, k, v, scale, window, interpret)
+            q, k, v, mask=same, scale=scale, is_causal=True,
+            local_window_size=None if window is None else (window - 1, 0), implementation="xla" if interpret else "cudnn")
+    return _splash(q, k, v, scale, window, interpret, segments)
 
 
-def _splash(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, window: int | None, interpret: bool) -> jax.Array:
+def _splash(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, window: int | None, interpret: bool,
+            segments: Segments | None) -> jax.Array:
     B, T, H, Dh = q.shape
     block = _splash_block(T)
 
     operands = jnp.float32 if _tpu_before_v4() else q.dtype
 
-    def per_device(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    # without segments the kernel runs as before: no segment ids to compare
+    args = (q, k, v) if segments is None else (q, k, v, segments.ids.astype(jnp.int32))
+
+    def per_device(q: jax.Array, k: jax.Array, v: jax.Array, *ids: jax.Array) -> jax.Array:
         kernel = _splash_kernel(T, q.shape[2], block, window, interpret)
         # [b, h, T, Dh]: the kernel's layout
         heads_major = lambda x: x.transpose(0, 2, 1, 3).astype(operands)  # noqa: E731
-        out = jax.vmap(kernel)(heads_major(q * jnp.asarray(scale, q.dtype)), heads_major(k), heads_major(v))
+        attend = kernel if not ids else lambda q, k, v, ids: kernel(q, k, v, segment_ids=splash.SegmentIds(ids, ids))
+        out = jax.vmap(attend)(heads_major(q * jnp.asarray(scale, q.dtype)), heads_major(k), heads_major(v), *ids)
         return out.transpose(0, 2, 1, 3).astype(q.dtype)
 
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
-        return per_device(q, k, v)
+        return per_device(*args)
     # A Pallas kernel sees one device's block: batch over dp, heads over mp (as RULES place them).
-    spec = P("dp" if B % mesh.shape["dp"] == 0 else None, None, "mp", None)
-    return jax.shard_map(per_device, in_specs=(spec,) * 3, out_specs=spec, axis_names={"dp", "mp"},
-                         check_vma=False)(q, k, v)
+    rows = "dp" if B % mesh.shape["dp"] == 0 else None
+    specs = (P(rows, None, "mp", None),) * 3 + (P(rows, None),) * (len(args) - 3)
+    return jax.shard_map(per_device, in_specs=specs, out_specs=specs[0], axis_names={"dp", "mp"},
+                         check_vma=False)(*args)
 
 
 def _splash_kernel(seq: int, heads: int, block: int, window: int | None, interpret: bool) -> splash.SplashAttentionKernel:

@@ -25,34 +25,42 @@ F32 = jnp.float32
 BLOCK_BYTES = 32 << 20  # one fp32 [tokens, block] tile; fits the L3 of a server CPU
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def head_cross_entropy(x: jax.Array, kernel: jax.Array, bias: jax.Array, targets: jax.Array,
-                       z_loss: float) -> tuple[jax.Array, jax.Array]:
+def head_cross_entropy(x: jax.Array, kernel: jax.Array, bias: jax.Array, targets: jax.Array, z_loss: float,
+                       weights: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """(mean cross entropy + z_loss * mean logsumexp^2, mean cross entropy) of the logits
-    x @ kernel + bias, for x [N, D] in the compute dtype, kernel [D, V], fp32 bias [V], targets [N]."""
-    return _forward(x, kernel, bias, targets, z_loss)[0]
+    x @ kernel + bias, for x [N, D] in the compute dtype, kernel [D, V], fp32 bias [V], targets [N].
+    `weights` [N] (a loss mask: 0 leaves a row out): the means are weighted by them."""
+    if weights is None:
+        weights = jnp.ones(targets.shape, F32)
+    return _head_cross_entropy(x, kernel, bias, targets, weights.astype(F32), z_loss)
 
 
-def _forward(x, kernel, bias, targets, z_loss):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _head_cross_entropy(x, kernel, bias, targets, weights, z_loss):
+    return _forward(x, kernel, bias, targets, weights, z_loss)[0]
+
+
+def _forward(x, kernel, bias, targets, weights, z_loss):
     lse, target_logit = _on_mesh(_local_stats, (P("dp"), P("dp")))(x, kernel, bias, targets)
-    ce = jnp.mean(lse - target_logit)
-    return (ce + z_loss * jnp.mean(jnp.square(lse)), ce), (x, kernel, bias, targets, lse)
+    total = jnp.sum(weights)
+    total = jnp.where(total > 0, total, 1.0)  # (a batch with nothing to learn has loss 0)
+    ce = jnp.sum(weights * (lse - target_logit)) / total
+    return (ce + z_loss * jnp.sum(weights * jnp.square(lse)) / total, ce), (x, kernel, bias, targets, weights, total, lse)
 
 
 def _backward(z_loss, res, grads):
-    x, kernel, bias, targets, lse = res
+    x, kernel, bias, targets, weights, total, lse = res
     g_total, g_ce = grads
-    n = x.shape[0]
-    # d(ce)/dlogits = p - onehot and d(mean lse^2)/dlogits = 2 lse p / n, so
+    # d(ce)/dlogits = w (p - onehot) / W and d(weighted mean lse^2)/dlogits = 2 w lse p / W, so
     # dlogits = p * (a + c * lse) - onehot * a, with one coefficient per row.
-    a = (g_total + g_ce) / n
-    coef = a + (2 * z_loss / n) * g_total * lse
+    a = (g_total + g_ce) * weights / total
+    coef = a + (2 * z_loss / total) * g_total * weights * lse
     dx, dkernel, dbias = _on_mesh(_local_grads, (P("dp"), P(None, "mp"), P("mp")))(
-        x, kernel, bias, targets, lse, coef, jnp.full((n,), a))
-    return dx.astype(x.dtype), dkernel.astype(kernel.dtype), dbias.astype(bias.dtype), None
+        x, kernel, bias, targets, lse, coef, a)
+    return dx.astype(x.dtype), dkernel.astype(kernel.dtype), dbias.astype(bias.dtype), None, None
 
 
-head_cross_entropy.defvjp(_forward, _backward)
+_head_cross_entropy.defvjp(_forward, _backward)
 
 
 def _on_mesh(local: Callable, out_specs: tuple) -> Callable:

@@ -26,7 +26,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 
 from mtj import cpu_matmul, lora, quantize
-from mtj.attention import fused, implementation
+from mtj.attention import Segments, fused, implementation
 from mtj.config import Config
 from mtj.ops import matmul_f32
 from mtj.sharding import constrain, rules, row_parallel_sum
@@ -161,15 +161,15 @@ class Attention(nnx.Module):
         bias = getattr(self, f"{name}_bias", None)
         return None if bias is None else bias[...]
 
-    def __call__(self, h: jax.Array, positions: jax.Array, mask: jax.Array | None, kv: KV | None = None,
+    def __call__(self, h: jax.Array, positions: jax.Array, mask: jax.Array | Segments | None, kv: KV | None = None,
                  index: jax.Array | int = 0, is_local: jax.Array | bool = False, layer: jax.Array | int | None = None
                  ) -> tuple[tuple[jax.Array, jax.Array], KV | None]:
         """((attention output, output projection), updated cache): the block applies the projection, so that
         a parallel block reduces both branches over mp at once. With a cache the new keys/values are written
         at slot `index` and the queries attend to its first mask.shape[-1] slots; `layer`: the cache is every
         layer's, stacked, and this is layer `layer` (written in place: no copy of the layer's cache per step).
-        Without a mask (a full causal sequence) a fused kernel attends (`mtj.attention`), windowed where
-        `is_local`."""
+        Without a mask (a full causal sequence, or packed documents' Segments) a fused kernel attends
+        (`mtj.attention`), windowed where `is_local`."""
         cfg = self.cfg
         B, T, _ = h.shape
         H, Dh = cfg.n_heads, cfg.head_dim
@@ -184,9 +184,9 @@ class Attention(nnx.Module):
             interleaved = cfg.family.rotary == "interleaved"
             q = rotary(q, positions, cfg.rotary_dims, cfg.rotary_base, interleaved)
             k = rotary(k, positions, cfg.rotary_dims, cfg.rotary_base, interleaved)
-        if mask is None:
+        if mask is None or isinstance(mask, Segments):
             kernel, scale = implementation(cfg, T), 1 / math.sqrt(Dh) if cfg.family.scale_scores else 1.0
-            attend = lambda window: fused(q, k, v, kernel, scale, window).reshape(B, T, H * Dh)  # noqa: E731
+            attend = lambda window: fused(q, k, v, kernel, scale, window, mask).reshape(B, T, H * Dh)  # noqa: E731
             out = (jax.lax.cond(is_local, lambda: attend(cfg.window_size), lambda: attend(None))
                    if cfg.family.local_attention else attend(None))
             return (out, self.o[...]), None
@@ -248,7 +248,7 @@ class Block(nnx.Module):
         if cfg.family.second_norm:
             self.ln_2 = LayerNorm(cfg, rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None, kv: KV | None = None,
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | Segments | None, kv: KV | None = None,
                  index: jax.Array | int = 0, is_local: jax.Array | bool = False,
                  layer: jax.Array | int | None = None) -> tuple[jax.Array, KV | None]:
         attn_bias = self.attn.o_bias[...] if hasattr(self.attn, "o_bias") else jnp.zeros(x.shape[-1:], jnp.float32)
@@ -315,13 +315,16 @@ class Transformer(nnx.Module):
             self.lm_head = Head(cfg, rngs)
 
     def hidden(self, tokens: jax.Array, positions: jax.Array | None = None, key_valid: jax.Array | None = None,
-               cache: KV | list[KV] | None = None, index: jax.Array | int = 0) -> tuple[jax.Array, Any]:
+               cache: KV | list[KV] | None = None, index: jax.Array | int = 0,
+               segment_ids: jax.Array | None = None) -> tuple[jax.Array, Any]:
         """Final hidden states [B, T, d_model] (after ln_f) and the updated cache.
 
         Query i sits in slot index+i of S key slots (`index` [B]: a slot per row, for T = 1). S = T without a
         cache; with one, S is its length: stacked (k, v) of [layers, B, H, S, Dh], or a list of per-layer (k, v)
         of [B, H, S, Dh]; with a slot per row, key_valid may cover a prefix of it. `positions` default to 0..T-1;
-        `key_valid` [B, S] marks slots holding real (not left-padding) tokens.
+        `key_valid` [B, S] marks slots holding real (not left-padding) tokens. `segment_ids` [B, T] (training on
+        packed documents, no cache): each token's document; tokens attend within it, and positions restart at
+        each document's first token.
         """
         cfg = self.cfg
         B, T = tokens.shape
@@ -329,17 +332,20 @@ class Transformer(nnx.Module):
         if key_valid is not None:  # a decode engine's rows may attend to a prefix of the cache
             S = key_valid.shape[-1]
         if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+            positions = jnp.broadcast_to(jnp.arange(T), (B, T)) if segment_ids is None else document_positions(segment_ids)
         causal, window = self._masks(T, S, index, key_valid)
+        if segment_ids is not None:
+            causal = causal & (segment_ids[:, :, None] == segment_ids[:, None, :])
         x = self._embed(tokens, positions)
-        # A full causal sequence may go to a fused kernel, which builds its own mask.
+        # A full causal sequence may go to a fused kernel, which builds its own mask (from segment ids if packed).
         plain = cache is None and key_valid is None and isinstance(index, int) and index == 0
         use_mask = not plain or implementation(cfg, T) == "xla"
+        segments = Segments(segment_ids) if segment_ids is not None else None
 
         def block(x: jax.Array, layer: tuple, graph: Any) -> tuple[jax.Array, KV | None]:
             """One layer; `kv`: its own cache, or (with index `i`) the stacked cache it writes its layer of."""
             state, is_local, kv, i = layer
-            mask = jnp.where(is_local, causal & window, causal) if use_mask else None
+            mask = jnp.where(is_local, causal & window, causal) if use_mask else segments
             return nnx.merge(graph, state)(x, positions, mask, kv, index, is_local, i)
 
         x, cache = self._run_blocks(x, block, cache)
@@ -554,15 +560,24 @@ def join_qkv(attn: Params) -> Params:
 
 
 def run_layers(params: Params, tokens: jax.Array, cfg: Config, positions: jax.Array | None = None,
-               key_valid: jax.Array | None = None, cache: Any = None,
-               index: jax.Array | int = 0) -> tuple[jax.Array, Any]:
+               key_valid: jax.Array | None = None, cache: Any = None, index: jax.Array | int = 0,
+               segment_ids: jax.Array | None = None) -> tuple[jax.Array, Any]:
     """`Transformer.hidden` of `params`."""
-    return bind(params, cfg).hidden(tokens, positions, key_valid, cache, index)
+    return bind(params, cfg).hidden(tokens, positions, key_valid, cache, index, segment_ids)
 
 
-def hidden(params: Params, tokens: jax.Array, cfg: Config) -> jax.Array:
-    """Final hidden states [B, T, d_model] of unpadded sequences (training)."""
-    return run_layers(params, tokens, cfg)[0]
+def hidden(params: Params, tokens: jax.Array, cfg: Config, segment_ids: jax.Array | None = None) -> jax.Array:
+    """Final hidden states [B, T, d_model] of unpadded sequences (training), of packed documents with
+    `segment_ids`."""
+    return run_layers(params, tokens, cfg, segment_ids=segment_ids)[0]
+
+
+def document_positions(segment_ids: jax.Array) -> jax.Array:
+    """Each token's position in its document [B, T]: 0 at every token whose segment id differs from the one
+    before it."""
+    T = segment_ids.shape[-1]
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+    return jnp.arange(T) - jax.lax.cummax(jnp.where(starts, jnp.arange(T), 0), axis=1)
 
 
 def output_head(params: Params, cfg: Config) -> tuple[jax.Array, jax.Array]:

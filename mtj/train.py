@@ -33,11 +33,23 @@ from mtj.tokenizer import Tokenizer, load_tokenizer
 State = dict[str, Any]  # {"params", "opt_state", "step"}; params: what is trained (with LoRA, the adapters)
 
 
-def loss_fn(params: Params, batch: jax.Array, cfg: Config) -> tuple[jax.Array, jax.Array]:
-    """(cross entropy + z-loss, cross entropy) of next-token prediction, in fp32."""
-    x = hidden(params, batch[:, :-1], cfg)
+def loss_fn(params: Params, batch: jax.Array, cfg: Config, segment_ids: jax.Array | None = None,
+            loss_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """(cross entropy + z-loss, cross entropy) of next-token prediction, in fp32, over windows batch [B, T+1].
+    Packed documents: `segment_ids` [B, T+1] (each token's document, 0 for padding) keep attention and positions
+    within a document, and a target counts only in its input's document; `loss_mask` [B, T+1] (1: learned,
+    0: e.g. a prompt) counts only the targets it marks. The means are over the targets that count."""
+    x = hidden(params, batch[:, :-1], cfg, None if segment_ids is None else segment_ids[:, :-1])
     kernel, bias = output_head(params, cfg)
-    return head_cross_entropy(x.reshape(-1, x.shape[-1]), kernel, bias, batch[:, 1:].reshape(-1), cfg.z_loss)
+    weights = None
+    if segment_ids is not None or loss_mask is not None:
+        counted = jnp.ones(batch[:, 1:].shape, bool)
+        if segment_ids is not None:
+            counted &= (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] != 0)
+        if loss_mask is not None:
+            counted &= loss_mask[:, 1:] != 0
+        weights = counted.reshape(-1)
+    return head_cross_entropy(x.reshape(-1, x.shape[-1]), kernel, bias, batch[:, 1:].reshape(-1), cfg.z_loss, weights)
 
 
 def opt_state_shardings(opt_shape: Any, param_shardings: Params, mesh: Mesh) -> Any:

@@ -372,4 +372,18 @@ BUGS = [
     Bug("a chat stream never says whose message it is (no role in the first delta)",
         [("mtj/serve/chat.py", "if index not in opened:", "if False:")],
         ["tests/test_chat.py", "-k", "greedy"]),
+    Bug("packed documents' positions run on instead of restarting at each document",
+        [("mtj/model.py", "positions = jnp.broadcast_to(jnp.arange(T), (B, T)) if segment_ids is None else document_positions(segment_ids)",
+          "positions = jnp.broadcast_to(jnp.arange(T), (B, T))")],  # (rotary scores are relative: GPT-Neo's
+        ["tests/test_packing.py", "-k", "documents_loss and gpt_neo"]),                  # learned positions show it)
+    Bug("the einsum path lets packed documents attend to each other",
+        [("mtj/model.py", "causal = causal & (segment_ids[:, :, None] == segment_ids[:, None, :])", "pass")],
+        ["tests/test_packing.py", "-k", "documents_loss and gpt_neox"]),
+    Bug("splash ignores the segment ids",
+        [("mtj/attention.py", "attend = kernel if not ids else", "attend = kernel if True else")],
+        ["tests/test_packing.py", "-k", "documents_loss and gptj"]),
+    Bug("a document's first token is a target of the one before it",
+        [("mtj/train.py", "counted &= (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] != 0)",
+          "counted &= segment_ids[:, 1:] != 0")],
+        ["tests/test_packing.py", "-k", "documents_loss and gptj"]),
 ]
