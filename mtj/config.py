@@ -60,7 +60,7 @@ class Config:
     tpu_size: int | None = None
     bucket: str = ""
     model_dir: str = "runs/model"
-    train_set: str = ""
+    train_set: str | dict[str, float] = ""  # a source, or sources -> weights (a mixture)
     val_set: dict[str, str] = dataclasses.field(default_factory=dict)
     eval_harness_tasks: list[str] = dataclasses.field(default_factory=list)
     val_batches: int = 0
@@ -250,6 +250,11 @@ def _check_consistency(c: Config) -> None:
              f"config key 'remat_policy' must be one of {REMAT_POLICIES}, got '{c.remat_policy}'")
     _require(c.quantize in QUANTIZE, f"config key 'quantize' must be one of {QUANTIZE}, got '{c.quantize}'")
     _check_lora(c)
+    if isinstance(c.train_set, dict):
+        _require(bool(c.train_set) and all(math.isfinite(w) and w > 0 for w in c.train_set.values()),
+                 f"config key 'train_set' as a mixture maps sources to positive weights, got {c.train_set}")
+        _require(not any(name.startswith("tfds:") for name in c.train_set),
+                 "config key 'train_set': a mixture's sources are .index files or text files (tfds:NAME streams cannot mix)")
     _require(c.attention in ATTENTION, f"config key 'attention' must be one of {ATTENTION}, got '{c.attention}'")
     _require(c.norm == "layernorm", f"config key 'norm' must be 'layernorm', got '{c.norm}'")
     for key in ("layers", "d_model", "n_heads", "n_vocab", "seq", "cores_per_replica", "per_replica_batch",

@@ -409,10 +409,86 @@ class StreamLoader:
         return batch
 
 
-def loader(spec: str, seq: int, tokenizer: Tokenizer, gas: int, global_batch: int, seed: int = 0, shuffle: bool = True,
-           process_index: int = 0, process_count: int = 1, skip_corrupt: bool = False,
-           n_vocab: int | None = None) -> Loader | StreamLoader:
-    """The batches of a `train_set`/`val_set` value: a stream for tfds:NAME[:SPLIT], else Loader over its source."""
+class MixtureLoader:
+    """Loader's batches drawn from several sources by weight (a `train_set` mapping of sources to weights).
+
+    Sample j of step t comes from the source a uniform draw seeded by (seed, t) picks, so the order is fixed
+    by the seed and the weights; each source is read in its own seeded per-epoch order from where it left off.
+    The position is the step and how many samples each source has given: a resume continues exactly, and with
+    other weights from that step on (`weights_changed` says so)."""
+
+    def __init__(self, sources: dict[str, Source], weights: dict[str, float], gas: int, global_batch: int,
+                 seed: int = 0, shuffle: bool = True, process_index: int = 0, process_count: int = 1):
+        if global_batch % process_count:
+            raise ValueError(f"global batch {global_batch} is not divisible by {process_count} processes")
+        self.names = list(sources)
+        self.sources, self.weights, self.seed = sources, dict(weights), seed
+        self.gas, self.global_batch = gas, global_batch
+        self.process_index, self.process_count = process_index, process_count
+        self.per_step = gas * global_batch
+        self._orders = [EpochOrder(len(sources[n]), seed + 1 + i, shuffle) for i, n in enumerate(self.names)]
+        self.step, self.drawn = 0, {n: 0 for n in self.names}
+        self.weights_changed: str | None = None
+
+    def state(self) -> dict:
+        return {"step": self.step, "seed": self.seed, "drawn": dict(self.drawn), "weights": dict(self.weights)}
+
+    def restore(self, state: dict) -> None:
+        if "drawn" not in state:
+            raise ValueError("this run's data position is of one source, not of a mixture: train_set cannot become a "
+                             "mixture at a resume (start a new run from the checkpoint with --tune-model-path)")
+        if set(state["drawn"]) != set(self.names):
+            raise ValueError(f"the mixture's sources were {sorted(state['drawn'])} and are now {sorted(self.names)}: "
+                             "a resume may change the weights, not the sources")
+        self.step, self.drawn = int(state["step"]), {n: int(state["drawn"][n]) for n in self.names}
+        old = {n: float(w) for n, w in state.get("weights", {}).items()}
+        self.weights_changed = None if old == self.weights else \
+            f"mixture weights from step {self.step} on: {self.weights} (were {old})"
+
+    def reset(self) -> None:
+        self.step, self.drawn = 0, {n: 0 for n in self.names}
+
+    def choices(self, step: int) -> np.ndarray:
+        """The source (its position in names) of each of step `step`'s samples."""
+        w = np.array([self.weights[n] for n in self.names], np.float64)
+        u = np.random.default_rng([self.seed, step]).random(self.per_step)
+        return np.minimum(np.searchsorted(np.cumsum(w / w.sum()), u, side="right"), len(w) - 1)
+
+    def __iter__(self) -> "MixtureLoader":
+        return self
+
+    def __next__(self) -> np.ndarray:
+        picked = self.choices(self.step)
+        local = self.global_batch // self.process_count
+        mine = np.zeros((self.gas, self.global_batch), bool)
+        mine[:, self.process_index * local:(self.process_index + 1) * local] = True
+        mine = mine.reshape(-1)
+        rows = np.zeros((self.per_step,), object)
+        for i, name in enumerate(self.names):
+            at = np.flatnonzero(picked == i)
+            n = len(self.sources[name])
+            positions = self.drawn[name] + np.arange(len(at))
+            indices = np.array([self._orders[i](int(p // n))[p % n] for p in positions], np.int64)
+            if mine[at].any():
+                for j, row in zip(at[mine[at]], self.sources[name].read(indices[mine[at]])):
+                    rows[j] = row
+            self.drawn[name] += len(at)
+        self.step += 1
+        return np.stack(list(rows[mine])).reshape(self.gas, local, -1)
+
+    def describe(self) -> str:
+        return "a mixture: " + ", ".join(f"{n} x {self.weights[n]:g} ({len(self.sources[n]):,} sequences)"
+                                         for n in self.names)
+
+
+def loader(spec: str | dict[str, float], seq: int, tokenizer: Tokenizer, gas: int, global_batch: int, seed: int = 0,
+           shuffle: bool = True, process_index: int = 0, process_count: int = 1, skip_corrupt: bool = False,
+           n_vocab: int | None = None) -> Loader | StreamLoader | MixtureLoader:
+    """The batches of a `train_set`/`val_set` value: a stream for tfds:NAME[:SPLIT], a mixture for a mapping of
+    sources to weights, else Loader over its source."""
+    if isinstance(spec, dict):
+        sources = {name: open_source(name, seq, tokenizer, skip_corrupt, n_vocab) for name in spec}
+        return MixtureLoader(sources, spec, gas, global_batch, seed, shuffle, process_index, process_count)
     if spec.startswith("tfds:"):
         return StreamLoader(TfdsDocuments(spec), seq, tokenizer, gas, global_batch, seed, shuffle, process_index,
                             process_count, n_vocab)

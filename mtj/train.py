@@ -198,7 +198,7 @@ class Trainer:
             losses = [self._eval(params, self.global_array(next(loader)), self.base) for _ in range(batches)]
         return float(np.mean([float(x) for x in losses]))
 
-    def loader(self, spec: str, tokenizer: Tokenizer, shuffle: bool = True) -> Loader | StreamLoader:
+    def loader(self, spec: str | dict[str, float], tokenizer: Tokenizer, shuffle: bool = True) -> Loader | StreamLoader:
         return data.loader(spec, self.cfg.seq, tokenizer, self.cfg.gradient_accumulation_steps, self.global_batch,
                            seed=self.cfg.seed, shuffle=shuffle, process_index=jax.process_index(),
                            process_count=jax.process_count(), skip_corrupt=self.cfg.skip_corrupt_records,
@@ -425,6 +425,8 @@ def _starting_state(trainer: Trainer, loader: Loader, out: epath.Path, tune_mode
         loader.restore(meta["data"])
         if lead:
             print(f"resuming {out} from step {int(state['step'])}")
+            if getattr(loader, "weights_changed", None):
+                print(loader.weights_changed)
         return state, int(state["step"])
     if tune_model_path and convert.is_hf_dir(tune_model_path):
         raise ConfigError(f"--tune-model-path {tune_model_path} is a Hugging Face model directory: convert it "
