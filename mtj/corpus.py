@@ -108,15 +108,21 @@ def windows(stream: np.ndarray, seq: int) -> np.ndarray:
     return stream[: n * (seq + 1)].reshape(n, seq + 1)
 
 
+def repack_orders(n: int, n_repack_epochs: int, seed: int, preserve_order: bool) -> Iterator[list[int]]:
+    """Each repack epoch's order of n documents: a new seeded shuffle every epoch, or their own order."""
+    rng = random.Random(seed)
+    for _ in range(n_repack_epochs):
+        order = list(range(n))
+        if not preserve_order:
+            rng.shuffle(order)
+        yield order
+
+
 def pack(docs: list[np.ndarray], seq: int, n_repack_epochs: int = 1, seed: int = 10,
          preserve_order: bool = False, min_unique_tokens: int = 0) -> np.ndarray:
     """Windows of seq+1 tokens; each repack epoch reshuffles the documents (new boundaries)."""
-    rng = random.Random(seed)
     out = []
-    for _ in range(n_repack_epochs):
-        order = list(range(len(docs)))
-        if not preserve_order:
-            rng.shuffle(order)
+    for order in repack_orders(len(docs), n_repack_epochs, seed, preserve_order):
         stream = np.concatenate([docs[i] for i in order]) if docs else np.zeros(0, np.int32)
         w = windows(stream, seq)
         if min_unique_tokens:
@@ -125,28 +131,91 @@ def pack(docs: list[np.ndarray], seq: int, n_repack_epochs: int = 1, seed: int =
     return np.concatenate(out) if out else np.zeros((0, seq + 1), np.int32)
 
 
+def example_documents(lines: Iterable[str], name: str, tokenizer: Tokenizer) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Fine-tuning examples, one JSON object per line: {"text"} (all learned), {"prompt", "completion"} (the
+    completion learned) or {"messages"} (the assistant's messages learned, through the tokenizer's chat template);
+    each as (ids ending with EOS, loss mask)."""
+    chat = tokenizer.chat()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            example = json.loads(line)
+            if "messages" in example:
+                if chat is None:
+                    raise ValueError("\"messages\" need a chat template, and this tokenizer has none")
+                ids, mask = _conversation(example["messages"], chat, tokenizer)
+            elif "prompt" in example:
+                prompt, completion = tokenizer.encode(example["prompt"]), tokenizer.encode(example["completion"])
+                ids, mask = prompt + completion, [0] * len(prompt) + [1] * len(completion)
+            else:
+                ids = tokenizer.encode(example["text"])
+                mask = [1] * len(ids)
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as e:
+            raise ValueError(f"{name}: line {n} is not a JSON object with \"text\", \"prompt\" and \"completion\", or "
+                             f"\"messages\" ({type(e).__name__}: {e})") from None
+        yield np.array([*ids, tokenizer.eos_id], np.int32), np.array([*mask, 1], np.int32)
+
+
+def _conversation(messages: list[dict], chat, tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
+    """A conversation's ids and mask: the text each assistant message adds to the rendered conversation is
+    learned (each prefix is rendered, so the template's own markup around a message goes with it)."""
+    text, learned = "", []
+    for i, message in enumerate(messages):
+        longer = chat.render(messages[:i + 1], add_generation_prompt=False)
+        if not longer.startswith(text):
+            raise ValueError("the chat template renders a conversation's start differently once it goes on")
+        if message.get("role") == "assistant":
+            learned.append((len(text), len(longer)))
+        text = longer
+    encoding = tokenizer.backend.encode(text, add_special_tokens=False)
+    mask = [int(any(a <= start and end <= b for a, b in learned)) for start, end in encoding.offsets]
+    return encoding.ids, mask
+
+
+def pack_examples(examples: list[tuple[np.ndarray, np.ndarray]], seq: int) -> np.ndarray:
+    """Packed windows [N, 3, seq + 1] (tokens, segment ids, loss mask): examples one after another, each a segment
+    (1, 2, ...), a window closed (its rest padding, segment 0) when the next does not fit; an example longer than a
+    window is cut into windows of its own."""
+    width, out = seq + 1, []
+    window = np.zeros((3, width), np.int32)
+    used = segments = 0
+    for ids, mask in examples:
+        for at in range(0, len(ids), width):
+            piece, piece_mask = ids[at:at + width], mask[at:at + width]
+            if used + len(piece) > width:
+                out.append(window)
+                window, used, segments = np.zeros((3, width), np.int32), 0, 0
+            segments += 1
+            window[0, used:used + len(piece)], window[2, used:used + len(piece)] = piece, piece_mask
+            window[1, used:used + len(piece)] = segments
+            used += len(piece)
+    if used:
+        out.append(window)
+    return np.stack(out) if out else np.zeros((0, 3, width), np.int32)
+
+
 def create_tfrecords(inputs: str, name: str, output_dir: PathLike, tokenizer: Tokenizer, seq: int = 2048,
                      normalize_with_ftfy: bool = False, min_unique_tokens: int = 0, n_repack_epochs: int = 1,
                      seed: int = 10, preserve_data_order: bool = False, max_file_sequences: int = 50_000,
-                     progress: bool = True) -> epath.Path:
-    """Tokenize `inputs` into {name}_{N}.tfrecords files (several for big inputs) and {name}.index."""
+                     progress: bool = True, fmt: str = "text") -> epath.Path:
+    """Tokenize `inputs` into {name}_{N}.tfrecords files (several for big inputs) and {name}.index. `fmt` "jsonl":
+    fine-tuning examples (example_documents) packed several to a record, with segment ids and loss masks."""
     out = user_path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    docs = list(iter_documents(expand_inputs(inputs)))
-    if not docs:
-        raise ValueError(f"'{inputs}' contains no documents")
-    if normalize_with_ftfy:
-        try:
-            import ftfy
-        except ImportError:
-            raise ImportError("--normalize-with-ftfy needs the 'ftfy' package: pip install ftfy") from None
-        docs = [ftfy.fix_text(d, normalization="NFKC") for d in docs]
-    data = pack(tokenize_documents(docs, tokenizer, progress=progress), seq, n_repack_epochs, seed,
-                preserve_data_order, min_unique_tokens)
+    if fmt == "jsonl":
+        if normalize_with_ftfy or min_unique_tokens:
+            raise ValueError("--normalize-with-ftfy and --min-unique-tokens are for text corpora, not --format jsonl")
+        data = _packed_examples(inputs, tokenizer, seq, n_repack_epochs, seed, preserve_data_order)
+    elif fmt == "text":
+        data = _windows_of_text(inputs, tokenizer, seq, normalize_with_ftfy, min_unique_tokens, n_repack_epochs, seed,
+                                preserve_data_order, progress)
+    else:
+        raise ValueError(f"--format must be 'text' or 'jsonl', got '{fmt}'")
     if len(data) == 0:
         raise ValueError(f"'{inputs}' yields no window of seq+1={seq + 1} tokens "
                          f"(too little text, or --min-unique-tokens={min_unique_tokens} filtered everything)")
     parts = [data[i:i + max_file_sequences] for i in range(0, len(data), max_file_sequences)]
+    out.mkdir(parents=True, exist_ok=True)
     files = []
     with tqdm(total=len(data), desc="writing", unit="seq", disable=not progress) as bar:
         for k, part in enumerate(parts):
@@ -158,3 +227,34 @@ def create_tfrecords(inputs: str, name: str, output_dir: PathLike, tokenizer: To
     index = out / f"{name}.index"
     write_atomic(index, "".join(f + "\n" for f in files))  # entries relative to the index: the folder can move
     return index
+
+
+def _windows_of_text(inputs: str, tokenizer: Tokenizer, seq: int, normalize_with_ftfy: bool, min_unique_tokens: int,
+                     n_repack_epochs: int, seed: int, preserve_data_order: bool, progress: bool) -> np.ndarray:
+    docs = list(iter_documents(expand_inputs(inputs)))
+    if not docs:
+        raise ValueError(f"'{inputs}' contains no documents")
+    if normalize_with_ftfy:
+        try:
+            import ftfy
+        except ImportError:
+            raise ImportError("--normalize-with-ftfy needs the 'ftfy' package: pip install ftfy") from None
+        docs = [ftfy.fix_text(d, normalization="NFKC") for d in docs]
+    return pack(tokenize_documents(docs, tokenizer, progress=progress), seq, n_repack_epochs, seed,
+                preserve_data_order, min_unique_tokens)
+
+
+def _packed_examples(inputs: str, tokenizer: Tokenizer, seq: int, n_repack_epochs: int, seed: int,
+                     preserve_data_order: bool) -> np.ndarray:
+    if tokenizer.eos_id is None:
+        raise ValueError("the tokenizer has no <|endoftext|> token to end examples")
+    examples = []
+    for path in expand_inputs(inputs):
+        if _kind(path.name) != ".jsonl":
+            raise ValueError(f"--format jsonl reads .jsonl files; {path} is not one")
+        with path.open("rb") as raw:
+            examples += example_documents(io.TextIOWrapper(raw, encoding="utf-8"), str(path), tokenizer)
+    if not examples:
+        raise ValueError(f"'{inputs}' contains no examples")
+    return np.concatenate([pack_examples([examples[i] for i in order], seq)
+                           for order in repack_orders(len(examples), n_repack_epochs, seed, preserve_data_order)])

@@ -21,8 +21,8 @@ from etils import epath
 
 from mtj.corpus import expand_inputs, iter_documents, tokenize_documents, windows
 from mtj.paths import PathLike, is_remote
-from mtj.tfrecord import (FOOTER, HEADER, RecordError, check_record, decode_example, listed_files, offsets_of,
-                          parse_sidecar, scan_lengths, sidecar_of)
+from mtj.tfrecord import (FOOTER, HEADER, PACKED_FEATURES, RecordError, check_record, decode_features,
+                          listed_files, offsets_of, parse_sidecar, scan_lengths, sidecar_of)
 from mtj.tokenizer import Tokenizer
 
 
@@ -124,18 +124,26 @@ class TFRecordSource:
         return offsets, lengths, why
 
     def _checked(self, path: epath.Path, offset: int, raw: bytes, length: int) -> np.ndarray:
-        """The tokens of one record read whole, checked: framing, CRC, Example, length seq + 1, token ids."""
+        """The tokens of one record read whole, checked: framing, CRC, Example, length seq + 1, token ids. A packed
+        record (with "segment_ids" and "loss_mask" features, create_tfrecords --format jsonl) gives [3, seq + 1]:
+        tokens, segment ids, loss mask."""
         where = f"{path}: the record at byte offset {offset - 12}"
         data = check_record(raw, path, offset, length)
         try:
-            tokens = decode_example(data)
+            features = decode_features(data)
+            tokens = features.get("text")
+            if tokens is None:
+                raise ValueError("no Int64List 'text' feature" if "text" not in features else "'text' is not an Int64List")
+            packed = [features[name] for name in PACKED_FEATURES if name in features]
+            if packed and (len(packed) < len(PACKED_FEATURES) or any(f is None for f in packed)):
+                raise ValueError(f"a packed record has Int64List features {', '.join(PACKED_FEATURES)}")
         except ValueError as e:
             raise RecordError(f"{where} is not an Example with an Int64List 'text' feature ({e})") from None
-        if len(tokens) != self.seq + 1:
+        if any(len(x) != self.seq + 1 for x in [tokens, *packed]):
             raise RecordError(f"{where} has {len(tokens)} tokens but seq+1={self.seq + 1} are needed; set 'seq' "
                               "to match the data or re-run create_tfrecords.py with --seq")
         self._check_ids(tokens[None], [where])
-        return tokens
+        return np.stack([tokens, *packed]) if packed else tokens
 
     def _check_ids(self, tokens: np.ndarray, where: list[str]) -> None:
         """RecordError naming the first record (of `where`, by row) holding an id outside the vocabulary."""
@@ -191,9 +199,12 @@ class TFRecordSource:
     def read(self, indices: np.ndarray) -> np.ndarray:
         indices = np.asarray(indices, np.int64)
         fids = np.searchsorted(self.starts, indices, side="right") - 1
-        tokens = [self._checked(self.files[f], int(self.offsets[i]), raw, int(self.lengths[i]))
-                  for i, f, raw in zip(indices.tolist(), fids.tolist(), self._raw(indices, fids))]
-        return np.stack(tokens).astype(np.int32)
+        rows = [self._checked(self.files[f], int(self.offsets[i]), raw, int(self.lengths[i]))
+                for i, f, raw in zip(indices.tolist(), fids.tolist(), self._raw(indices, fids))]
+        if len({row.ndim for row in rows}) > 1:
+            raise RecordError(f"{self.name} mixes packed records (create_tfrecords --format jsonl) with plain ones: "
+                              "give them as separate sources (a train_set mixture)")
+        return np.stack(rows).astype(np.int32)
 
 
 class TfdsDocuments:
@@ -293,7 +304,8 @@ class Loader:
         idx = idx.reshape(self.gas, self.global_batch)
         local = self.global_batch // self.process_count
         idx = idx[:, self.process_index * local: (self.process_index + 1) * local]
-        return self.source.read(idx.reshape(-1)).reshape(self.gas, local, -1)
+        rows = self.source.read(idx.reshape(-1))
+        return rows.reshape(self.gas, local, *rows.shape[1:])
 
     def _position(self, k: int) -> tuple[int, int]:
         total = self.epoch * self.steps_per_epoch + self.step + k
@@ -474,7 +486,8 @@ class MixtureLoader:
                     rows[j] = row
             self.drawn[name] += len(at)
         self.step += 1
-        return np.stack(list(rows[mine])).reshape(self.gas, local, -1)
+        out = np.stack(list(rows[mine]))
+        return out.reshape(self.gas, local, *out.shape[1:])
 
     def describe(self) -> str:
         return "a mixture: " + ", ".join(f"{n} x {self.weights[n]:g} ({len(self.sources[n]):,} sequences)"

@@ -72,11 +72,14 @@ def _field(number: int, payload: bytes) -> bytes:
     return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
-def encode_example(tokens: np.ndarray) -> bytes:
-    int64_list = _field(1, pack_varints(tokens))
-    feature = _field(3, int64_list)  # Feature.int64_list
-    entry = _field(1, b"text") + _field(2, feature)  # map<string, Feature> entry
-    return _field(1, _field(1, entry))  # Example.features -> Features.feature
+def encode_example(tokens: np.ndarray, **features: np.ndarray) -> bytes:
+    """A tf.train.Example of the "text" feature (and any others, e.g. a packed record's segment_ids and
+    loss_mask), each an Int64List."""
+    entries = b""
+    for name, values in {"text": tokens, **features}.items():
+        feature = _field(3, _field(1, pack_varints(values)))  # Feature.int64_list
+        entries += _field(1, _field(1, name.encode()) + _field(2, feature))  # map<string, Feature> entry
+    return _field(1, entries)  # Example.features -> Features.feature
 
 
 def _fields(buf: memoryview) -> Iterable[tuple[int, int, memoryview]]:
@@ -112,10 +115,10 @@ def _read_varint(buf: memoryview, i: int) -> tuple[int, int]:
         shift += 7
 
 
-def decode_example(data: bytes, feature: str = "text") -> np.ndarray:
-    """The int64 values of one feature of a serialized tf.train.Example."""
-    buf = memoryview(data)
-    for n1, _, features in _fields(buf):
+def decode_features(data: bytes) -> dict[str, np.ndarray | None]:
+    """Every feature of a serialized tf.train.Example by name: its int64 values, or None for another kind."""
+    out: dict[str, np.ndarray | None] = {}
+    for n1, _, features in _fields(memoryview(data)):
         if n1 != 1:
             continue
         for n2, _, entry in _fields(features):
@@ -127,14 +130,27 @@ def decode_example(data: bytes, feature: str = "text") -> np.ndarray:
                     key = bytes(part).decode()
                 elif n3 == 2:
                     value = part
-            if key != feature or value is None:
+            if key is None or value is None:
                 continue
+            out[key] = None
             for n4, _, int64_list in _fields(value):
                 if n4 == 3:
                     values = [p for n5, _, p in _fields(int64_list) if n5 == 1]
-                    return unpack_varints(b"".join(bytes(p) for p in values)) if values else np.zeros(0, np.int64)
-            raise ValueError(f"feature '{feature}' is not an Int64List")
-    raise ValueError(f"no feature '{feature}' in the Example")
+                    out[key] = unpack_varints(b"".join(bytes(p) for p in values)) if values else np.zeros(0, np.int64)
+    return out
+
+
+def decode_example(data: bytes, feature: str = "text") -> np.ndarray:
+    """The int64 values of one feature of a serialized tf.train.Example."""
+    features = decode_features(data)
+    if feature not in features:
+        raise ValueError(f"no feature '{feature}' in the Example")
+    if features[feature] is None:
+        raise ValueError(f"feature '{feature}' is not an Int64List")
+    return features[feature]
+
+
+PACKED_FEATURES = ("segment_ids", "loss_mask")  # a packed record's features beside "text"
 
 
 # --- files -----------------------------------------------------------------------
@@ -201,11 +217,12 @@ def listed_files(index: PathLike) -> list:
 
 def write_tfrecords(path: PathLike, sequences: Iterable[np.ndarray]) -> int:
     """Write sequences as Examples atomically (aside, then renamed into place), then the file's sidecar;
-    returns the count."""
+    returns the count. A packed sequence [3, seq + 1] (tokens, segment ids, loss mask) adds the "segment_ids"
+    and "loss_mask" features."""
     lengths = []
     with open_atomic(path) as f:
         for seq in sequences:
-            data = encode_example(seq)
+            data = encode_example(seq) if seq.ndim == 1 else encode_example(seq[0], segment_ids=seq[1], loss_mask=seq[2])
             header = struct.pack("<Q", len(data))
             f.write(header + struct.pack("<I", masked_crc32c(header)) + data + struct.pack("<I", masked_crc32c(data)))
             lengths.append(len(data))

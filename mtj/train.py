@@ -39,17 +39,23 @@ def loss_fn(params: Params, batch: jax.Array, cfg: Config, segment_ids: jax.Arra
     Packed documents: `segment_ids` [B, T+1] (each token's document, 0 for padding) keep attention and positions
     within a document, and a target counts only in its input's document; `loss_mask` [B, T+1] (1: learned,
     0: e.g. a prompt) counts only the targets it marks. The means are over the targets that count."""
+    if batch.ndim == 3:  # a packed batch [B, 3, T+1] (mtj.data): tokens, segment ids, loss mask
+        batch, segment_ids, loss_mask = batch[:, 0], batch[:, 1], batch[:, 2]
     x = hidden(params, batch[:, :-1], cfg, None if segment_ids is None else segment_ids[:, :-1])
     kernel, bias = output_head(params, cfg)
-    weights = None
-    if segment_ids is not None or loss_mask is not None:
-        counted = jnp.ones(batch[:, 1:].shape, bool)
-        if segment_ids is not None:
-            counted &= (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] != 0)
-        if loss_mask is not None:
-            counted &= loss_mask[:, 1:] != 0
-        weights = counted.reshape(-1)
+    weights = None if segment_ids is None and loss_mask is None else counted_targets(segment_ids, loss_mask).reshape(-1)
     return head_cross_entropy(x.reshape(-1, x.shape[-1]), kernel, bias, batch[:, 1:].reshape(-1), cfg.z_loss, weights)
+
+
+def counted_targets(segment_ids: jax.Array | None, loss_mask: jax.Array | None) -> jax.Array:
+    """[B, T] bool: the targets that count (in their input's document, marked by the mask)."""
+    rows = segment_ids if segment_ids is not None else loss_mask
+    counted = jnp.ones(rows[:, 1:].shape, bool)
+    if segment_ids is not None:
+        counted &= (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] != 0)
+    if loss_mask is not None:
+        counted &= loss_mask[:, 1:] != 0
+    return counted
 
 
 def opt_state_shardings(opt_shape: Any, param_shardings: Params, mesh: Mesh) -> Any:
@@ -156,6 +162,9 @@ class Trainer:
         lr = self.lr(state["step"])
         params = jax.tree.map(lambda p, u: (p - lr * u).astype(p.dtype), params, updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr}
+        if batch.ndim == 4:  # packed: the targets learned (useful tokens)
+            metrics["learned_tokens"] = jnp.sum(counted_targets(batch[:, :, 1].reshape(-1, batch.shape[-1]),
+                                                                batch[:, :, 2].reshape(-1, batch.shape[-1])))
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
     def _eval_step(self, params: Params, batch: jax.Array, base: Params) -> jax.Array:
@@ -168,7 +177,7 @@ class Trainer:
             return self._init(jax.random.key(self.cfg.seed if seed is None else seed))
 
     def global_array(self, local: np.ndarray) -> jax.Array:
-        shape = (local.shape[0], self.global_batch, local.shape[2])
+        shape = (local.shape[0], self.global_batch, *local.shape[2:])
         return jax.make_array_from_process_local_data(self.batch_sharding, local, shape)
 
     def set_base(self, params: Params, record: dict) -> None:
@@ -406,6 +415,8 @@ class StepReport:
         tps = 0.0 if first else self.tokens_per_step * (step - self.step_last) / (now - self.t_last)
         self.t_last, self.step_last = now, step
         row = {"step": step, **metrics, "tokens_per_sec": tps, "mfu": tps * self.flops_token / self.peak}
+        if "learned_tokens" in metrics:  # packed data: the targets learned, at this step's share of them
+            row["useful_tokens_per_sec"] = tps * metrics["learned_tokens"] / self.tokens_per_step
         if validation is not None:
             row.update(validation())
             self.t_last = time.perf_counter()

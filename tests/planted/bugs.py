@@ -393,4 +393,12 @@ BUGS = [
     Bug("a mixture draws every step's sources alike",
         [("mtj/data.py", "np.random.default_rng([self.seed, step])", "np.random.default_rng([self.seed, 0])")],
         ["tests/test_mixtures.py", "-k", "resume_is_exact"]),
+    Bug("packed training learns the prompts too (the loss mask dropped)",
+        [("mtj/train.py", "batch, segment_ids, loss_mask = batch[:, 0], batch[:, 1], batch[:, 2]",
+          "batch, segment_ids = batch[:, 0], batch[:, 1]")],
+        ["tests/test_packing.py", "-k", "prompts_carry_no_loss"]),
+    Bug("jsonl packing learns the prompt of a prompt/completion example",
+        [("mtj/corpus.py", "ids, mask = prompt + completion, [0] * len(prompt) + [1] * len(completion)",
+          "ids, mask = prompt + completion, [1] * (len(prompt) + len(completion))")],
+        ["tests/test_packing.py", "-k", "jsonl"]),
 ]
