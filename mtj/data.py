@@ -486,7 +486,10 @@ class MixtureLoader:
                     rows[j] = row
             self.drawn[name] += len(at)
         self.step += 1
-        out = np.stack(list(rows[mine]))
+        rows = list(rows[mine])
+        if len({row.ndim for row in rows}) > 1:  # packed sources beside plain ones: a plain row is one document
+            rows = [row if row.ndim == 2 else np.stack([row, np.ones_like(row), np.ones_like(row)]) for row in rows]
+        out = np.stack(rows)
         return out.reshape(self.gas, local, *out.shape[1:])
 
     def describe(self) -> str:

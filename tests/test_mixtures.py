@@ -92,3 +92,16 @@ def test_training_on_a_mixture_resumes_with_new_weights(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "resuming" in out and "mixture weights from step 3 on" in out, out
     assert sorted(metrics(tmp_path / "run")) == [1, 2, 3, 4, 5]
+
+
+def test_packed_and_plain_sources_mix():
+    """A plain source's windows beside packed ones read as one document each, all of it learned."""
+    plain = ArraySource(np.arange(5 * 6, dtype=np.int32).reshape(6, 5), "plain")
+    packed = ArraySource(np.stack([np.stack([np.full(5, 9), [1, 1, 2, 2, 0], [0, 1, 1, 1, 0]])] * 6).astype(np.int32),
+                         "packed")
+    batch = next(MixtureLoader({"plain": plain, "packed": packed}, {"plain": 0.5, "packed": 0.5}, 1, 8, seed=1))
+    assert batch.shape == (1, 8, 3, 5)
+    rows = batch[0]
+    from_plain = rows[rows[:, 0, 0] != 9]
+    assert len(from_plain) and (from_plain[:, 1:] == 1).all()  # one segment, all learned
+    assert (rows[rows[:, 0, 0] == 9][:, 1] == [1, 1, 2, 2, 0]).all()
