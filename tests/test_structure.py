@@ -41,6 +41,32 @@ def test_no_function_local_imports_of_mtj_modules():
     assert not local, f"function-local imports of mtj modules: {local}"
 
 
+def test_every_module_level_import_is_a_core_dependency():
+    """`import mtj` (and any module of it) works on the core install, what a TPU VM has: each third-party package
+    imported at a module's top comes from a distribution in pyproject's `dependencies` (the extras' packages are
+    imported inside the functions that need them)."""
+    import importlib.metadata
+    import sys
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    def norm(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    core = {norm(Requirement(r).name) for r in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]}
+    providers = importlib.metadata.packages_distributions()
+    missing = []
+    for name, tree in sources().items():
+        for node in tree.body:
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and not node.level else []
+            for top in {n.split(".")[0] for n in names} - set(sys.stdlib_module_names) - {"mtj", "__future__"}:
+                if not core & {norm(d) for d in providers.get(top, [])}:
+                    missing.append(f"{name} imports {top} ({', '.join(providers.get(top, ['no distribution']))})")
+    assert not missing, sorted(set(missing))
+
+
 def test_no_import_cycles_among_mtj_modules():
     graph = {}
     for name, tree in sources().items():
