@@ -475,21 +475,21 @@ class MixtureLoader:
         mine = np.zeros((self.gas, self.global_batch), bool)
         mine[:, self.process_index * local:(self.process_index + 1) * local] = True
         mine = mine.reshape(-1)
-        rows = np.zeros((self.per_step,), object)
+        rows: dict[int, np.ndarray] = {}  # this process's samples, by their place in the step
         for i, name in enumerate(self.names):
             at = np.flatnonzero(picked == i)
-            n = len(self.sources[name])
-            positions = self.drawn[name] + np.arange(len(at))
-            indices = np.array([self._orders[i](int(p // n))[p % n] for p in positions], np.int64)
-            if mine[at].any():
-                for j, row in zip(at[mine[at]], self.sources[name].read(indices[mine[at]])):
-                    rows[j] = row
+            wanted = mine[at]
+            if wanted.any():  # only this process's draws are looked up and read
+                n = len(self.sources[name])
+                positions = self.drawn[name] + np.flatnonzero(wanted)
+                indices = np.array([self._orders[i](int(p // n))[p % n] for p in positions], np.int64)
+                rows.update(zip(at[wanted].tolist(), self.sources[name].read(indices)))
             self.drawn[name] += len(at)
         self.step += 1
-        rows = list(rows[mine])
-        if len({row.ndim for row in rows}) > 1:  # packed sources beside plain ones: a plain row is one document
-            rows = [row if row.ndim == 2 else np.stack([row, np.ones_like(row), np.ones_like(row)]) for row in rows]
-        out = np.stack(rows)
+        ordered = [rows[j] for j in sorted(rows)]
+        if len({row.ndim for row in ordered}) > 1:  # packed sources beside plain ones: a plain row is one document
+            ordered = [r if r.ndim == 2 else np.stack([r, np.ones_like(r), np.ones_like(r)]) for r in ordered]
+        out = np.stack(ordered)
         return out.reshape(self.gas, local, *out.shape[1:])
 
     def describe(self) -> str:
